@@ -1,0 +1,279 @@
+"""Export MambaLiteSR to ONNX and check the file before anyone uses it.
+
+    python -m model.export --preset student --out student.onnx
+    python -m model.export --checkpoint runs/student.pt --out student.onnx --json report.json
+
+Steps: trace with the chunked scan (whatever scan the model was trained with) at a static input
+shape (1x3x64x64 by default, the tile size of model/tiling.py), run ``onnx.checker``, refuse graphs
+with Loop, Scan, If or CumSum nodes (TensorRT runs loops sequentially and has wrong-result bugs in
+CumSum), compare ONNX Runtime with PyTorch on fresh random inputs in float32 and, as TensorRT builds
+float16 engines, measure the error of a float16 graph (the model traced in half precision; the
+scan upcasts itself to float32, as its exponent range needs). Nodes traced inside the scan are
+named ``fp32_scan/...`` so a float16 TensorRT build can pin them to float32. The file appears at
+``--out`` only once every check has passed.
+
+This is the only module of model/ that imports onnx and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.complexity import count_flops, count_params
+from model.mambalitesr import PRESETS, MambaLiteSR, build_model, load_model
+
+BANNED_OPS = frozenset({"Loop", "Scan", "If", "CumSum"})
+SCAN_PREFIX = "fp32_scan/"  # nodes a float16 engine must keep in float32
+SCAN_NAMESPACE = "model.scan.SelectiveScan"  # the exporter's module-scope metadata for them
+DEFAULT_OPSET = 18
+FP32_TOLERANCE = 1e-4
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the exported file failed a check."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: str
+    sha256: str
+    input_shape: tuple[int, ...]
+    opset: int
+    params: int
+    gflops: float  # analytic, model/complexity.py, at input_shape
+    node_count: int
+    op_census: dict[str, int]
+    fp32_max_abs_err: float  # ONNX Runtime vs PyTorch, float32, over n_checks random inputs
+    fp16_max_abs_err: float  # float16 graph (scan in float32) in ONNX Runtime vs PyTorch float32
+    n_checks: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def op_census(onnx_model) -> collections.Counter:
+    """Count of each op type in the graph and in any local functions."""
+    nodes = list(onnx_model.graph.node)
+    for fn in onnx_model.functions:
+        nodes.extend(fn.node)
+    return collections.Counter(n.op_type for n in nodes)
+
+
+def _mark_scan_nodes(onnx_model) -> int:
+    """Prefix the names of nodes traced inside SelectiveScan; returns how many."""
+    marked = 0
+    for node in onnx_model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if SCAN_NAMESPACE in meta.get("namespace", "") and not node.name.startswith(SCAN_PREFIX):
+            node.name = SCAN_PREFIX + node.name
+            marked += 1
+    return marked
+
+
+def _trace(model: MambaLiteSR, dummy: torch.Tensor, opset: int):
+    """torch.onnx (dynamo exporter) to an in-memory ModelProto, with the exporter's chatter muted."""
+    import onnx
+
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                external_data=False,
+                verbose=False,
+            )
+            return onnx.load(str(path))
+
+
+def _session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _max_abs_err(session, inputs: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    name = session.get_inputs()[0].name
+    dtype = np.float16 if "float16" in session.get_inputs()[0].type else np.float32
+    worst = 0.0
+    for x, ref in zip(inputs, expected):
+        out = session.run(None, {name: x.astype(dtype)})[0].astype(np.float64)
+        if not np.all(np.isfinite(out)):
+            return float("inf")
+        worst = max(worst, float(np.abs(out - ref).max()))
+    return worst
+
+
+def export_onnx(
+    model: MambaLiteSR,
+    out: str | os.PathLike,
+    input_shape: tuple[int, int, int, int] = (1, 3, 64, 64),
+    opset: int = DEFAULT_OPSET,
+    n_checks: int = 3,
+    tolerance: float = FP32_TOLERANCE,
+    seed: int | None = None,
+) -> ExportReport:
+    """Export ``model`` to ``out`` and verify it (see the module docstring).
+
+    Raises:
+        ExportError: tracing failed, the checker refused the graph, a banned op appeared, or ONNX
+            Runtime disagreed with PyTorch by more than ``tolerance`` in float32. Nothing is
+            written to ``out`` in that case.
+    """
+    import onnx
+
+    if len(input_shape) != 4 or input_shape[1] != 3 or min(input_shape) <= 0:
+        raise ExportError(f"input_shape must be (batch, 3, height, width) and positive, got {input_shape}")
+    # The exported graph always uses the chunked scan: same weights, no CUDA kernel, no loop.
+    net = MambaLiteSR(model.cfg.replace(scan="chunked"))
+    net.load_state_dict(copy.deepcopy(model.state_dict()))
+    net.eval()
+
+    try:
+        proto = _trace(net, torch.rand(input_shape), opset)
+        proto16 = _trace(copy.deepcopy(net).half(), torch.rand(input_shape).half(), opset)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"torch.onnx could not trace the model ({type(exc).__name__}: {first})") from exc
+
+    banned = sorted(BANNED_OPS & set(op_census(proto)))
+    if banned:
+        raise ExportError(f"the exported graph contains {banned}, which TensorRT runs poorly or wrongly")
+    if _mark_scan_nodes(proto) == 0:
+        raise ExportError(
+            f"found no node from {SCAN_NAMESPACE} in the exported graph; the exporter's metadata "
+            "changed, so the float16 precision marks cannot be placed"
+        )
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    inputs = [torch.rand(input_shape, generator=gen) for _ in range(n_checks)]
+    with torch.no_grad():
+        expected = [net(x).double().numpy() for x in inputs]
+    feeds = [x.numpy() for x in inputs]
+
+    fp32_err = _max_abs_err(_session(proto.SerializeToString()), feeds, expected)
+    if not fp32_err <= tolerance:
+        raise ExportError(
+            f"ONNX Runtime differs from PyTorch by {fp32_err:.3g} (tolerance {tolerance:g}) in float32"
+        )
+    fp16_err = _max_abs_err(_session(proto16.SerializeToString()), feeds, expected)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    onnx.save(proto, str(partial))
+    os.replace(partial, out)  # a reader never sees a half-written file at `out`
+
+    census = op_census(proto)
+    _, _, h, w = input_shape
+    return ExportReport(
+        path=str(out),
+        sha256=file_sha256(out),
+        input_shape=tuple(input_shape),
+        opset=opset,
+        params=count_params(net),
+        gflops=count_flops(net.cfg, h, w, batch=input_shape[0]).gflops,
+        node_count=sum(census.values()),
+        op_census=dict(census.most_common()),
+        fp32_max_abs_err=fp32_err,
+        fp16_max_abs_err=fp16_err,
+        n_checks=n_checks,
+    )
+
+
+def format_report(report: ExportReport) -> str:
+    census = ", ".join(f"{op} {n}" for op, n in report.op_census.items())
+    return "\n".join(
+        [
+            f"exported   {report.path}",
+            f"sha256     {report.sha256}",
+            f"input      {'x'.join(map(str, report.input_shape))}, opset {report.opset}",
+            f"model      {report.params:,} parameters, {report.gflops:.3f} GFLOPs per input",
+            f"graph      {report.node_count} nodes: {census}",
+            f"fp32       max |ORT - PyTorch| = {report.fp32_max_abs_err:.2e} "
+            f"over {report.n_checks} random inputs",
+            f"fp16       max |ORT fp16 - PyTorch fp32| = {report.fp16_max_abs_err:.2e} "
+            f"(scan in fp32; its nodes are named '{SCAN_PREFIX}*')",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help="export a freshly initialised preset")
+    src.add_argument("--checkpoint", help="export a trained checkpoint (trainers' .pt file)")
+    p.add_argument("--out", required=True, help="where to write the .onnx file")
+    p.add_argument("--height", type=int, default=64, help="static LR input height (default 64)")
+    p.add_argument("--width", type=int, default=64, help="static LR input width (default 64)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--n-checks", type=int, default=3, help="random inputs compared with PyTorch")
+    p.add_argument("--tolerance", type=float, default=FP32_TOLERANCE, help="max fp32 abs error")
+    p.add_argument("--seed", type=int, default=None, help="seed for init and check inputs")
+    p.add_argument("--json", help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    if args.height <= 0 or args.width <= 0 or args.n_checks <= 0:
+        p.error("--height, --width and --n-checks must be positive")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    try:
+        model = load_model(args.checkpoint) if args.checkpoint else build_model(args.preset or "student")
+        report = export_onnx(
+            model,
+            args.out,
+            (1, 3, args.height, args.width),
+            args.opset,
+            args.n_checks,
+            args.tolerance,
+            args.seed,
+        )
+    except (ExportError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(report.to_json() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

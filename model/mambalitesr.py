@@ -1,0 +1,234 @@
+"""MambaLiteSR: a Vision-Mamba super-resolution network with low-rank Delta projections.
+
+Reads top to bottom: config, Mamba mixer, Mamba block, residual group, network, build_model.
+Axis letters are listed in model/__init__.py.
+
+Structure (seed paper, and the DVMSR code it builds on):
+    x - mean -> conv3x3 (3 -> C) = f0
+    f0 -> G residual groups [K x (x + Mamba(LayerNorm(x))) -> conv3x3, + group input]
+       -> LayerNorm -> conv3x3, + f0 (global skip)
+       -> conv3x3 (C -> 3 s^2) -> pixel shuffle(s) -> + mean
+Tokens are pixels in row-major order (patch size 1): a 64x64 LR patch is a 4,096-token sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.scan import MAX_CHUNK, SelectiveScan
+
+SCANS = ("chunked", "reference", "mamba_ssm")
+SCALES = (2, 3, 4)
+RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted at the input and added back (EDSR/DVMSR)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embed_dim: int = 32  # C: feature width; the search's first knob (student 32, teacher 60)
+    n_groups: int = 4  # G: residual groups, each ending in a 3x3 conv and a skip
+    blocks_per_group: int = 2  # K: Mamba blocks per group (student 4 x 2 = 8 Mamba layers)
+    d_state: int = 16  # N: SSM state size per channel, Mamba's default
+    expand: int = 2  # E = expand * C, the mixer's inner width, Mamba's default
+    d_conv: int = 4  # causal depthwise conv kernel before the scan, Mamba's default
+    rank: int = 2  # r: rank of the Delta path (E x r)(r x E); the paper's student uses 2
+    scale: int = 4  # upscaling factor: 2, 3 or 4
+    scan: str = "chunked"  # "chunked" (exportable, default), "reference", "mamba_ssm" (CUDA)
+    chunk_size: int = MAX_CHUNK  # T of the chunked scan; at most MAX_CHUNK for float32 safety
+
+    def __post_init__(self) -> None:
+        for name in (
+            "embed_dim",
+            "n_groups",
+            "blocks_per_group",
+            "d_state",
+            "expand",
+            "d_conv",
+            "rank",
+            "chunk_size",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.rank > self.inner_dim:
+            raise ValueError(
+                f"ModelConfig.rank ({self.rank}) must not exceed the inner width "
+                f"expand * embed_dim = {self.inner_dim}"
+            )
+        if self.scale not in SCALES:
+            raise ValueError(f"ModelConfig.scale must be one of {SCALES}, got {self.scale!r}")
+        if self.scan not in SCANS:
+            raise ValueError(f"ModelConfig.scan must be one of {SCANS}, got {self.scan!r}")
+        if self.chunk_size > MAX_CHUNK:
+            raise ValueError(
+                f"ModelConfig.chunk_size must be at most {MAX_CHUNK} (got {self.chunk_size}): "
+                "larger chunks can overflow exp() in float32"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.expand * self.embed_dim
+
+    @property
+    def n_layers(self) -> int:
+        return self.n_groups * self.blocks_per_group
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # C = 60, 16 Mamba layers, r = C / 2: the paper's teacher
+    "teacher": ModelConfig(embed_dim=60, n_groups=8, blocks_per_group=2, rank=30),
+    # C = 32, 8 Mamba layers, r = 2: the paper's low-rank student
+    "student": ModelConfig(embed_dim=32, n_groups=4, blocks_per_group=2, rank=2),
+    # small enough for unit tests on a CPU
+    "tiny": ModelConfig(embed_dim=8, n_groups=2, blocks_per_group=1, d_state=4, rank=2),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named configuration ('teacher', 'student', 'tiny'), optionally with fields changed."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+class MambaMixer(nn.Module):
+    """Mamba (S6) mixer in plain PyTorch, with the Delta projection factored at rank r."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, E, N, r = cfg.embed_dim, cfg.inner_dim, cfg.d_state, cfg.rank
+        self.rank, self.d_state = r, N
+        self.in_proj = nn.Linear(C, 2 * E, bias=False)
+        self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, padding=cfg.d_conv - 1)
+        self.x_proj = nn.Linear(E, r + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(r, E, bias=True)  # low-rank Delta: (E x r) x_proj rows, (r x E) here
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, C, bias=False)
+        self.ssm = SelectiveScan(cfg.scan, cfg.chunk_size)
+        self._init_dt(dt_min=1e-3, dt_max=0.1)
+
+    def _init_dt(self, dt_min: float, dt_max: float) -> None:
+        # Mamba's initialisation: softplus(bias) log-uniform in [dt_min, dt_max].
+        nn.init.uniform_(self.dt_proj.weight, -(self.rank**-0.5), self.rank**-0.5)
+        E = self.dt_proj.bias.shape[0]
+        dt = torch.exp(torch.rand(E) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=1e-4)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = x.shape[1]
+        xz = self.in_proj(x)  # (B, L, 2E)
+        x, z = xz.chunk(2, dim=-1)  # (B, L, E) each
+        x = self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2)  # causal: keep the first L
+        x = F.silu(x)
+        dt, B, C = torch.split(self.x_proj(x), [self.rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt))  # (B, L, E)
+        A = -torch.exp(self.A_log)  # (E, N)
+        y = self.ssm(x, delta, A, B, C, self.D)  # (B, L, E)
+        y = y * F.silu(z)
+        return self.out_proj(y)  # (B, L, C)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual Mamba layer: x + Mamba(LayerNorm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self.mixer = MambaMixer(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))  # (B, L, C)
+
+
+class ResidualGroup(nn.Module):
+    """K Mamba blocks over the pixel sequence, then a 3x3 conv, with a skip around the group."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.blocks_per_group))
+        self.conv = nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, H*W, C), row-major tokens
+        for block in self.blocks:
+            t = block(t)
+        return self.conv(t.transpose(1, 2).reshape(b, c, h, w)) + x  # (B, C, H, W)
+
+
+class MambaLiteSR(nn.Module):
+    """The full network: RGB LR image in [0, 1] -> RGB image `scale` times larger."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, s = cfg.embed_dim, cfg.scale
+        self.register_buffer("mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.conv_first = nn.Conv2d(3, C, 3, padding=1)
+        self.groups = nn.ModuleList(ResidualGroup(cfg) for _ in range(cfg.n_groups))
+        self.norm = nn.LayerNorm(C)
+        self.conv_after_body = nn.Conv2d(C, C, 3, padding=1)
+        # One-step upsampler (lightweight SR, as DVMSR/SwinIR-light): conv to 3 s^2, pixel shuffle.
+        self.upsample = nn.Sequential(nn.Conv2d(C, 3 * s * s, 3, padding=1), nn.PixelShuffle(s))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        x = x - self.mean
+        f0 = self.conv_first(x)  # (B, C, H, W)
+        f = f0
+        for group in self.groups:
+            f = group(f)
+        f = self.norm(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+        f = self.conv_after_body(f) + f0
+        return self.upsample(f) + self.mean  # (B, 3, sH, sW)
+
+
+def build_model(cfg: ModelConfig | str, **overrides) -> MambaLiteSR:
+    """Build a network from a config or a preset name ('teacher', 'student', 'tiny')."""
+    if isinstance(cfg, str):
+        cfg = preset(cfg, **overrides)
+    elif overrides:
+        cfg = cfg.replace(**overrides)
+    return MambaLiteSR(cfg)
+
+
+def config_from_dict(values: dict) -> ModelConfig:
+    """A ModelConfig from a plain dict (YAML, checkpoints); an unknown key is an error naming it."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+    return ModelConfig(**values)
+
+
+def load_model(path: str, **overrides) -> MambaLiteSR:
+    """Load a network saved as {"model_config": dict, "model": state_dict} (trainers' checkpoints).
+
+    Raises:
+        ValueError: the file is not such a checkpoint, or its weights do not fit its config.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+        raise ValueError(
+            f"{path} is not a MambaLiteSR checkpoint: expected a dict with 'model_config' and 'model'"
+        )
+    net = MambaLiteSR(config_from_dict({**ckpt["model_config"], **overrides}))
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"weights in {path} do not match its model_config: {exc}") from exc
+    return net

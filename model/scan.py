@@ -1,0 +1,247 @@
+"""The selective scan of Mamba, in three forms with one signature.
+
+Equations (per batch b, channel e, state n; Mamba paper, eq. 2a/2b with zero-order-hold A and Euler B):
+
+    h[t] = exp(delta[t, e] * A[e, n]) * h[t-1] + delta[t, e] * B[t, n] * u[t, e]
+    y[t, e] = sum_n C[t, n] * h[t, e, n] + D[e] * u[t, e]
+
+Forms:
+- ``selective_scan_ref``: a loop over t written straight from the equations. The ground truth.
+- ``selective_scan_chunked``: the default. Splits L into chunks of T tokens; within a chunk the
+  prefix sums are products with a T x T lower-triangular matrix, and the states entering each
+  chunk come from the same algorithm applied to the chunk summaries (recursively, so the graph has
+  O(log_T L) levels and no loop). Exports to MatMul/Exp/Mul/Reshape only: no Loop, Scan or CumSum.
+- ``selective_scan_cuda``: the ``mamba-ssm`` CUDA kernel, used only when it is installed and the
+  tensors are on CUDA.
+
+All forms take u, delta (B, L, E); A (E, N); B, C (B, L, N); D (E,) or None, and return y (B, L, E)
+and, with ``return_final_state``, the last state h[L-1] (B, E, N). Like the CUDA kernel, the
+recurrence is computed in at least float32 (float16/bfloat16 inputs are upcast, float64 stays).
+
+Numerical safety of the chunked form. Within a chunk it writes exp(S[t] - S[s]) as
+exp(S[t] - R) * exp(R - S[s]), with S the running sum of log-decays and R its value at the middle
+of the chunk, so each factor has an exponent of at most (T/2) * (largest per-step log-decay). To
+bound that, the per-step log-decay delta * A (and a chunk's summed log-decay, one level up) is
+floored at -K with K = EXP_LIMIT / max(T/2, 1): no exponent exceeds EXP_LIMIT, 64 in float32
+(exp(64) = 6e27, far from float32's 3.4e38) and 640 in float64. With the default T = 8, K = 16 in
+float32: a decay floor of 1.1e-7, below float32 resolution relative to the state it multiplies.
+Departure from the reference: a state that decays by more than exp(-K) in one step (or over one
+chunk) keeps exp(-K) of itself instead of less; tests bound that difference. T is at most
+MAX_CHUNK = 8: larger chunks would lower K to where the floor is visible in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+MAX_CHUNK = 8  # largest chunk length T of the chunked form (see "Numerical safety")
+EXP_LIMIT = {torch.float32: 64.0, torch.float64: 640.0}  # largest exponent the chunked form forms
+
+log = logging.getLogger(__name__)
+
+ScanResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def log_decay_floor(dtype: torch.dtype, chunk_size: int) -> float:
+    """K: the chunked form floors log-decays at -K so that no exponent exceeds EXP_LIMIT."""
+    return EXP_LIMIT[_compute_dtype(dtype)] / max(chunk_size / 2, 1)
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> ScanResult:
+    """Sequential selective scan, one token at a time. Slow; the reference for tests."""
+    out_dtype = u.dtype
+    ct = _compute_dtype(u.dtype)
+    u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
+    batch, length, inner = u.shape
+    h = u.new_zeros(batch, inner, A.shape[1])  # (B, E, N)
+    ys = []
+    for t in range(length):
+        decay = torch.exp(delta[:, t, :, None] * A)  # (B, E, N)
+        h = decay * h + (delta[:, t, :, None] * u[:, t, :, None]) * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))  # (B, E)
+    y = torch.stack(ys, dim=1)  # (B, L, E)
+    if D is not None:
+        y = y + u * D.to(ct)
+    y = y.to(out_dtype)
+    return (y, h.to(out_dtype)) if return_final_state else y
+
+
+def _chunk_states(log_decay: torch.Tensor, x: torch.Tensor, chunk: int, floor: float) -> torch.Tensor:
+    """All states of h[t] = exp(log_decay[t]) * h[t-1] + x[t], h[-1] = 0.
+
+    Args:
+        log_decay: (B, L, F) per-step log-decays, in [-floor, 0]; F = E * N flattened.
+        x: (B, L, F) inputs.
+        chunk: T, the chunk length.
+        floor: K, see log_decay_floor.
+    Returns:
+        (B, L, F) states.
+    """
+    batch, length, feat = x.shape
+    pad = (-length) % chunk
+    if pad:  # trailing padding with decay 1 and input 0 leaves the earlier states untouched
+        log_decay = F.pad(log_decay, (0, 0, 0, pad))
+        x = F.pad(x, (0, 0, 0, pad))
+    n_chunks = (length + pad) // chunk
+    log_decay = log_decay.reshape(batch, n_chunks, chunk, feat)
+    x = x.reshape(batch, n_chunks, chunk, feat)
+
+    tril = torch.ones(chunk, chunk, dtype=x.dtype, device=x.device).tril()  # (T, T)
+    S = tril @ log_decay  # (B, c, T, F) running log-decay within each chunk, S[t] = sum_{j<=t}
+    mid = chunk // 2 - 1 if chunk > 1 else 0
+    R = S[:, :, mid : mid + 1]  # (B, c, 1, F)
+    # h_local[t] = sum_{s<=t} exp(S[t]-S[s]) x[s], the in-chunk sums as one (T x T) matmul
+    h_local = torch.exp(S - R) * (tril @ (torch.exp(R - S) * x))  # (B, c, T, F)
+
+    if n_chunks == 1:
+        return h_local.reshape(batch, -1, feat)[:, :length]
+    # States at chunk ends obey the same recurrence over chunks, with decay exp(S[T-1]).
+    # Clamping the summed decay keeps the floor invariant at the next level.
+    ends = _chunk_states(S[:, :, -1].clamp(min=-floor), h_local[:, :, -1], chunk, floor)
+    entering = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)  # (B, c, F)
+    h = h_local + torch.exp(S) * entering[:, :, None]  # exp(S) <= 1: no overflow
+    return h.reshape(batch, -1, feat)[:, :length]
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    chunk_size: int = MAX_CHUNK,
+) -> ScanResult:
+    """Chunked selective scan (see the module docstring). Same contract as ``selective_scan_ref``."""
+    if not 1 <= chunk_size <= MAX_CHUNK:
+        raise ValueError(
+            f"chunk_size must be between 1 and {MAX_CHUNK} (got {chunk_size}): larger chunks can "
+            "overflow exp() in float32; see model/scan.py"
+        )
+    out_dtype = u.dtype
+    ct = _compute_dtype(u.dtype)
+    u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
+    batch, length, inner = u.shape
+    n_state = A.shape[1]
+    floor = log_decay_floor(ct, chunk_size)
+    log_decay = (delta[..., None] * A).clamp(min=-floor)  # (B, L, E, N)
+    x = (delta * u)[..., None] * B[:, :, None, :]  # (B, L, E, N)
+    h = _chunk_states(
+        log_decay.reshape(batch, length, inner * n_state),
+        x.reshape(batch, length, inner * n_state),
+        chunk_size,
+        floor,
+    ).reshape(batch, length, inner, n_state)
+    y = (h @ C[..., None]).squeeze(-1)  # (B, L, E)
+    if D is not None:
+        y = y + u * D.to(ct)
+    y = y.to(out_dtype)
+    return (y, h[:, -1].to(out_dtype)) if return_final_state else y
+
+
+@functools.cache
+def _mamba_ssm_fn():
+    """The mamba-ssm kernel's Python entry point, or None when it cannot be imported."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as exc:  # ImportError, or a CUDA-less build failing at import time
+        log.info("mamba-ssm is not usable here (%s); using the chunked scan", exc)
+        return None
+    return selective_scan_fn
+
+
+def mamba_ssm_available() -> bool:
+    """True when the mamba-ssm CUDA kernel can be imported (install with the ``gpu`` extra)."""
+    return _mamba_ssm_fn() is not None
+
+
+def selective_scan_cuda(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> ScanResult:
+    """The mamba-ssm CUDA kernel behind the common signature (it wants channels-first tensors)."""
+    fn = _mamba_ssm_fn()
+    if fn is None or not u.is_cuda:
+        raise RuntimeError(
+            "the mamba-ssm scan needs CUDA tensors and the mamba-ssm package; install it with "
+            "`pip install -e .[gpu]` on a CUDA machine, or use scan='chunked'"
+        )
+    out = fn(
+        u.transpose(1, 2).contiguous(),
+        delta.transpose(1, 2).contiguous(),
+        A.float().contiguous(),
+        B.transpose(1, 2).contiguous(),
+        C.transpose(1, 2).contiguous(),
+        None if D is None else D.float(),
+        return_last_state=return_final_state,
+    )
+    if return_final_state:
+        y, last = out
+        return y.transpose(1, 2), last
+    return out.transpose(1, 2)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    impl: str = "chunked",
+    chunk_size: int = MAX_CHUNK,
+) -> ScanResult:
+    """Dispatch to one scan form.
+
+    Args:
+        impl: "chunked" (default), "reference", or "mamba_ssm" (the CUDA kernel when installed and
+            ``u`` is on CUDA, otherwise the chunked form).
+        chunk_size: T for the chunked form, 1..MAX_CHUNK.
+    """
+    if impl == "chunked":
+        return selective_scan_chunked(u, delta, A, B, C, D, return_final_state, chunk_size)
+    if impl == "reference":
+        return selective_scan_ref(u, delta, A, B, C, D, return_final_state)
+    if impl == "mamba_ssm":
+        if u.is_cuda and mamba_ssm_available():
+            return selective_scan_cuda(u, delta, A, B, C, D, return_final_state)
+        return selective_scan_chunked(u, delta, A, B, C, D, return_final_state, chunk_size)
+    raise ValueError(f"unknown scan {impl!r}; use 'chunked', 'reference' or 'mamba_ssm'")
+
+
+class SelectiveScan(torch.nn.Module):
+    """The scan as a parameter-free module, so exported graphs can tell its nodes apart.
+
+    model/export.py prefixes the ONNX nodes produced inside this module with ``fp32_scan/``: the
+    chunked form's exponentials need float32 range, so a float16 engine must keep them in float32.
+    """
+
+    def __init__(self, impl: str = "chunked", chunk_size: int = MAX_CHUNK):
+        super().__init__()
+        self.impl, self.chunk_size = impl, chunk_size
+
+    def forward(self, u, delta, A, B, C, D=None):
+        return selective_scan(u, delta, A, B, C, D, impl=self.impl, chunk_size=self.chunk_size)

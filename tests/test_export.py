@@ -1,0 +1,95 @@
+"""ONNX export: round trip through ONNX Runtime, op census, bounded graph size, failures."""
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from model import build_model
+from model.export import BANNED_OPS, SCAN_PREFIX, ExportError, export_onnx, file_sha256, main, op_census
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_model("tiny", scan="reference")  # exported with the chunked scan regardless
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    return net, out, export_onnx(net, out, input_shape=(1, 3, 32, 32), seed=1)
+
+
+def test_round_trip_and_census(tiny_export):
+    net, out, report = tiny_export
+    assert out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert report.sha256 == file_sha256(out)
+    assert report.fp32_max_abs_err <= 1e-4
+    assert report.fp16_max_abs_err < 1e-2
+    proto = onnx.load(str(out))
+    census = op_census(proto)
+    assert not BANNED_OPS & set(census)
+    assert census == report.op_census and sum(census.values()) == report.node_count
+    assert census["Conv"] == 1 + 2 + 2 + 1 + 1  # first, groups, mixer conv1d per layer, after body, upsample
+    assert any(n.name.startswith(SCAN_PREFIX) and n.op_type == "Exp" for n in proto.graph.node)
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
+
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        want = net(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - want).max() < 1e-4
+
+
+def test_node_count_bounded_in_token_count(tmp_path):
+    net = build_model("tiny")
+    counts = {}
+    for side in (16, 64):
+        counts[side] = export_onnx(net, tmp_path / f"t{side}.onnx", (1, 3, side, side), n_checks=1).node_count
+    # 16x more tokens: an unrolled loop would grow 16x; the chunked scan adds a few levels.
+    assert counts[64] < 1.5 * counts[16], counts
+
+
+def test_cli_writes_report(tmp_path, capsys):
+    out, js = tmp_path / "cli.onnx", tmp_path / "report.json"
+    net = build_model("tiny")
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"model_config": net.cfg.__dict__, "model": net.state_dict()}, ckpt)
+    rc = main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--height",
+            "16",
+            "--width",
+            "24",
+            "--json",
+            str(js),
+            "--seed",
+            "0",
+        ]
+    )
+    assert rc == 0
+    report = json.loads(js.read_text())
+    assert report["input_shape"] == [1, 3, 16, 24] and report["params"] > 0
+    assert "fp32" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("nope")
+    assert main(["--checkpoint", str(bad), "--out", str(tmp_path / "x.onnx")]) == 1
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_failed_verification_leaves_no_file(tmp_path):
+    out = tmp_path / "strict.onnx"
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export_onnx(build_model("tiny"), out, (1, 3, 16, 16), n_checks=1, tolerance=0.0)
+    assert not out.exists()
+    with pytest.raises(ExportError, match="input_shape"):
+        export_onnx(build_model("tiny"), out, (1, 1, 16, 16))

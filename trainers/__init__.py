@@ -1,0 +1,1 @@
+"""Data, the SR evaluation protocol, and distillation training (issue 3)."""
