@@ -38,6 +38,7 @@ import torch
 
 from model.complexity import count_flops, count_params
 from model.mambalitesr import PRESETS, MambaLiteSR, build_model, load_model
+from model.runtime import keep_freed_memory
 
 BANNED_OPS = frozenset({"Loop", "Scan", "If", "CumSum"})
 SCAN_PREFIX = "fp32_scan/"  # nodes a float16 engine must keep in float32
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--height, --width and --n-checks must be positive")
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    keep_freed_memory()
     try:
         model = load_model(args.checkpoint) if args.checkpoint else build_model(args.preset or "student")
         report = export_onnx(

@@ -106,16 +106,20 @@ def _chunk_states(log_decay: torch.Tensor, x: torch.Tensor, chunk: int, floor: f
     S = tril @ log_decay  # (B, c, T, F) running log-decay within each chunk, S[t] = sum_{j<=t}
     mid = chunk // 2 - 1 if chunk > 1 else 0
     R = S[:, :, mid : mid + 1]  # (B, c, 1, F)
-    # h_local[t] = sum_{s<=t} exp(S[t]-S[s]) x[s], the in-chunk sums as one (T x T) matmul
-    h_local = torch.exp(S - R) * (tril @ (torch.exp(R - S) * x))  # (B, c, T, F)
+    shrink = torch.exp(R - S)  # exp(R - S[s]), exponent <= EXP_LIMIT
+    grow = torch.reciprocal(shrink)  # exp(S[t] - R), the same bound
+    # acc[t] = sum_{s<=t} exp(R - S[s]) x[s]: the in-chunk sums as one (T x T) matmul
+    acc = tril @ (shrink * x)  # (B, c, T, F)
 
     if n_chunks == 1:
-        return h_local.reshape(batch, -1, feat)[:, :length]
+        return (grow * acc).reshape(batch, -1, feat)[:, :length]
     # States at chunk ends obey the same recurrence over chunks, with decay exp(S[T-1]).
     # Clamping the summed decay keeps the floor invariant at the next level.
-    ends = _chunk_states(S[:, :, -1].clamp(min=-floor), h_local[:, :, -1], chunk, floor)
+    local_ends = grow[:, :, -1] * acc[:, :, -1]  # (B, c, F) chunk-end states from the chunk's own inputs
+    ends = _chunk_states(S[:, :, -1].clamp(min=-floor), local_ends, chunk, floor)
     entering = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)  # (B, c, F)
-    h = h_local + torch.exp(S) * entering[:, :, None]  # exp(S) <= 1: no overflow
+    # h[t] = exp(S[t] - R) * (acc[t] + exp(R) * entering) = local part + exp(S[t]) * entering
+    h = grow * (acc + torch.exp(R) * entering[:, :, None])  # (B, c, T, F)
     return h.reshape(batch, -1, feat)[:, :length]
 
 
