@@ -107,7 +107,7 @@ def _chunk_states(log_decay: torch.Tensor, x: torch.Tensor, chunk: int, floor: f
     mid = chunk // 2 - 1 if chunk > 1 else 0
     R = S[:, :, mid : mid + 1]  # (B, c, 1, F)
     shrink = torch.exp(R - S)  # exp(R - S[s]), exponent <= EXP_LIMIT
-    grow = torch.reciprocal(shrink)  # exp(S[t] - R), the same bound
+    grow = torch.exp(S - R)  # exp(S[t] - R), the same bound (not 1/shrink: its gradient squares the range)
     # acc[t] = sum_{s<=t} exp(R - S[s]) x[s]: the in-chunk sums as one (T x T) matmul
     acc = tril @ (shrink * x)  # (B, c, T, F)
 

@@ -85,7 +85,11 @@ def test_strong_decay_stays_finite_and_bounded():
     u, delta, A, B, C, D = make_inputs(length=150, dtype=torch.float32, max_step_decay=200.0, seed=4)
     delta = delta * 2
     assert (delta[..., None] * A).min() < -3 * log_decay_floor(torch.float32, MAX_CHUNK)
-    y = selective_scan_chunked(u, delta, A, B, C, D)
+    leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D)]
+    y = selective_scan_chunked(*leaves)
+    y.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves), "non-finite gradient"
+    y = y.detach()
     y_ref = selective_scan_ref(*(t.double() for t in (u, delta, A, B, C, D)))
     assert torch.isfinite(y).all()
     # The floor lets exp(-16) = 1.1e-7 of a state through per step: float32-level differences.

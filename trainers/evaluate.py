@@ -1,0 +1,169 @@
+"""Evaluate a model on SR test sets with the numbers SR papers report.
+
+    python -m trainers.evaluate --model bicubic --data ../shared/data/sr-benchmarks/Set5 ...
+    python -m trainers.evaluate --model runs/student/last.pt --data Set5 Set14 --json results.json
+    python -m trainers.evaluate --model student.onnx --data Set5
+    python -m trainers.evaluate --model models:/mambalitesr-student/3 --data Set5 --tracking-uri URI
+
+MODEL is ``bicubic`` (MATLAB-style bicubic upscaling of the LR image), a training checkpoint
+(whole-image inference in PyTorch), an ONNX file (ONNX Runtime through 64x64 tiles, the way the
+device runs it), or an MLflow URI (``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH``) of either.
+PSNR and SSIM are computed on the Y channel, 8-bit, with ``scale`` border pixels cropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.runtime import keep_freed_memory
+from model.tiling import upscale_tiled
+from trainers.checkpoint import CheckpointError
+from trainers.data import DataError, ImagePair, load_pairs
+from trainers.degrade import imresize
+from trainers.metrics import psnr, ssim, to_uint8
+
+Upscaler = Callable[[np.ndarray], np.ndarray]  # uint8 LR (h, w[, 3]) -> uint8 SR (s h, s w[, 3])
+
+
+@dataclass(frozen=True)
+class SetResult:
+    name: str
+    n_images: int
+    psnr_y: float
+    ssim_y: float
+    per_image: dict[str, dict[str, float]]
+
+
+def bicubic_upscaler(scale: int) -> Upscaler:
+    return lambda lr: imresize(lr, scale)
+
+
+def checkpoint_upscaler(path: str, device: str = "cpu") -> tuple[Upscaler, int]:
+    from model.mambalitesr import load_model
+    from trainers.train import resolve_device, super_resolve
+
+    try:
+        net = load_model(path)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    dev = resolve_device(device)
+    net.to(dev).eval()
+    return (lambda lr: super_resolve(net, lr, dev)), net.cfg.scale
+
+
+def onnx_upscaler(path: str, overlap: int = 16) -> tuple[Upscaler, int]:
+    """Tiled inference with ONNX Runtime; the tile size and scale are read from the graph."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
+    n, c, tile_h, tile_w = inp.shape
+    if not all(isinstance(v, int) for v in (n, c, tile_h, tile_w)) or tile_h != tile_w or c != 3:
+        raise ValueError(f"{path}: expected a static (n, 3, P, P) input, got {inp.shape}")
+    scale = out.shape[2] // tile_h
+    dtype = np.float16 if "float16" in inp.type else np.float32
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        outs = [sess.run(None, {inp.name: t[None].numpy().astype(dtype)})[0] for t in batch]  # static batch 1
+        return torch.from_numpy(np.concatenate(outs)).float()
+
+    def upscale(lr: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(lr).float() / 255.0
+        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+        y = upscale_tiled(predict, x, scale, tile=tile_h, overlap=min(overlap, tile_h // 2)).clamp(0, 1)
+        y = y[0] if lr.ndim == 2 else y.permute(1, 2, 0)
+        return to_uint8(y.numpy())
+
+    return upscale, scale
+
+
+def resolve_model(
+    spec: str, scale: int, device: str = "cpu", tracking_uri: str | None = None
+) -> tuple[Upscaler, int]:
+    """An upscaler and its scale from a MODEL spec (see the module docstring)."""
+    if spec == "bicubic":
+        return bicubic_upscaler(scale), scale
+    if "://" in spec or spec.startswith(("models:/", "runs:/")):
+        spec = _download(spec, tracking_uri)
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(
+            f"model {spec} not found: give 'bicubic', a .pt checkpoint, an .onnx file or an MLflow URI"
+        )
+    if path.is_dir():
+        found = sorted(path.rglob("*.onnx")) or sorted(path.rglob("*.pt"))
+        if not found:
+            raise ValueError(f"no .onnx or .pt file under {path}")
+        path = found[0]
+    if path.suffix == ".onnx":
+        return onnx_upscaler(str(path))
+    return checkpoint_upscaler(str(path), device)
+
+
+def _download(uri: str, tracking_uri: str | None) -> str:
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+
+
+def evaluate_set(upscale: Upscaler, pairs: list[ImagePair], scale: int, name: str) -> SetResult:
+    per_image = {}
+    for pair in pairs:
+        sr = upscale(pair.lr)
+        if sr.shape != pair.hr.shape:
+            raise ValueError(f"{name}/{pair.name}: output {sr.shape} does not match HR {pair.hr.shape}")
+        per_image[pair.name] = {"psnr_y": psnr(sr, pair.hr, scale), "ssim_y": ssim(sr, pair.hr, scale)}
+    return SetResult(
+        name=name,
+        n_images=len(pairs),
+        psnr_y=float(np.mean([v["psnr_y"] for v in per_image.values()])),
+        ssim_y=float(np.mean([v["ssim_y"] for v in per_image.values()])),
+        per_image=per_image,
+    )
+
+
+def format_table(model: str, results: list[SetResult]) -> str:
+    lines = [f"model: {model}", f"{'set':12s} {'images':>6s} {'PSNR-Y (dB)':>12s} {'SSIM-Y':>8s}"]
+    lines += [f"{r.name:12s} {r.n_images:6d} {r.psnr_y:12.2f} {r.ssim_y:8.4f}" for r in results]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainers.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="bicubic, CHECKPOINT.pt, MODEL.onnx or an MLflow URI")
+    p.add_argument(
+        "--data", nargs="+", required=True, help="test set folders (HR/ and LR_bicubic/X4/, or HR only)"
+    )
+    p.add_argument("--scale", type=int, default=4, help="for bicubic (models carry their own)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
+    p.add_argument("--json", help="write per-set and per-image results here")
+    args = p.parse_args(argv)
+    keep_freed_memory()
+    try:
+        upscale, scale = resolve_model(args.model, args.scale, args.device, args.tracking_uri)
+        results = [
+            evaluate_set(upscale, load_pairs(folder, scale), scale, Path(folder).name) for folder in args.data
+        ]
+    except (DataError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(args.model, results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "scale": scale,
+                                               "sets": [asdict(r) for r in results]}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""Train a MambaLiteSR teacher, or distill a student from one.
+
+    python -m trainers.train --role teacher --preset teacher --iterations 2000 --out-dir runs/teacher
+    python -m trainers.train --role student --teacher runs/teacher/last.pt --alpha 0.5 --out-dir runs/student
+    python -m trainers.train ... --resume            # continue from OUT_DIR/last.pt
+
+Without ``--train-data`` the built-in image set is used. Student loss (seed paper):
+``alpha * L1(student, teacher) + (1 - alpha) * L1(student, HR)``, the teacher frozen and run
+without gradients. Adam with step decay (halved at fractions of the run by default), AMP on CUDA.
+Every ``checkpoint_every`` steps ``last.pt`` is replaced atomically; the data for step k depends
+only on (seed, k), so ``--resume`` continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, build_model, count_flops, count_params, preset
+from model.mambalitesr import PRESETS, MambaLiteSR, config_from_dict, load_model
+from model.runtime import keep_freed_memory
+from trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainers.data import DataError, ImagePair, PatchSampler, load_sets
+from trainers.energy import EnergyMeter, EnergyReading
+from trainers.metrics import psnr, ssim, to_uint8
+from trainers.tracking import ConsoleTracker, MLflowTracker, MultiTracker, Tracker
+
+log = logging.getLogger(__name__)
+ROLES = ("teacher", "student")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    role: str = "student"  # "teacher" (L1 to HR) or "student" (distilled)
+    model: ModelConfig = field(default_factory=lambda: PRESETS["student"])
+    teacher: str | None = None  # teacher checkpoint; required by a student with alpha > 0
+    alpha: float = 0.5  # weight of L1(student, teacher); 1 - alpha goes to L1(student, HR)
+    lr: float = 2e-4  # Adam, as the paper
+    lr_milestones: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)  # fractions of the run where lr halves
+    lr_gamma: float = 0.5
+    batch_size: int = 16  # the paper uses 128 on a GPU
+    patch_size: int = 64  # LR patch side, the deployment tile
+    iterations: int = 1000
+    val_every: int = 200  # validate (and checkpoint) every N steps, and at the end
+    checkpoint_every: int = 0  # 0: with each validation
+    log_every: int = 10
+    seed: int = 0
+    train_data: tuple[str, ...] = ()  # folders; empty: the built-in set
+    val_data: tuple[str, ...] = ()
+    val_max_images: int = 0  # 0: all validation images
+    out_dir: str = "outputs/train"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"TrainConfig.role must be one of {ROLES}, got {self.role!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"TrainConfig.alpha must be in [0, 1], got {self.alpha}")
+        for name in ("batch_size", "patch_size", "iterations", "val_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.checkpoint_every < 0 or self.val_max_images < 0:
+            raise ValueError("TrainConfig.checkpoint_every and val_max_images must be >= 0")
+        if not self.lr > 0 or not 0 < self.lr_gamma <= 1:
+            raise ValueError(
+                f"TrainConfig.lr must be > 0 and lr_gamma in (0, 1], got {self.lr}, {self.lr_gamma}"
+            )
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ValueError(
+                f"TrainConfig.lr_milestones are fractions of the run in (0, 1), got {self.lr_milestones}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training config key(s) {unknown}; known keys: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("model"), dict):
+            values["model"] = config_from_dict(values["model"])
+        for key in ("lr_milestones", "train_data", "val_data"):
+            if key in values and values[key] is not None:
+                values[key] = tuple(values[key])
+        return TrainConfig(**values)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int  # steps completed
+    checkpoint: str
+    val_psnr_y: float
+    val_ssim_y: float
+    params: int
+    flops_g: float  # at a 64x64 LR input
+    patches_per_s: float  # LR patches per second of training steps (validation excluded)
+    teacher_share: float | None  # mean share of a step spent in the teacher's forward pass
+    energy: EnergyReading
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _step_lr(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
+    milestones = sorted({max(1, round(m * cfg.iterations)) for m in cfg.lr_milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma)
+
+
+def super_resolve(net: MambaLiteSR, lr_image: np.ndarray, device: torch.device) -> np.ndarray:
+    """Whole-image inference: uint8 (h, w[, 3]) -> uint8 (s h, s w[, 3]); gray goes through RGB."""
+    x = torch.from_numpy(lr_image).to(device).float() / 255.0
+    gray = x.dim() == 2
+    x = (x[None].expand(3, -1, -1) if gray else x.permute(2, 0, 1))[None]
+    with torch.no_grad():
+        y = net(x)[0].clamp(0, 1)
+    y = y.mean(0) if gray else y.permute(1, 2, 0)
+    return to_uint8(y.float().cpu().numpy())
+
+
+def validate(net: MambaLiteSR, pairs: list[ImagePair], device: torch.device) -> dict[str, float]:
+    """Mean PSNR/SSIM (Y channel, border = scale) over whole validation images."""
+    was_training = net.training
+    net.eval()
+    scale = net.cfg.scale
+    ps, ss = [], []
+    for pair in pairs:
+        sr = super_resolve(net, pair.lr, device)
+        ps.append(psnr(sr, pair.hr, scale))
+        ss.append(ssim(sr, pair.hr, scale))
+    net.train(was_training)
+    return {"val_psnr_y": float(np.mean(ps)), "val_ssim_y": float(np.mean(ss))}
+
+
+def _load_teacher(cfg: TrainConfig, device: torch.device) -> MambaLiteSR | None:
+    if cfg.role != "student" or cfg.alpha == 0:
+        return None
+    if not cfg.teacher:
+        raise ValueError(
+            "a student with alpha > 0 needs a teacher checkpoint (--teacher PATH), or use --alpha 0"
+        )
+    try:
+        teacher = load_model(cfg.teacher)
+    except ValueError as exc:
+        raise CheckpointError(f"cannot load the teacher: {exc}") from exc
+    if teacher.cfg.scale != cfg.model.scale:
+        raise ValueError(f"teacher scale x{teacher.cfg.scale} differs from the student's x{cfg.model.scale}")
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher
+
+
+def _compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    ignore = {"out_dir", "device", "log_every"}  # may differ between an interrupted run and its resume
+    return sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
+
+
+def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False) -> TrainResult:
+    """Run (or resume) one training run; see the module docstring.
+
+    Raises:
+        TrainingDiverged: NaN or infinite loss; ``last.pt`` still holds the last good state.
+        CheckpointError, DataError, ValueError: bad inputs, with a message saying which.
+    """
+    tracker = tracker or ConsoleTracker()
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "last.pt"
+    train_pairs = load_sets(list(cfg.train_data), "train", cfg.model.scale)
+    val_pairs = load_sets(list(cfg.val_data), "val", cfg.model.scale)
+    if cfg.val_max_images:
+        val_pairs = val_pairs[: cfg.val_max_images]
+    sampler = PatchSampler(train_pairs, cfg.patch_size, cfg.model.scale, seed=cfg.seed)
+    teacher = _load_teacher(cfg, device)
+
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg.model).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    scheduler = _step_lr(cfg, optimizer)
+    step, metrics = 0, {}
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        diff = _compare_configs(state.get("train_config", {}), cfg.to_dict())
+        if diff:
+            raise CheckpointError(
+                f"{ckpt_path} was written with different settings for {diff}; resume with the same ones"
+            )
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, metrics = state["step"], state.get("metrics", {})
+        log.info("resuming %s at step %d", ckpt_path, step)
+
+    def checkpoint(at_step: int) -> None:
+        state = {"model_config": dataclasses.asdict(cfg.model), "model": net.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "step": at_step, "train_config": cfg.to_dict(), "metrics": metrics}  # fmt: skip
+        save_checkpoint(state, ckpt_path)
+
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    params, flops_g = count_params(net), count_flops(cfg.model, 64, 64).gflops
+    tracker.log_params({**cfg.to_dict(), "params": params, "flops_g": flops_g})
+    ckpt_every = cfg.checkpoint_every or cfg.val_every
+    step_time = teacher_time = 0.0
+    steps_timed = 0
+    in_update = False  # True while weights, optimizer and step counter may disagree
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.iterations, initial=step, desc=cfg.role, disable=None, dynamic_ncols=True)
+    net.train()
+    with EnergyMeter(device.index or 0) if device.type == "cuda" else _NoMeter() as meter:
+        try:
+            while step < cfg.iterations:
+                lr_patch, hr_patch = sampler.batch(step, cfg.batch_size)
+                lr_patch, hr_patch = lr_patch.to(device), hr_patch.to(device)
+                t0 = time.perf_counter()
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    sr = net(lr_patch)
+                    loss_hr = F.l1_loss(sr.float(), hr_patch)
+                    loss = loss_hr
+                    if teacher is not None:
+                        t1 = _sync(device)
+                        with torch.no_grad():
+                            target = teacher(lr_patch).float()
+                        teacher_time += _sync(device) - t1
+                        loss = cfg.alpha * F.l1_loss(sr.float(), target) + (1 - cfg.alpha) * loss_hr
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
+                        f"({ckpt_path if ckpt_path.exists() else 'none written yet'}) is kept. Try a lower "
+                        "learning rate or check the data."
+                    )
+                in_update = True
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                in_update = False
+                step_time += _sync(device) - t0
+                steps_timed += 1
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    metrics.update(
+                        {"loss": loss.item(), "l1_hr": loss_hr.item(), "lr": scheduler.get_last_lr()[0]}
+                    )
+                    tracker.log_metrics({k: metrics[k] for k in ("loss", "l1_hr", "lr")}, step)
+                    bar.set_postfix(
+                        loss=f"{loss.item():.4f}", psnr=f"{metrics.get('val_psnr_y', float('nan')):.2f}"
+                    )
+                if step % cfg.val_every == 0 or step == cfg.iterations:
+                    metrics.update(validate(net, val_pairs, device))
+                    tracker.log_metrics({k: metrics[k] for k in ("val_psnr_y", "val_ssim_y")}, step)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{metrics['val_psnr_y']:.2f}")
+                if step % ckpt_every == 0 or step == cfg.iterations:
+                    checkpoint(step)
+        except KeyboardInterrupt:
+            if not in_update:  # keep the steps done so far; --resume continues from here
+                checkpoint(step)
+            raise
+        finally:
+            bar.close()
+    if "val_psnr_y" not in metrics:  # resumed at the end: nothing left to run
+        metrics.update(validate(net, val_pairs, device))
+
+    energy = meter.reading
+    result = TrainResult(
+        step=step,
+        checkpoint=str(ckpt_path),
+        val_psnr_y=metrics["val_psnr_y"],
+        val_ssim_y=metrics["val_ssim_y"],
+        params=params,
+        flops_g=flops_g,
+        patches_per_s=cfg.batch_size * steps_timed / step_time if step_time else float("nan"),
+        teacher_share=teacher_time / step_time if teacher is not None and step_time else None,
+        energy=energy,
+    )
+    final = {"val_psnr_y": result.val_psnr_y, "val_ssim_y": result.val_ssim_y, "params": params,
+             "flops_g": flops_g, "patches_per_s": result.patches_per_s, **energy.metrics()}  # fmt: skip
+    if result.teacher_share is not None:
+        final["teacher_share"] = result.teacher_share
+    tracker.log_metrics(final, step)
+    if ckpt_path.exists():
+        tracker.log_artifact(ckpt_path, "checkpoint")
+    for path in _save_samples(net, val_pairs[:3], device, out / "samples"):
+        tracker.log_artifact(path, "samples")
+    return result
+
+
+class _NoMeter:
+    """Stands in for EnergyMeter off CUDA: there is no GPU sensor to read."""
+
+    reading = EnergyReading(
+        False, "unavailable", None, None, 0.0, 0, "training on the CPU: no GPU power sensor"
+    )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _save_samples(net: MambaLiteSR, pairs: list[ImagePair], device: torch.device, folder: Path) -> list[Path]:
+    """A few SR outputs as PNG for a quick look in the MLflow UI."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    net.eval()
+    for pair in pairs:
+        path = folder / f"{pair.name}_x{net.cfg.scale}.png"
+        Image.fromarray(super_resolve(net, pair.lr, device)).save(path)
+        paths.append(path)
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainers.train", description=__doc__.split("\n")[0])
+    d = TrainConfig()
+    p.add_argument("--role", choices=ROLES, default="student")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: the role's)")
+    p.add_argument("--embed-dim", type=int)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--groups", type=int, dest="n_groups")
+    p.add_argument("--blocks", type=int, dest="blocks_per_group")
+    p.add_argument("--scale", type=int)
+    p.add_argument("--teacher", help="teacher checkpoint (student role)")
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--milestones", type=float, nargs="*", default=list(d.lr_milestones),
+                   help="fractions of the run where the learning rate is multiplied by --gamma")  # fmt: skip
+    p.add_argument("--gamma", type=float, default=d.lr_gamma)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--patch-size", type=int, default=d.patch_size)
+    p.add_argument("--iterations", type=int, default=d.iterations)
+    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--val-max-images", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--train-data", nargs="*", default=[], help="training folders (default: built-in images)")
+    p.add_argument("--val-data", nargs="*", default=[], help="validation folders (default: built-in images)")
+    p.add_argument("--out-dir", help="where last.pt and samples go (default outputs/train/ROLE)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    p.add_argument("--tracking-uri", help="log to MLflow here (e.g. sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default="mambalitesr")
+    p.add_argument("--run-name")
+    p.add_argument("--json", help="write the result as JSON here")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {k: getattr(args, k) for k in ("embed_dim", "rank", "n_groups", "blocks_per_group", "scale")
+                 if getattr(args, k) is not None}  # fmt: skip
+    model_cfg = preset(args.preset or args.role, **overrides)
+    return TrainConfig(
+        role=args.role, model=model_cfg, teacher=args.teacher, alpha=args.alpha, lr=args.lr,
+        lr_milestones=tuple(args.milestones), lr_gamma=args.gamma, batch_size=args.batch_size,
+        patch_size=args.patch_size, iterations=args.iterations, val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+        train_data=tuple(args.train_data), val_data=tuple(args.val_data), val_max_images=args.val_max_images,
+        out_dir=args.out_dir or f"outputs/train/{args.role}", device=args.device, amp=not args.no_amp,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    keep_freed_memory()
+    tracker: Tracker = ConsoleTracker()
+    if args.tracking_uri:
+        mlflow_tracker = MLflowTracker(args.tracking_uri, args.experiment, args.run_name or cfg.role,
+                                       tags={"role": cfg.role})  # fmt: skip
+        tracker = MultiTracker(ConsoleTracker(), mlflow_tracker)
+    status = "FAILED"
+    try:
+        result = train(cfg, tracker, resume=args.resume)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(
+            f"interrupted; state saved to {Path(cfg.out_dir) / 'last.pt'}, continue with --resume",
+            file=sys.stderr,
+        )
+        return 130
+    except (TrainingDiverged, CheckpointError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        tracker.close(status)
+    summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "energy"}
+    summary["energy"] = dataclasses.asdict(result.energy)
+    print(
+        json.dumps(summary, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
