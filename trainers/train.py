@@ -119,6 +119,16 @@ class TrainResult:
     energy: EnergyReading
 
 
+def distill_loss(
+    sr: torch.Tensor, teacher_sr: torch.Tensor | None, hr: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """alpha * L1(student, teacher) + (1 - alpha) * L1(student, HR); plain L1 to HR without a teacher."""
+    loss_hr = F.l1_loss(sr, hr)
+    if teacher_sr is None:
+        return loss_hr
+    return alpha * F.l1_loss(sr, teacher_sr) + (1 - alpha) * loss_hr
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -243,15 +253,14 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
                 lr_patch, hr_patch = lr_patch.to(device), hr_patch.to(device)
                 t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    sr = net(lr_patch)
-                    loss_hr = F.l1_loss(sr.float(), hr_patch)
-                    loss = loss_hr
+                    sr = net(lr_patch).float()
+                    target = None
                     if teacher is not None:
                         t1 = _sync(device)
                         with torch.no_grad():
                             target = teacher(lr_patch).float()
                         teacher_time += _sync(device) - t1
-                        loss = cfg.alpha * F.l1_loss(sr.float(), target) + (1 - cfg.alpha) * loss_hr
+                    loss = distill_loss(sr, target, hr_patch, cfg.alpha)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
@@ -271,7 +280,11 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
                 bar.update(1)
                 if step % cfg.log_every == 0:
                     metrics.update(
-                        {"loss": loss.item(), "l1_hr": loss_hr.item(), "lr": scheduler.get_last_lr()[0]}
+                        {
+                            "loss": loss.item(),
+                            "l1_hr": F.l1_loss(sr.detach(), hr_patch).item(),
+                            "lr": scheduler.get_last_lr()[0],
+                        }
                     )
                     tracker.log_metrics({k: metrics[k] for k in ("loss", "l1_hr", "lr")}, step)
                     bar.set_postfix(

@@ -1,0 +1,26 @@
+"""Shared test helpers: where ../shared lives, small image folders."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BENCH = SHARED / "data" / "sr-benchmarks"
+
+
+@pytest.fixture
+def bench_dir() -> Path:
+    """The shared SR test sets (present on developer machines and in CI)."""
+    if not (BENCH / "Set5").is_dir():
+        pytest.skip(f"shared SR benchmark images not found at {BENCH}")
+    return BENCH
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path

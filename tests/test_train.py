@@ -1,0 +1,190 @@
+"""Training: loss goes down, distillation loss, exact resume, NaN handling, MLflow logging."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from model import preset
+from trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainers.data import PatchSampler
+from trainers.train import TrainConfig, TrainingDiverged, distill_loss, train
+
+
+class Recorder:
+    """A tracker that keeps what it is told, and can stop the run like a Ctrl-C at a step."""
+
+    def __init__(self, stop_at: int | None = None, exc=KeyboardInterrupt):
+        self.metrics, self.params, self.artifacts = {}, {}, []
+        self.stop_at, self.exc = stop_at, exc
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def log_metrics(self, metrics, step):
+        self.metrics.setdefault(step, {}).update(metrics)
+        if self.stop_at is not None and step >= self.stop_at:
+            raise self.exc()
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((str(path), artifact_path))
+
+    def close(self, status="FINISHED"):
+        pass
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(role="teacher", model=preset("tiny"), batch_size=2, patch_size=16, iterations=12,
+                val_every=6, checkpoint_every=3, log_every=1, val_max_images=1, lr=2e-3,
+                out_dir=str(tmp_path / "run"))  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_distill_loss_formula():
+    sr, teacher, hr = torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 1.0), torch.full((1, 3, 2, 2), 3.0)
+    assert distill_loss(sr, teacher, hr, 0.25).item() == pytest.approx(0.25 * 1 + 0.75 * 3)
+    assert distill_loss(sr, None, hr, 0.25).item() == pytest.approx(3.0)
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    cfg = tiny_cfg(tmp_path, iterations=40, val_every=40, checkpoint_every=40, log_every=1)
+    rec = Recorder()
+    result = train(cfg, rec)
+    losses = [rec.metrics[s]["loss"] for s in sorted(rec.metrics) if "loss" in rec.metrics[s]]
+    assert len(losses) == 40
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), (losses[:10], losses[-10:])
+    assert result.step == 40 and result.val_psnr_y > 0 and result.patches_per_s > 0
+    assert not result.energy.available and result.energy.energy_j is None  # no sensor on the CPU
+    assert {"val_psnr_y", "val_ssim_y", "params", "flops_g"} <= set(rec.metrics[40])
+    assert rec.params["model"]["embed_dim"] == 8 and rec.params["params"] > 0
+    assert any(a == "samples" for _, a in rec.artifacts) and any(a == "checkpoint" for _, a in rec.artifacts)
+
+
+def test_student_distills_from_a_teacher_and_reports_its_cost(tmp_path):
+    teacher = train(tiny_cfg(tmp_path / "t", iterations=3, val_every=3), Recorder())
+    rec = Recorder()
+    result = train(tiny_cfg(tmp_path / "s", role="student", teacher=teacher.checkpoint, alpha=0.7,
+                            iterations=4, val_every=4), rec)  # fmt: skip
+    assert 0 < result.teacher_share < 1
+    assert rec.metrics[4]["teacher_share"] == result.teacher_share
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train(tiny_cfg(tmp_path / "x", role="student", alpha=0.5), Recorder())
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_resume_gives_the_same_weights(tmp_path, exc):
+    straight = train(tiny_cfg(tmp_path / "a"), Recorder())
+    cfg = tiny_cfg(tmp_path / "b")
+    with pytest.raises(exc):
+        train(cfg, Recorder(stop_at=7, exc=exc))  # Ctrl-C saves step 7; a crash leaves step 6
+    saved = load_checkpoint(tmp_path / "b" / "run" / "last.pt")["step"]
+    assert saved == (7 if exc is KeyboardInterrupt else 6)
+    resumed = train(cfg, Recorder(), resume=True)
+    assert resumed.step == straight.step == 12
+    a, b = weights(straight.checkpoint), weights(resumed.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_kill_9(tmp_path):
+    """A real process killed mid-run, resumed by the CLI, ends with the uninterrupted weights."""
+    args = ["--role", "teacher", "--preset", "tiny", "--batch-size", "2", "--patch-size", "16",
+            "--iterations", "40", "--val-every", "40", "--checkpoint-every", "2", "--val-max-images", "1",
+            "--lr", "2e-3", "--seed", "5"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    subprocess.run([sys.executable, "-m", "trainers.train", *args, "--out-dir", str(out_a)], check=True,
+                   capture_output=True, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "trainers.train", *args, "--out-dir", str(out_b)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ckpt = out_b / "last.pt"
+        if ckpt.exists() and load_checkpoint(ckpt)["step"] >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(out_b / "last.pt")["step"]
+    assert 6 <= killed_at < 40, killed_at
+    subprocess.run([sys.executable, "-m", "trainers.train", *args, "--out-dir", str(out_b), "--resume"],
+                   check=True, capture_output=True, env=env, timeout=300)  # fmt: skip
+    a, b = weights(out_a / "last.pt"), weights(out_b / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path):
+    cfg = tiny_cfg(tmp_path, iterations=3, val_every=3)
+    train(cfg, Recorder())
+    ckpt = tmp_path / "run" / "last.pt"
+    with pytest.raises(CheckpointError, match="different settings.*alpha|different settings.*lr"):
+        train(tiny_cfg(tmp_path, iterations=3, val_every=3, lr=1e-4), Recorder(), resume=True)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(cfg, Recorder(), resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(tiny_cfg(tmp_path / "fresh"), Recorder(), resume=True)
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = save_checkpoint({"model_config": {}, "model": {}, "step": 1}, tmp_path / "c.pt")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint({"model_config": {}, "model": {}, "step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = PatchSampler.batch
+
+    def poisoned(self, step, batch_size):
+        lr, hr = real(self, step, batch_size)
+        return (lr * float("nan"), hr) if step >= 4 else (lr, hr)
+
+    monkeypatch.setattr(PatchSampler, "batch", poisoned)
+    with pytest.raises(TrainingDiverged, match="at step 4.*last.pt"):
+        train(tiny_cfg(tmp_path), Recorder())
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="alpha"):
+        TrainConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown training config key"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    cfg = TrainConfig.from_dict(TrainConfig(train_data=("x",)).to_dict())
+    assert cfg == TrainConfig(train_data=("x",))
+
+
+def test_mlflow_tracker_logs_params_metrics_and_artifacts(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MLflowTracker(uri, "test-exp", run_name="t", tags={"role": "teacher"})
+    train(tiny_cfg(tmp_path, iterations=3, val_every=3), tracker)
+    tracker.close()
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["role"] == "teacher"
+    assert run.data.params["model.embed_dim"] == "8" and "val_psnr_y" in run.data.metrics
+    names = {f.path for f in MlflowClient(uri).list_artifacts(tracker.run_id)}
+    assert {"checkpoint", "samples"} <= names
