@@ -37,6 +37,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 MAX_CHUNK = 8  # largest chunk length T of the chunked form (see "Numerical safety")
 EXP_LIMIT = {torch.float32: 64.0, torch.float64: 640.0}  # largest exponent the chunked form forms
@@ -139,6 +140,22 @@ def selective_scan_chunked(
             f"chunk_size must be between 1 and {MAX_CHUNK} (got {chunk_size}): larger chunks can "
             "overflow exp() in float32; see model/scan.py"
         )
+    batch = u.shape[0]
+    if u.device.type == "cpu" and batch > 1:
+        # One sample at a time on the CPU: the (L, E, N) temporaries of one sample stay below
+        # glibc's mmap threshold and are reused; batched, they are mmapped and page-faulted anew
+        # on every call (2-2.5x slower at batch 8, docs/benchmarks.md). Exported graphs have batch 1.
+        outs = [
+            _chunked_one(u[i : i + 1], delta[i : i + 1], A, B[i : i + 1], C[i : i + 1], D, chunk_size)
+            for i in range(batch)
+        ]
+        y, h_last = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    else:
+        y, h_last = _chunked_one(u, delta, A, B, C, D, chunk_size)
+    return (y, h_last) if return_final_state else y
+
+
+def _chunked_one(u, delta, A, B, C, D, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     out_dtype = u.dtype
     ct = _compute_dtype(u.dtype)
     u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
@@ -156,8 +173,7 @@ def selective_scan_chunked(
     y = (h @ C[..., None]).squeeze(-1)  # (B, L, E)
     if D is not None:
         y = y + u * D.to(ct)
-    y = y.to(out_dtype)
-    return (y, h[:, -1].to(out_dtype)) if return_final_state else y
+    return y.to(out_dtype), h[:, -1].to(out_dtype)
 
 
 @functools.cache
@@ -241,6 +257,13 @@ class SelectiveScan(torch.nn.Module):
 
     model/export.py prefixes the ONNX nodes produced inside this module with ``fp32_scan/``: the
     chunked form's exponentials need float32 range, so a float16 engine must keep them in float32.
+
+    In training, the chunked and reference forms are recomputed in the backward pass instead of
+    keeping their (B, L, E, N) intermediates (activation checkpointing): about ten tensors of
+    B x 4096 x E x N floats per layer would otherwise stay alive, which ran a 2-core, 24 GiB
+    machine out of memory for the teacher at batch 8. The mamba-ssm kernel recomputes by itself.
+    Reentrant checkpointing: the non-reentrant variant left the student's forward at 13 GB of
+    resident memory at batch 8 here, against 1.6 GB reentrant (docs/benchmarks.md).
     """
 
     def __init__(self, impl: str = "chunked", chunk_size: int = MAX_CHUNK):
@@ -248,4 +271,10 @@ class SelectiveScan(torch.nn.Module):
         self.impl, self.chunk_size = impl, chunk_size
 
     def forward(self, u, delta, A, B, C, D=None):
-        return selective_scan(u, delta, A, B, C, D, impl=self.impl, chunk_size=self.chunk_size)
+        def run(*args):
+            return selective_scan(*args, impl=self.impl, chunk_size=self.chunk_size)
+
+        kernel = self.impl == "mamba_ssm" and u.is_cuda and mamba_ssm_available()
+        if self.training and torch.is_grad_enabled() and not kernel:
+            return checkpoint(run, u, delta, A, B, C, D, use_reentrant=True)
+        return run(u, delta, A, B, C, D)
