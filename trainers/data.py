@@ -23,10 +23,20 @@ from trainers.degrade import bicubic_degrade, mod_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 BUILTIN_TRAIN = (
-    "astronaut.png", "rocket.jpg", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
-    "motorcycle_right.png", "retina.jpg", "moon.png", "coins.png", "grass.png", "gravel.png",
-    "brick.png", "page.png",
-)  # fmt: skip
+    "astronaut.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "moon.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "brick.png",
+    "page.png",
+)
 BUILTIN_VAL = ("chelsea.png", "coffee.png", "camera.png")  # camera is grayscale on purpose
 BUILTIN = "builtin"
 
@@ -161,8 +171,12 @@ class PatchSampler:
         usable = [p for p in pairs if min(p.lr.shape[:2]) >= patch_size]
         for p in pairs:
             if p not in usable:
-                log.warning("skipping %s: its LR image %s is smaller than a %d px patch",
-                            p.name, p.lr.shape[:2], patch_size)  # fmt: skip
+                log.warning(
+                    "skipping %s: its LR image %s is smaller than a %d px patch",
+                    p.name,
+                    p.lr.shape[:2],
+                    patch_size,
+                )
         if not usable:
             raise DataError(
                 f"no training image has an LR side of at least {patch_size} px; use a smaller patch size"

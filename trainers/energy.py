@@ -119,8 +119,15 @@ class EnergyMeter:
     def _result(self) -> EnergyReading:
         duration = self._end - self._start
         if self._thread is None or len(self._times) < 2:
-            return EnergyReading(False, "unavailable", None, None, duration, len(self._times),
-                                 self._reason or "fewer than two power samples")  # fmt: skip
+            return EnergyReading(
+                False,
+                "unavailable",
+                None,
+                None,
+                duration,
+                len(self._times),
+                self._reason or "fewer than two power samples",
+            )
         energy = trapezoid_j(self._times, self._power)
         span = self._times[-1] - self._times[0]
         return EnergyReading(

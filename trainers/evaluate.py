@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_table(args.model, results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "scale": scale,
-                                               "sets": [asdict(r) for r in results]}, indent=2))  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps({"model": args.model, "scale": scale, "sets": [asdict(r) for r in results]}, indent=2)
+        )
     return 0
 
 

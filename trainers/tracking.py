@@ -68,8 +68,14 @@ class MLflowTracker:
         tags: tags for a new run (``role``, ``mlflow.parentRunId``, ...).
     """
 
-    def __init__(self, tracking_uri: str, experiment: str = "mambalitesr", run_name: str | None = None,
-                 run_id: str | None = None, tags: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str = "mambalitesr",
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)

@@ -227,9 +227,15 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         log.info("resuming %s at step %d", ckpt_path, step)
 
     def checkpoint(at_step: int) -> None:
-        state = {"model_config": dataclasses.asdict(cfg.model), "model": net.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "step": at_step, "train_config": cfg.to_dict(), "metrics": metrics}  # fmt: skip
+        state = {
+            "model_config": dataclasses.asdict(cfg.model),
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": at_step,
+            "train_config": cfg.to_dict(),
+            "metrics": metrics,
+        }
         save_checkpoint(state, ckpt_path)
 
     use_amp = cfg.amp and device.type == "cuda"
@@ -317,8 +323,14 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         teacher_share=teacher_time / step_time if teacher is not None and step_time else None,
         energy=energy,
     )
-    final = {"val_psnr_y": result.val_psnr_y, "val_ssim_y": result.val_ssim_y, "params": params,
-             "flops_g": flops_g, "patches_per_s": result.patches_per_s, **energy.metrics()}  # fmt: skip
+    final = {
+        "val_psnr_y": result.val_psnr_y,
+        "val_ssim_y": result.val_ssim_y,
+        "params": params,
+        "flops_g": flops_g,
+        "patches_per_s": result.patches_per_s,
+        **energy.metrics(),
+    }
     if result.teacher_share is not None:
         final["teacher_share"] = result.teacher_share
     tracker.log_metrics(final, step)
@@ -376,8 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher checkpoint (student role)")
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--milestones", type=float, nargs="*", default=list(d.lr_milestones),
-                   help="fractions of the run where the learning rate is multiplied by --gamma")  # fmt: skip
+    p.add_argument(
+        "--milestones",
+        type=float,
+        nargs="*",
+        default=list(d.lr_milestones),
+        help="fractions of the run where the learning rate is multiplied by --gamma",
+    )
     p.add_argument("--gamma", type=float, default=d.lr_gamma)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--patch-size", type=int, default=d.patch_size)
@@ -401,17 +418,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {k: getattr(args, k) for k in ("embed_dim", "rank", "n_groups", "blocks_per_group", "scale")
-                 if getattr(args, k) is not None}  # fmt: skip
+    overrides = {
+        k: getattr(args, k)
+        for k in ("embed_dim", "rank", "n_groups", "blocks_per_group", "scale")
+        if getattr(args, k) is not None
+    }
     model_cfg = preset(args.preset or args.role, **overrides)
     return TrainConfig(
-        role=args.role, model=model_cfg, teacher=args.teacher, alpha=args.alpha, lr=args.lr,
-        lr_milestones=tuple(args.milestones), lr_gamma=args.gamma, batch_size=args.batch_size,
-        patch_size=args.patch_size, iterations=args.iterations, val_every=args.val_every,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
-        train_data=tuple(args.train_data), val_data=tuple(args.val_data), val_max_images=args.val_max_images,
-        out_dir=args.out_dir or f"outputs/train/{args.role}", device=args.device, amp=not args.no_amp,
-    )  # fmt: skip
+        role=args.role,
+        model=model_cfg,
+        teacher=args.teacher,
+        alpha=args.alpha,
+        lr=args.lr,
+        lr_milestones=tuple(args.milestones),
+        lr_gamma=args.gamma,
+        batch_size=args.batch_size,
+        patch_size=args.patch_size,
+        iterations=args.iterations,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        train_data=tuple(args.train_data),
+        val_data=tuple(args.val_data),
+        val_max_images=args.val_max_images,
+        out_dir=args.out_dir or f"outputs/train/{args.role}",
+        device=args.device,
+        amp=not args.no_amp,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     tracker: Tracker = ConsoleTracker()
     if args.tracking_uri:
-        mlflow_tracker = MLflowTracker(args.tracking_uri, args.experiment, args.run_name or cfg.role,
-                                       tags={"role": cfg.role})  # fmt: skip
+        mlflow_tracker = MLflowTracker(
+            args.tracking_uri, args.experiment, args.run_name or cfg.role, tags={"role": cfg.role}
+        )
         tracker = MultiTracker(ConsoleTracker(), mlflow_tracker)
     status = "FAILED"
     try:

@@ -1,0 +1,406 @@
+"""The search: Ray Tune + Optuna over embedding dim, rank and alpha, every trial logged to MLflow.
+
+    python search/run.py                       # search/configs/default.yaml, local Ray, ./mlflow.db
+    python search/run.py --smoke-test          # minutes on a laptop: tiny models, built-in images
+    python search/run.py --address auto --tracking-uri http://HEAD:5000   # on a `ray up` cluster
+    python search/run.py --resume              # continue the latest study after a crash or Ctrl-C
+
+Steps: train the study's teacher once (or take it from the config), run the trials (each distils a
+student and reports every validation; a Pareto-aware rule stops dominated trials early), compute
+the Pareto front of validation PSNR against cost from fully trained trials, plot it, export each
+candidate to a verified ONNX file and register it in the MLflow Model Registry for the edge agent.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `python search/run.py` puts search/ first on sys.path, where our module names could shadow
+# others; drop it and make the project root importable even without an install.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+from edge_agent import contract  # noqa: E402
+from search import study  # noqa: E402
+from search.config import CONFIG_DIR, ConfigError, SearchConfig, load_config  # noqa: E402
+
+log = logging.getLogger("search")
+LATEST = "LATEST"  # file in storage_dir naming the newest study, for --resume
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    run_id: str | None
+    status: str  # "complete", "stopped" (early), "failed"
+    embed_dim: int
+    rank: int
+    alpha: float
+    step: int
+    val_psnr_y: float
+    cost: float
+    on_front: bool = False
+    version: int | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python search/run.py", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help=f"YAML config (default {CONFIG_DIR / 'default.yaml'})")
+    p.add_argument("--smoke-test", action="store_true", help=f"use {CONFIG_DIR / 'smoke.yaml'}")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("--num-samples", type=int, help="number of trials")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--gpus-per-trial", type=float)
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--searcher", help="tpe, nsga2 or random")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--storage-dir", help="where Ray's experiment state and the Optuna database live")
+    p.add_argument("--resume", action="store_true", help="continue the latest study in --storage-dir")
+    p.add_argument("--json", help="write the summary (trials, front, registered versions) here")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    overrides = {
+        key: getattr(args, attr)
+        for key, attr in (
+            ("address", "address"),
+            ("tracking_uri", "tracking_uri"),
+            ("experiment", "experiment"),
+            ("num_samples", "num_samples"),
+            ("max_concurrent", "max_concurrent"),
+            ("gpus_per_trial", "gpus_per_trial"),
+            ("cpus_per_trial", "cpus_per_trial"),
+            ("searcher", "searcher"),
+            ("seed", "seed"),
+            ("storage_dir", "storage_dir"),
+        )
+        if getattr(args, attr) is not None
+    }
+    path = args.config or (CONFIG_DIR / "smoke.yaml" if args.smoke_test else None)
+    return load_config(path, overrides)
+
+
+class _MlflowStatus:
+    """Ray Tune callback: a trial's MLflow run ends with the trial, even when Ray kills its process."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, study_run_id: str, iterations: int):
+        self.args = (tracking_uri, experiment_id, study_run_id)
+        self.iterations = iterations
+
+    def _close(self, trial, status: str, tags: dict[str, str]) -> None:
+        uri, exp_id, parent = self.args
+        run = study.find_run(uri, exp_id, **{study.PARENT: parent, study.TAG_TRIAL_ID: trial.trial_id})
+        if run is None or run.info.status != "RUNNING":
+            return
+        c = study.client(uri)
+        for k, v in tags.items():
+            c.set_tag(run.info.run_id, k, v)
+        c.set_terminated(run.info.run_id, status=status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        stopped = int((trial.last_result or {}).get("step", 0)) < self.iterations
+        self._close(trial, "FINISHED", {study.TAG_EARLY_STOPPED: str(stopped).lower()})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED", {})
+
+
+def _tune_callback(*args):
+    from ray.tune import Callback
+
+    class MlflowStatusCallback(_MlflowStatus, Callback):
+        pass
+
+    return MlflowStatusCallback(*args)
+
+
+def _study_state(storage: Path, name: str) -> Path:
+    return storage / name / "study.json"
+
+
+def start_or_resume(
+    cfg: SearchConfig, resume: bool, tracking_uri: str, experiment_id: str
+) -> tuple[str, dict]:
+    """(study name, state) for a new study, or the latest one when resuming."""
+    storage = Path(cfg.storage_dir).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    if resume:
+        latest = storage / LATEST
+        if not latest.exists():
+            raise ConfigError(f"nothing to resume in {storage}: no study has been started there")
+        name = latest.read_text().strip()
+        state = json.loads(_study_state(storage, name).read_text())
+        study.client(tracking_uri).update_run(state["study_run_id"], status="RUNNING")
+        closed = study.close_running_children(tracking_uri, experiment_id, state["study_run_id"], "KILLED")
+        if closed:
+            log.info("marked %d trial runs of the interrupted study KILLED; their trials rerun", closed)
+        return name, state
+    name = f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    c = study.client(tracking_uri)
+    run = c.create_run(
+        experiment_id, run_name=name, tags={contract.ROLE: contract.ROLE_STUDY, study.TAG_STUDY: name}
+    )
+    from trainers.tracking import MLflowTracker
+
+    MLflowTracker(tracking_uri, run_id=run.info.run_id).log_params(cfg.to_dict())
+    state = {"study_run_id": run.info.run_id, "teacher_uri": None}
+    path = _study_state(storage, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state))
+    (storage / LATEST).write_text(name)
+    return name, state
+
+
+def ensure_teacher(cfg: SearchConfig, ctx_base: dict, state: dict, storage: Path, name: str) -> str | None:
+    """The runs:/ URI of the study's teacher: given, already trained, or trained now (once)."""
+    if cfg.space.alpha.high == 0:
+        return None  # no distillation in this space
+    if state.get("teacher_uri"):
+        return state["teacher_uri"]
+    uri, run_id = ctx_base["tracking_uri"], state["study_run_id"]
+    given = cfg.teacher.checkpoint
+    if given and (given.startswith(("runs:/", "models:/", "mlflow-artifacts:")) or "://" in given):
+        teacher_uri = given
+    elif given:
+        if not Path(given).is_file():
+            raise ConfigError(f"teacher.checkpoint {given} does not exist")
+        study.client(uri).log_artifact(run_id, given, "teacher")
+        teacher_uri = f"runs:/{run_id}/teacher/{Path(given).name}"
+    else:
+        import ray
+
+        from search.trainable import StudyContext, train_teacher
+
+        log.info("training the study's teacher (%s, %d steps)", cfg.teacher.preset, cfg.teacher.iterations)
+        ctx = StudyContext(**ctx_base, study_run_id=run_id, teacher_uri=None)
+        task = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(train_teacher)
+        teacher_uri = ray.get(task.remote(ctx, str(storage / name / "teacher")))
+    state["teacher_uri"] = teacher_uri
+    study.client(uri).set_tag(run_id, study.TAG_TEACHER_URI, teacher_uri)
+    _study_state(storage, name).write_text(json.dumps(state))
+    return teacher_uri
+
+
+def collect(
+    results, cfg: SearchConfig, tracking_uri: str, experiment_id: str, study_run_id: str
+) -> list[TrialRow]:
+    from search.searcher import fully_trained
+
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        trial_id = m.get("trial_id") or (r.path and Path(r.path).name)
+        run = study.find_run(
+            tracking_uri, experiment_id, **{study.PARENT: study_run_id, study.TAG_TRIAL_ID: trial_id}
+        )
+        status = "failed" if r.error else ("complete" if fully_trained(m) else "stopped")
+        rows.append(
+            TrialRow(
+                trial_id=trial_id,
+                run_id=run.info.run_id if run else None,
+                status=status,
+                embed_dim=int(r.config.get("embed_dim", 0)),
+                rank=int(r.config.get("rank", 0)),
+                alpha=float(r.config.get("alpha", 0.0)),
+                step=int(m.get("step", 0)),
+                val_psnr_y=float(m.get("val_psnr_y", math.nan)),
+                cost=float(m.get(cfg.cost, math.nan)),
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[TrialRow], cost: str) -> str:
+    head = f"{'trial':12s} {'status':9s} {'C':>3s} {'r':>3s} {'alpha':>5s} {'step':>5s}"
+    lines = [f"{head} {'PSNR-Y':>7s} {cost:>8s}  front"]
+    for r in sorted(rows, key=lambda r: (r.status != "complete", r.cost)):
+        mark = f"v{r.version}" if r.version else ("*" if r.on_front else "")
+        lines.append(
+            f"{r.trial_id[:12]:12s} {r.status:9s} {r.embed_dim:3d} {r.rank:3d} {r.alpha:5.2f} {r.step:5d} "
+            f"{r.val_psnr_y:7.2f} {r.cost:8.4f}  {mark}"
+        )
+    return "\n".join(lines)
+
+
+def finish(
+    rows: list[TrialRow], cfg: SearchConfig, tracking_uri: str, study_run_id: str, out_dir: Path
+) -> dict:
+    """Pareto front of fully trained trials, plots and table on the study run, registration."""
+    from search.pareto import hypervolume_2d, pareto_front, plot_front
+    from search.registry import register_candidate
+
+    complete = [r for r in rows if r.status == "complete" and math.isfinite(r.val_psnr_y)]
+    for i in pareto_front([(r.val_psnr_y, r.cost) for r in complete], ("max", "min")):
+        complete[i].on_front = True
+    front = [r for r in complete if r.on_front]
+    c = study.client(tracking_uri)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if complete:
+        plot_rows = [
+            {
+                "quality": r.val_psnr_y,
+                "cost": r.cost,
+                "on_front": r.on_front,
+                "label": f"C{r.embed_dim} r{r.rank} a{r.alpha:.2f}",
+            }
+            for r in complete
+        ]
+        png, html = out_dir / "pareto.png", out_dir / "pareto.html"
+        plot_front(
+            plot_rows, "val_psnr_y (dB)", cfg.cost, png, html, title=f"{cfg.experiment}: fully trained trials"
+        )
+        c.log_artifact(study_run_id, str(png), "pareto")
+        c.log_artifact(study_run_id, str(html), "pareto")
+    for r in front:
+        if r.run_id is None:
+            continue
+        reg = register_candidate(
+            tracking_uri, r.run_id, cfg.registry.model_name, cfg.registry.devices, cfg.registry.input_size
+        )
+        r.version = int(reg.version)
+    table = format_table(rows, cfg.cost)
+    (out_dir / "trials.txt").write_text(table + "\n")
+    (out_dir / "trials.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    c.log_artifact(study_run_id, str(out_dir / "trials.txt"), "pareto")
+    c.log_artifact(study_run_id, str(out_dir / "trials.json"), "pareto")
+    worst_q = min((r.val_psnr_y for r in complete), default=0.0)
+    worst_c = max((r.cost for r in complete), default=1.0)
+    reference = (worst_q - 0.1, worst_c * 1.1)
+    summary = {
+        "trials": len(rows),
+        "complete": len(complete),
+        "stopped_early": sum(r.status == "stopped" for r in rows),
+        "failed": sum(r.status == "failed" for r in rows),
+        "front_size": len(front),
+        "hypervolume": hypervolume_2d([(r.val_psnr_y, r.cost) for r in complete], reference),
+    }
+    for k, v in summary.items():
+        c.log_metric(study_run_id, f"search_{k}", float(v))
+    print(table)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import tune
+
+    from model.runtime import keep_freed_memory
+    from search.scheduler import ParetoRungScheduler
+    from search.searcher import QUALITY, make_searcher
+    from search.trainable import StudyContext, run_trial
+
+    keep_freed_memory()
+    tracking_uri = study.absolute_tracking_uri(cfg.tracking_uri)
+    try:
+        experiment_id = study.ensure_experiment(tracking_uri, cfg.experiment)
+        name, state = start_or_resume(cfg, args.resume, tracking_uri, experiment_id)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    storage = Path(cfg.storage_dir).resolve()
+    study_run_id = state["study_run_id"]
+    print(f"study {name}: MLflow run {study_run_id} in experiment '{cfg.experiment}' at {tracking_uri}")
+
+    ray.init(address=cfg.address, include_dashboard=False)
+    status = "FAILED"
+    try:
+        ctx_base = {"config": cfg.to_dict(), "tracking_uri": tracking_uri, "experiment_id": experiment_id}
+        teacher_uri = ensure_teacher(cfg, ctx_base, state, storage, name)
+        ctx = StudyContext(**ctx_base, study_run_id=study_run_id, teacher_uri=teacher_uri)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+        )
+        callbacks = [_tune_callback(tracking_uri, experiment_id, study_run_id, cfg.training.iterations)]
+        path = storage / name / "ray"
+        if args.resume and tune.Tuner.can_restore(str(path)):
+            tuner = tune.Tuner.restore(
+                str(path),
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=False,
+                restart_errored=False,
+            )
+        else:
+            scheduler = None
+            if cfg.early_stopping.enabled:
+                scheduler = ParetoRungScheduler(
+                    QUALITY, cfg.cost, "step", cfg.early_stopping.min_rung, cfg.early_stopping.margin_db
+                )
+            from ray.tune.search import ConcurrencyLimiter
+
+            searcher = ConcurrencyLimiter(
+                make_searcher(cfg, name, storage), max_concurrent=cfg.max_concurrent
+            )
+            reporter = tune.CLIReporter(
+                metric_columns=["step", QUALITY, cfg.cost], parameter_columns=["embed_dim", "rank", "alpha"]
+            )
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=scheduler, num_samples=cfg.num_samples
+                ),
+                run_config=tune.RunConfig(
+                    name="ray",
+                    storage_path=str(storage / name),
+                    callbacks=callbacks,
+                    progress_reporter=reporter,
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                ),
+            )
+        results = tuner.fit()
+        rows = collect(results, cfg, tracking_uri, experiment_id, study_run_id)
+        summary = finish(rows, cfg, tracking_uri, study_run_id, storage / name / "report")
+        print(json.dumps(summary))
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "study": name,
+                        "study_run_id": study_run_id,
+                        "summary": summary,
+                        "trials": [asdict(r) for r in rows],
+                    },
+                    indent=2,
+                )
+            )
+        status = "FINISHED"
+        return 0
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(
+            f"interrupted: continue with `python search/run.py --resume --storage-dir {cfg.storage_dir}`",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        study.close_running_children(tracking_uri, experiment_id, study_run_id, "KILLED")
+        study.client(tracking_uri).set_terminated(study_run_id, status=status)
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Optuna as Ray Tune's multi-objective searcher, told the truth about unfinished trials.
+
+Ray's OptunaSearch reports a trial stopped early by the scheduler to Optuna as COMPLETE with its
+early values, and a crashed trial that had reported something as COMPLETE too. Those values would
+pull the sampler towards half-trained points. Here a trial counts as COMPLETE only when it reached
+the full budget (``step == iterations`` in its last result); stopped trials are PRUNED (Optuna's
+multi-objective samplers skip them) and crashed ones FAIL.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from search.config import SearchConfig
+from search.space import define_space
+
+QUALITY, QUALITY_MODE = "val_psnr_y", "max"
+
+
+def fully_trained(result: dict | None) -> bool:
+    return (
+        bool(result)
+        and "step" in result
+        and "iterations" in result
+        and result["step"] >= result["iterations"]
+    )
+
+
+class BudgetAwareOptunaSearch(OptunaSearch):
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or not fully_trained(result):
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
+            self._ot_study.tell(self._ot_trials[trial_id], None, state=state)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+
+def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    if cfg.searcher == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
+    if cfg.searcher == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(4, cfg.max_concurrent * 2))
+    return optuna.samplers.RandomSampler(seed=cfg.seed)
+
+
+def make_searcher(cfg: SearchConfig, study_name: str, storage_dir: Path) -> BudgetAwareOptunaSearch:
+    """The searcher, its study kept in ``storage_dir/optuna.db`` so that it survives a restart."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(storage_dir / 'optuna.db').resolve()}")
+    return BudgetAwareOptunaSearch(
+        space=functools.partial(define_space, cfg=cfg),
+        metric=[QUALITY, cfg.cost],
+        mode=[QUALITY_MODE, "min"],
+        sampler=make_sampler(cfg),
+        study_name=study_name,
+        storage=storage,
+        seed=cfg.seed,
+    )

@@ -1,0 +1,165 @@
+"""What runs on Ray workers: the shared teacher task and one trial (a distilled student).
+
+Both log to MLflow themselves, so they work from any node that reaches the tracking URI.
+The only module of the project that calls Ray's reporting API (``report_to_tune``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edge_agent import contract
+from search import study
+from search.config import SearchConfig, build
+from search.space import model_config
+from trainers.tracking import MLflowTracker
+from trainers.train import TrainConfig, train
+
+QUALITY = "val_psnr_y"
+NODE_LOCAL = ("teacher", "out_dir", "device")  # TrainConfig fields not logged as trial params
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """What every trial needs to know about its study; passed with ``tune.with_parameters``."""
+
+    config: dict[str, Any]  # SearchConfig.to_dict()
+    tracking_uri: str  # absolute
+    experiment_id: str
+    study_run_id: str
+    teacher_uri: str | None  # runs:/... of the teacher checkpoint
+
+    @property
+    def search(self) -> SearchConfig:
+        return build(SearchConfig, self.config)
+
+
+def report_to_tune(metrics: dict[str, float]) -> None:
+    """Ray's reporting call (one place to change when its API moves)."""
+    from ray import tune
+
+    tune.report(metrics)
+
+
+class TuneTracker:
+    """Sends each validation to Ray Tune (a rung for the scheduler), everything to MLflow."""
+
+    def __init__(self, mlflow_tracker: MLflowTracker, constants: dict[str, float]):
+        self.mlflow, self.constants, self.last_step = mlflow_tracker, constants, -1
+
+    def log_params(self, params):
+        # paths differ between nodes, and a restarted trial may land on another node
+        self.mlflow.log_params({k: v for k, v in params.items() if k not in NODE_LOCAL})
+
+    def log_metrics(self, metrics, step):
+        self.mlflow.log_metrics(metrics, step)
+        if QUALITY in metrics and step != self.last_step:
+            self.last_step = step
+            report_to_tune({**self.constants, **metrics, "step": step})
+
+    def log_artifact(self, path, artifact_path=None):
+        self.mlflow.log_artifact(path, artifact_path)
+
+    def close(self, status="FINISHED"):
+        self.mlflow.close(status)
+
+
+def _threads(cpus: float) -> None:
+    torch.set_num_threads(max(1, math.floor(cpus)))
+
+
+def train_teacher(ctx: StudyContext, out_dir: str) -> str:
+    """Train the study's teacher once and return the runs:/ URI of its checkpoint."""
+    cfg = ctx.search
+    _threads(cfg.cpus_per_trial)
+    from model.mambalitesr import preset
+
+    t = cfg.teacher
+    train_cfg = TrainConfig(
+        role="teacher",
+        model=preset(t.preset),
+        iterations=t.iterations,
+        batch_size=t.batch_size,
+        patch_size=t.patch_size,
+        val_every=max(1, t.iterations // 4),
+        lr=cfg.training.lr,
+        train_data=cfg.training.train_data,
+        val_data=cfg.training.val_data,
+        val_max_images=cfg.training.val_max_images,
+        out_dir=out_dir,
+        seed=cfg.seed,
+    )
+    tags = {contract.ROLE: contract.ROLE_TEACHER, study.PARENT: ctx.study_run_id}
+    tracker = MLflowTracker(ctx.tracking_uri, cfg.experiment, run_name="teacher", tags=tags)
+    status = "FAILED"
+    try:
+        train(train_cfg, tracker)
+        status = "FINISHED"
+    finally:
+        tracker.close(status)
+    return f"runs:/{tracker.run_id}/checkpoint/last.pt"
+
+
+def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
+    """One trial: distil a student with the drawn knobs; report each validation to Tune."""
+    from ray import tune
+
+    cfg = ctx.search
+    _threads(cfg.cpus_per_trial)
+    tune_ctx = tune.get_context()
+    trial_id, trial_dir = tune_ctx.get_trial_id(), tune_ctx.get_trial_dir()
+    model = model_config(params, cfg)
+    alpha = float(params.get("alpha", 0.0))
+    teacher = None
+    if alpha > 0:
+        if not ctx.teacher_uri:
+            raise RuntimeError("alpha > 0 but the study has no teacher")
+        teacher = str(study.single_file(study.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
+    train_cfg = TrainConfig(
+        role="student",
+        model=model,
+        teacher=teacher,
+        alpha=alpha,
+        lr=float(params.get("lr", cfg.training.lr)),
+        iterations=cfg.training.iterations,
+        val_every=cfg.training.val_every,
+        batch_size=cfg.training.batch_size,
+        patch_size=cfg.training.patch_size,
+        train_data=cfg.training.train_data,
+        val_data=cfg.training.val_data,
+        val_max_images=cfg.training.val_max_images,
+        out_dir=str(Path(trial_dir) / "train"),
+        seed=cfg.seed,
+    )
+    run_id = study.trial_run_id(
+        ctx.tracking_uri, ctx.experiment_id, ctx.study_run_id, trial_id, tune_ctx.get_trial_name()
+    )
+    mlflow_tracker = MLflowTracker(ctx.tracking_uri, run_id=run_id)
+    from model import build_model, count_flops, count_params
+
+    constants = {
+        "flops_g": count_flops(model, 64, 64).gflops,
+        "params": float(count_params(build_model(model))),
+        "iterations": float(cfg.training.iterations),
+    }
+    tracker = TuneTracker(mlflow_tracker, constants)
+    tracker.log_params(
+        {
+            "embed_dim": model.embed_dim,
+            "rank": model.rank,
+            "alpha": alpha,
+            "n_groups": model.n_groups,
+            "blocks_per_group": model.blocks_per_group,
+        }
+    )
+    status = "FAILED"
+    try:
+        train(train_cfg, tracker)
+        status = "FINISHED"
+    finally:
+        mlflow_tracker.close(status)
