@@ -49,13 +49,20 @@ def main() -> None:
     torch.manual_seed(0)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        common = dict(batch_size=args.batch_size, patch_size=args.patch_size, iterations=args.steps,
-                      val_every=args.steps, val_max_images=1, device=args.device)  # fmt: skip
+        common = dict(
+            batch_size=args.batch_size,
+            patch_size=args.patch_size,
+            iterations=args.steps,
+            val_every=args.steps,
+            val_max_images=1,
+            device=args.device,
+        )
         teacher_cfg = TrainConfig(role="teacher", model=preset("teacher"), out_dir=f"{tmp}/t", **common)
         rows["teacher"] = run(teacher_cfg)
         rows["student (alpha=0)"] = run(TrainConfig(role="student", alpha=0.0, out_dir=f"{tmp}/s0", **common))
-        rows["student (distilled)"] = run(TrainConfig(role="student", alpha=0.5, teacher=f"{tmp}/t/last.pt",
-                                                      out_dir=f"{tmp}/s1", **common))  # fmt: skip
+        rows["student (distilled)"] = run(
+            TrainConfig(role="student", alpha=0.5, teacher=f"{tmp}/t/last.pt", out_dir=f"{tmp}/s1", **common)
+        )
     print(machine())
     print(f"batch {args.batch_size} x {args.patch_size}x{args.patch_size} LR patches, {args.steps} steps")
     for name, r in rows.items():

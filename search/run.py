@@ -102,9 +102,11 @@ class _MlflowStatus:
         self.iterations = iterations
 
     def _close(self, trial, status: str, tags: dict[str, str]) -> None:
+        # Unconditional: a trial's worker may still close its run after Ray stopped it (the
+        # worker then leaves an early-stopped run alone, see search/trainable.py).
         uri, exp_id, parent = self.args
         run = study.find_run(uri, exp_id, **{study.PARENT: parent, study.TAG_TRIAL_ID: trial.trial_id})
-        if run is None or run.info.status != "RUNNING":
+        if run is None:
             return
         c = study.client(uri)
         for k, v in tags.items():

@@ -109,57 +109,65 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     """One trial: distil a student with the drawn knobs; report each validation to Tune."""
     from ray import tune
 
+    from model import build_model, count_flops, count_params
+
     cfg = ctx.search
     _threads(cfg.cpus_per_trial)
     tune_ctx = tune.get_context()
     trial_id, trial_dir = tune_ctx.get_trial_id(), tune_ctx.get_trial_dir()
     model = model_config(params, cfg)
     alpha = float(params.get("alpha", 0.0))
-    teacher = None
-    if alpha > 0:
-        if not ctx.teacher_uri:
-            raise RuntimeError("alpha > 0 but the study has no teacher")
-        teacher = str(study.single_file(study.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
-    train_cfg = TrainConfig(
-        role="student",
-        model=model,
-        teacher=teacher,
-        alpha=alpha,
-        lr=float(params.get("lr", cfg.training.lr)),
-        iterations=cfg.training.iterations,
-        val_every=cfg.training.val_every,
-        batch_size=cfg.training.batch_size,
-        patch_size=cfg.training.patch_size,
-        train_data=cfg.training.train_data,
-        val_data=cfg.training.val_data,
-        val_max_images=cfg.training.val_max_images,
-        out_dir=str(Path(trial_dir) / "train"),
-        seed=cfg.seed,
-    )
     run_id = study.trial_run_id(
         ctx.tracking_uri, ctx.experiment_id, ctx.study_run_id, trial_id, tune_ctx.get_trial_name()
     )
     mlflow_tracker = MLflowTracker(ctx.tracking_uri, run_id=run_id)
-    from model import build_model, count_flops, count_params
-
     constants = {
         "flops_g": count_flops(model, 64, 64).gflops,
         "params": float(count_params(build_model(model))),
         "iterations": float(cfg.training.iterations),
     }
     tracker = TuneTracker(mlflow_tracker, constants)
-    tracker.log_params(
-        {
-            "embed_dim": model.embed_dim,
-            "rank": model.rank,
-            "alpha": alpha,
-            "n_groups": model.n_groups,
-            "blocks_per_group": model.blocks_per_group,
-        }
-    )
     status = "FAILED"
-    try:
+    try:  # from here on, whatever fails is recorded on the trial's run
+        mlflow_tracker.log_metrics({"flops_g": constants["flops_g"], "params": constants["params"]}, 0)
+        tracker.log_params(
+            {
+                "embed_dim": model.embed_dim,
+                "rank": model.rank,
+                "alpha": alpha,
+                "n_groups": model.n_groups,
+                "blocks_per_group": model.blocks_per_group,
+            }
+        )
+        teacher = None
+        if alpha > 0:
+            if not ctx.teacher_uri:
+                raise RuntimeError("alpha > 0 but the study has no teacher")
+            teacher = str(study.single_file(study.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
+        train_cfg = TrainConfig(
+            role="student",
+            model=model,
+            teacher=teacher,
+            alpha=alpha,
+            lr=float(params.get("lr", cfg.training.lr)),
+            iterations=cfg.training.iterations,
+            val_every=cfg.training.val_every,
+            batch_size=cfg.training.batch_size,
+            patch_size=cfg.training.patch_size,
+            train_data=cfg.training.train_data,
+            val_data=cfg.training.val_data,
+            val_max_images=cfg.training.val_max_images,
+            out_dir=str(Path(trial_dir) / "train"),
+            seed=cfg.seed,
+        )
         train(train_cfg, tracker)
         status = "FINISHED"
+    except Exception as exc:
+        study.client(ctx.tracking_uri).set_tag(run_id, "search.error", f"{type(exc).__name__}: {exc}"[:500])
+        raise
     finally:
-        mlflow_tracker.close(status)
+        # When the scheduler stops this trial, Ray interrupts it with an exception; the driver's
+        # callback has then already closed the run as early-stopped, and that verdict stands.
+        run = study.client(ctx.tracking_uri).get_run(run_id)
+        if not (status == "FAILED" and run.data.tags.get(study.TAG_EARLY_STOPPED) == "true"):
+            mlflow_tracker.close(status)

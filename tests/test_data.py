@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import write_png
 
 from trainers.data import (
     BUILTIN_TRAIN,
@@ -14,6 +13,8 @@ from trainers.data import (
     load_pairs,
     load_sets,
 )
+
+from conftest import write_png
 
 
 def nearest_pair(rng, h, w, scale, gray=False):

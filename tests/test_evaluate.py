@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_png
 
 from model import build_model
 from model.export import export_onnx
 from trainers.evaluate import main
+
+from conftest import write_png
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,21 @@ def test_mlflow_runs_uri(small_set, tiny_files, tmp_path):
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(tiny_files / "tiny.onnx"), "model")
     out = tmp_path / "r.json"
-    assert main(["--model", f"runs:/{run.info.run_id}/model", "--data", str(small_set), "--tracking-uri", uri,
-                 "--json", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--model",
+                f"runs:/{run.info.run_id}/model",
+                "--data",
+                str(small_set),
+                "--tracking-uri",
+                uri,
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert np.isfinite(json.loads(out.read_text())["sets"][0]["psnr_y"])
 
 

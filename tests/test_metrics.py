@@ -32,14 +32,17 @@ def test_ssim_matches_scikit_image():
     rng = np.random.default_rng(0)
     ref = rng.integers(0, 256, (48, 40)).astype(np.float64)
     img = np.clip(ref + rng.normal(0, 20, ref.shape), 0, 255)
-    want = structural_similarity(img, ref, data_range=255, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False)  # fmt: skip
+    want = structural_similarity(
+        img, ref, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
     assert ssim(img, ref, crop_border=0, y_channel=False) == pytest.approx(want, abs=1e-9)
     assert ssim(ref, ref, 0, y_channel=False) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("set_name,want_psnr,want_ssim", [("Set5", 28.42, 0.8104), ("Set14", 26.00, 0.7027),
-                                                          ("BSD100", 25.96, 0.6675)])  # fmt: skip
+@pytest.mark.parametrize(
+    "set_name,want_psnr,want_ssim",
+    [("Set5", 28.42, 0.8104), ("Set14", 26.00, 0.7027), ("BSD100", 25.96, 0.6675)],
+)
 def test_bicubic_baselines(bench_dir, set_name, want_psnr, want_ssim):
     pairs = load_pairs(bench_dir / set_name, scale=4)
     ps = [psnr(imresize(p.lr, 4), p.hr, 4) for p in pairs]

@@ -38,9 +38,19 @@ class Recorder:
 
 
 def tiny_cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(role="teacher", model=preset("tiny"), batch_size=2, patch_size=16, iterations=12,
-                val_every=6, checkpoint_every=3, log_every=1, val_max_images=1, lr=2e-3,
-                out_dir=str(tmp_path / "run"))  # fmt: skip
+    base = dict(
+        role="teacher",
+        model=preset("tiny"),
+        batch_size=2,
+        patch_size=16,
+        iterations=12,
+        val_every=6,
+        checkpoint_every=3,
+        log_every=1,
+        val_max_images=1,
+        lr=2e-3,
+        out_dir=str(tmp_path / "run"),
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -68,8 +78,12 @@ def test_a_few_steps_lower_the_loss(tmp_path):
 def test_student_distills_from_a_teacher_and_reports_its_cost(tmp_path):
     teacher = train(tiny_cfg(tmp_path / "t", iterations=3, val_every=3), Recorder())
     rec = Recorder()
-    result = train(tiny_cfg(tmp_path / "s", role="student", teacher=teacher.checkpoint, alpha=0.7,
-                            iterations=4, val_every=4), rec)  # fmt: skip
+    result = train(
+        tiny_cfg(
+            tmp_path / "s", role="student", teacher=teacher.checkpoint, alpha=0.7, iterations=4, val_every=4
+        ),
+        rec,
+    )
     assert 0 < result.teacher_share < 1
     assert rec.metrics[4]["teacher_share"] == result.teacher_share
     with pytest.raises(ValueError, match="needs a teacher"):
@@ -96,15 +110,43 @@ def test_resume_gives_the_same_weights(tmp_path, exc):
 
 def test_resume_after_kill_9(tmp_path):
     """A real process killed mid-run, resumed by the CLI, ends with the uninterrupted weights."""
-    args = ["--role", "teacher", "--preset", "tiny", "--batch-size", "2", "--patch-size", "16",
-            "--iterations", "40", "--val-every", "40", "--checkpoint-every", "2", "--val-max-images", "1",
-            "--lr", "2e-3", "--seed", "5"]  # fmt: skip
+    args = [
+        "--role",
+        "teacher",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--patch-size",
+        "16",
+        "--iterations",
+        "40",
+        "--val-every",
+        "40",
+        "--checkpoint-every",
+        "2",
+        "--val-max-images",
+        "1",
+        "--lr",
+        "2e-3",
+        "--seed",
+        "5",
+    ]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    subprocess.run([sys.executable, "-m", "trainers.train", *args, "--out-dir", str(out_a)], check=True,
-                   capture_output=True, env=env, timeout=300)  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "trainers.train", *args, "--out-dir", str(out_b)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "trainers.train", *args, "--out-dir", str(out_a)],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainers.train", *args, "--out-dir", str(out_b)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         ckpt = out_b / "last.pt"
@@ -115,8 +157,13 @@ def test_resume_after_kill_9(tmp_path):
     proc.wait()
     killed_at = load_checkpoint(out_b / "last.pt")["step"]
     assert 6 <= killed_at < 40, killed_at
-    subprocess.run([sys.executable, "-m", "trainers.train", *args, "--out-dir", str(out_b), "--resume"],
-                   check=True, capture_output=True, env=env, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "trainers.train", *args, "--out-dir", str(out_b), "--resume"],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
     a, b = weights(out_a / "last.pt"), weights(out_b / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

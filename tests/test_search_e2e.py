@@ -1,0 +1,117 @@
+"""The smoke search end to end: a real MLflow server, a real local Ray, registered ONNX versions."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent import contract
+
+from servers import mlflow_server
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+def search(args, cwd, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(RUN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
+    import mlflow
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+
+    out = search(
+        [
+            "--tracking-uri",
+            server,
+            "--experiment",
+            "e2e",
+            "--num-samples",
+            "3",
+            "--storage-dir",
+            str(tmp_path / "s"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    client = MlflowClient(server)
+    exp = client.get_experiment_by_name("e2e")
+    study = client.get_run(report["study_run_id"])
+    assert study.info.status == "FINISHED" and study.data.tags[contract.ROLE] == contract.ROLE_STUDY
+    assert study.data.metrics["search_trials"] == 3
+    assert {a.path for a in client.list_artifacts(study.info.run_id, "pareto")} >= {
+        "pareto/pareto.png",
+        "pareto/pareto.html",
+        "pareto/trials.txt",
+    }
+    trials = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'")
+    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] == study.info.run_id
+        assert {"embed_dim", "rank", "alpha"} <= set(t.data.params)
+        assert {"val_psnr_y", "flops_g", "params"} <= set(t.data.metrics)
+    teacher = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TEACHER}'")
+    assert len(teacher) == 1  # trained once for the whole study
+
+    versions = client.search_model_versions(f"name='{contract.REGISTERED_MODEL}'")
+    front = [r for r in report["trials"] if r["version"] is not None]
+    assert len(versions) == len(front) >= 1
+    mlflow.set_tracking_uri(server)
+    for v in versions:
+        assert v.tags[contract.status_tag("orin-nano")] == contract.PENDING
+        assert v.tags[contract.TAG_INPUT_SHAPE] == "1x3x32x32"
+        path = Path(mlflow.artifacts.download_artifacts(f"models:/{v.name}/{v.version}")) / contract.ONNX_FILE
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == v.tags[contract.TAG_SHA256]
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        y = sess.run(None, {sess.get_inputs()[0].name: np.random.rand(1, 3, 32, 32).astype(np.float32)})[0]
+        assert y.shape == (1, 3, 128, 128) and np.isfinite(y).all()
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = tmp_path / "fail.yaml"
+    smoke = (ROOT / "search" / "configs" / "smoke.yaml").read_text()
+    # every trial needs this teacher (alpha > 0) and it does not exist: each trial raises
+    cfg.write_text(smoke.replace("teacher:\n", "teacher:\n  checkpoint: runs:/0123456789abcdef/none.pt\n", 1))
+    out = search(
+        [
+            "--config",
+            str(cfg),
+            "--tracking-uri",
+            server,
+            "--experiment",
+            "e2e-fail",
+            "--num-samples",
+            "2",
+            "--storage-dir",
+            str(tmp_path / "s"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]
+    assert summary["failed"] == 2 and summary["complete"] == 0
+    client = MlflowClient(server)
+    exp = client.get_experiment_by_name("e2e-fail")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'")
+    assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)

@@ -1,0 +1,143 @@
+"""Search pieces without Ray running: config, space, early-stopping rule, Pareto front, searcher."""
+
+import math
+
+import optuna
+import pytest
+
+from search.config import ConfigError, load_config
+from search.pareto import dominates, hypervolume_2d, pareto_front
+from search.scheduler import ParetoRungScheduler, RungPoint, dominated_at_rung
+from search.searcher import BudgetAwareOptunaSearch, fully_trained, make_searcher
+from search.space import define_space, model_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_and_smoke_configs_load():
+    cfg = load_config()
+    assert cfg.searcher == "tpe" and cfg.space.alpha.high == 1.0 and cfg.cost == "flops_g"
+    smoke = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")
+    assert smoke.base_model == "tiny" and smoke.training.iterations < cfg.training.iterations
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("num_sampels: 3\n", r"unknown key\(s\) \['num_sampels'\]"),
+        ("space:\n  embed_dim: {low: 8, hihg: 16}\n", r"unknown key.*hihg.*space.embed_dim"),
+        ("searcher: grid\n", "searcher must be one of"),
+        ("num_samples: many\n", "num_samples must be int"),
+        ("space:\n  alpha: {low: -0.5, high: 1.0}\n", r"space.alpha must lie in \[0, 1\]"),
+        ("training: {iterations: 10, val_every: 20}\n", "val_every must not exceed"),
+        ("registry: {devices: ['orin nano']}\n", "registry.devices"),
+        ("teacher: {preset: giant}\n", "teacher.preset"),
+        ("- a list\n", "mapping at the top level"),
+        ("space: [1, 2]\n", "space must be a mapping"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
+
+
+def test_cli_config_error_exits_2(tmp_path, capsys):
+    from search.run import main
+
+    assert main(["--config", str(write(tmp_path, "searcher: grid\n"))]) == 2
+    assert "searcher must be one of" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["--smoke-test", "--num-samples", "0"]) == 2
+
+
+def test_space_bounds_rank_by_inner_width():
+    cfg = load_config(
+        overrides={"space": {"embed_dim": {"low": 2, "high": 4, "step": 2}, "rank": {"low": 1, "high": 64}}}
+    )
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    for _ in range(30):
+        trial = study.ask()
+        define_space(trial, cfg)
+        p = trial.params
+        assert p["embed_dim"] in (2, 4) and 1 <= p["rank"] <= 2 * p["embed_dim"] and 0 <= p["alpha"] <= 1
+        m = model_config(p, cfg)
+        assert m.embed_dim == p["embed_dim"] and m.rank == p["rank"] and m.n_groups == 4  # student base
+        study.tell(trial, [0.0, 0.0])
+
+
+def test_dominance_and_front_by_hand():
+    assert dominates((30.0, 1.0), (29.0, 1.0), ("max", "min"))
+    assert not dominates((30.0, 2.0), (29.0, 1.0), ("max", "min"))
+    assert not dominates((30.0, 1.0), (30.0, 1.0), ("max", "min"))
+    points = [(28.0, 1.0), (29.0, 2.0), (28.5, 2.5), (30.0, 4.0), (27.0, 0.5), (30.0, 4.0)]
+    assert pareto_front(points, ("max", "min")) == [0, 1, 3, 4, 5]
+
+
+def test_hypervolume_by_hand():
+    # reference (quality 26, cost 5); points (28, 1) and (30, 3):
+    # cost 1..3 at height 28-26=2 -> 4, cost 3..5 at height 30-26=4 -> 8; total 12
+    assert hypervolume_2d([(28.0, 1.0), (30.0, 3.0)], (26.0, 5.0)) == pytest.approx(12.0)
+    assert hypervolume_2d([(28.0, 1.0), (27.0, 2.0), (30.0, 3.0)], (26.0, 5.0)) == pytest.approx(12.0)
+    assert hypervolume_2d([(25.0, 1.0), (30.0, 6.0)], (26.0, 5.0)) == 0.0
+
+
+def test_early_stopping_rule_on_constructed_rungs():
+    cheap_good = RungPoint("a", quality=27.0, cost=1.0)
+    cheap_bad = RungPoint("b", quality=26.0, cost=1.0)
+    tiny_weak = RungPoint("c", quality=25.0, cost=0.5)  # cheaper than everyone: never dominated
+    big_weak = RungPoint("d", quality=26.5, cost=3.0)  # costlier and worse than "a": dominated
+    big_best = RungPoint("e", quality=28.0, cost=3.0)
+    peers = [cheap_good, cheap_bad, tiny_weak, big_weak, big_best]
+    assert dominated_at_rung(cheap_bad, peers)
+    assert not dominated_at_rung(tiny_weak, peers)  # ASHA on PSNR alone would stop it
+    assert dominated_at_rung(big_weak, peers)
+    assert not dominated_at_rung(big_best, peers) and not dominated_at_rung(cheap_good, peers)
+    assert not dominated_at_rung(cheap_bad, peers, margin=1.5)
+
+
+class FakeTrial:
+    def __init__(self, trial_id):
+        self.trial_id = trial_id
+
+
+def test_scheduler_stops_only_dominated_trials_after_min_rung():
+    s = ParetoRungScheduler("q", "c", "step", min_rung=2)
+    r = lambda q, c, step: {"q": q, "c": c, "step": step}  # noqa: E731
+    assert s.on_trial_result(None, FakeTrial("a"), r(27.0, 1.0, 10)) == "CONTINUE"
+    assert s.on_trial_result(None, FakeTrial("b"), r(20.0, 2.0, 10)) == "CONTINUE"  # rung 1 < min_rung
+    assert s.on_trial_result(None, FakeTrial("a"), r(28.0, 1.0, 20)) == "CONTINUE"
+    assert s.on_trial_result(None, FakeTrial("c"), r(22.0, 0.5, 10)) == "CONTINUE"
+    assert s.on_trial_result(None, FakeTrial("b"), r(21.0, 2.0, 20)) == "STOP"
+    assert s.on_trial_result(None, FakeTrial("c"), r(22.5, 0.5, 20)) == "CONTINUE"  # cheapest
+    assert s.stopped == [("b", 20)]
+
+
+def test_searcher_counts_only_fully_trained_trials(tmp_path):
+    cfg = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")
+    searcher = make_searcher(cfg, "unit", tmp_path)
+    assert isinstance(searcher, BudgetAwareOptunaSearch)
+    searcher.set_search_properties(None, None, {})
+    for tid in ("full", "stopped", "crashed", "never"):
+        assert searcher.suggest(tid)["embed_dim"] in (4, 8, 12)
+    iters = cfg.training.iterations
+    searcher.on_trial_complete(
+        "full", {"val_psnr_y": 20.0, "flops_g": 0.1, "step": iters, "iterations": iters}
+    )
+    searcher.on_trial_complete(
+        "stopped", {"val_psnr_y": 25.0, "flops_g": 0.05, "step": 4, "iterations": iters}
+    )
+    searcher.on_trial_complete(
+        "crashed", {"val_psnr_y": 26.0, "flops_g": 0.05, "step": 4, "iterations": iters}, error=True
+    )
+    states = {t.number: t.state for t in searcher._ot_study.trials}
+    assert sorted(s.name for s in states.values()) == ["COMPLETE", "FAIL", "PRUNED", "RUNNING"]
+    (complete,) = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
+    assert complete.values == [20.0, 0.1]
+    assert fully_trained({"step": 8, "iterations": 8}) and not fully_trained({"step": 4, "iterations": 8})
+    assert (tmp_path / "optuna.db").exists() and not math.isnan(complete.values[0])
