@@ -405,4 +405,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers
+    # save Ray's experiment state at every step, so a crash loses as little as possible
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     sys.exit(main())

@@ -105,6 +105,22 @@ def train_teacher(ctx: StudyContext, out_dir: str) -> str:
     return f"runs:/{tracker.run_id}/checkpoint/last.pt"
 
 
+def _report_if_already_trained(ctx: StudyContext, trial_id: str, constants: dict[str, float]) -> bool:
+    """A trial that finished before the driver died, rerun by Ray after --resume, is not trained
+    again: its recorded result is reported instead (Ray's experiment state can lag behind MLflow)."""
+    run = study.find_run(
+        ctx.tracking_uri, ctx.experiment_id, **{study.PARENT: ctx.study_run_id, study.TAG_TRIAL_ID: trial_id}
+    )
+    if run is None or run.info.status != "FINISHED" or QUALITY not in run.data.metrics:
+        return False
+    history = study.client(ctx.tracking_uri).get_metric_history(run.info.run_id, QUALITY)
+    last = max(history, key=lambda m: m.step)
+    if last.step < constants["iterations"]:
+        return False
+    report_to_tune({**constants, **run.data.metrics, QUALITY: last.value, "step": last.step})
+    return True
+
+
 def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     """One trial: distil a student with the drawn knobs; report each validation to Tune."""
     from ray import tune
@@ -117,15 +133,17 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     trial_id, trial_dir = tune_ctx.get_trial_id(), tune_ctx.get_trial_dir()
     model = model_config(params, cfg)
     alpha = float(params.get("alpha", 0.0))
-    run_id = study.trial_run_id(
-        ctx.tracking_uri, ctx.experiment_id, ctx.study_run_id, trial_id, tune_ctx.get_trial_name()
-    )
-    mlflow_tracker = MLflowTracker(ctx.tracking_uri, run_id=run_id)
     constants = {
         "flops_g": count_flops(model, 64, 64).gflops,
         "params": float(count_params(build_model(model))),
         "iterations": float(cfg.training.iterations),
     }
+    if _report_if_already_trained(ctx, trial_id, constants):
+        return
+    run_id = study.trial_run_id(
+        ctx.tracking_uri, ctx.experiment_id, ctx.study_run_id, trial_id, tune_ctx.get_trial_name()
+    )
+    mlflow_tracker = MLflowTracker(ctx.tracking_uri, run_id=run_id)
     tracker = TuneTracker(mlflow_tracker, constants)
     status = "FAILED"
     try:  # from here on, whatever fails is recorded on the trial's run

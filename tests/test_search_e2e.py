@@ -3,8 +3,10 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,54 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(server, tmp_path):
     exp = client.get_experiment_by_name("e2e-fail")
     runs = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'")
     assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    """kill -9 the driver after one trial finished; --resume completes the study without redoing it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "e2e-resume",
+        "--num-samples",
+        "3",
+        "--max-concurrent",
+        "1",
+        "--storage-dir",
+        str(tmp_path / "s"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(RUN + args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    client, finished = MlflowClient(uri), []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        exp = client.get_experiment_by_name("e2e-resume") if (tmp_path / "mlflow.db").exists() else None
+        if exp is not None:
+            finished = client.search_runs(
+                [exp.experiment_id], f"tags.`{contract.ROLE}` = 'trial' and attributes.status = 'FINISHED'"
+            )
+            if finished:
+                break
+        time.sleep(1)
+    assert proc.poll() is None, "the first run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert len(finished) == 1
+    done_before = finished[0].info.run_id
+
+    out = search(["--resume", *args, "--json", str(tmp_path / "r.json")], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["summary"]["trials"] == 3
+    exp = client.get_experiment_by_name("e2e-resume")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'trial'")
+    assert len(runs) == 3 and len({r.data.tags["ray.trial_id"] for r in runs}) == 3
+    assert all(r.info.status == "FINISHED" for r in runs)
+    history = client.get_metric_history(done_before, "val_psnr_y")
+    assert sorted(m.step for m in history) == [4, 8]  # the finished trial was not trained again
+    assert len(client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'teacher'")) == 1

@@ -70,7 +70,7 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), (losses[:10], losses[-10:])
     assert result.step == 40 and result.val_psnr_y > 0 and result.patches_per_s > 0
     assert not result.energy.available and result.energy.energy_j is None  # no sensor on the CPU
-    assert {"val_psnr_y", "val_ssim_y", "params", "flops_g"} <= set(rec.metrics[40])
+    assert {"val_psnr_y", "val_ssim_y", "params", "flops_g", "patches_per_s"} <= set(rec.metrics[40])
     assert rec.params["model"]["embed_dim"] == 8 and rec.params["params"] > 0
     assert any(a == "samples" for _, a in rec.artifacts) and any(a == "checkpoint" for _, a in rec.artifacts)
 

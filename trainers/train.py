@@ -323,9 +323,7 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         teacher_share=teacher_time / step_time if teacher is not None and step_time else None,
         energy=energy,
     )
-    final = {
-        "val_psnr_y": result.val_psnr_y,
-        "val_ssim_y": result.val_ssim_y,
+    final = {  # validation metrics were logged at this step already
         "params": params,
         "flops_g": flops_g,
         "patches_per_s": result.patches_per_s,
