@@ -127,7 +127,8 @@ class SearchConfig:
     gpus_per_trial: float = 0.0
     searcher: str = "tpe"
     seed: int = 0
-    storage_dir: str = "outputs/search"  # Ray Tune's experiment state and the Optuna database
+    storage_dir: str = "outputs/search"  # the driver's files: study state, the Optuna database, reports
+    ray_storage: str | None = None  # Ray Tune's results; on a multi-machine cluster an s3:// or NFS path
     base_model: str = "student"  # preset supplying every model field the space does not set
     cost: str = "flops_g"  # the objective minimised beside PSNR
     space: SpaceConfig = field(default_factory=SpaceConfig)

@@ -336,10 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
         )
         callbacks = [_tune_callback(tracking_uri, experiment_id, study_run_id, cfg.training.iterations)]
-        path = storage / name / "ray"
-        if args.resume and tune.Tuner.can_restore(str(path)):
+        ray_storage = f"{cfg.ray_storage.rstrip('/')}/{name}" if cfg.ray_storage else str(storage / name)
+        path = f"{ray_storage}/ray"
+        if args.resume and tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(
-                str(path),
+                path,
                 trainable=trainable,
                 resume_unfinished=True,
                 resume_errored=False,
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 run_config=tune.RunConfig(
                     name="ray",
-                    storage_path=str(storage / name),
+                    storage_path=ray_storage,
                     callbacks=callbacks,
                     progress_reporter=reporter,
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
@@ -404,7 +405,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers
     # save Ray's experiment state at every step, so a crash loses as little as possible
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     sys.exit(main())

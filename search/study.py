@@ -18,6 +18,7 @@ TAG_TRIAL_ID = "ray.trial_id"
 TAG_STUDY = "search.study"
 TAG_TEACHER_URI = "search.teacher_uri"
 TAG_EARLY_STOPPED = "search.early_stopped"
+TAG_NODE_ID = "ray.node_id"  # the Ray node a trial ran on
 PARENT = "mlflow.parentRunId"
 
 

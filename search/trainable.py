@@ -146,6 +146,9 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     mlflow_tracker = MLflowTracker(ctx.tracking_uri, run_id=run_id)
     tracker = TuneTracker(mlflow_tracker, constants)
     status = "FAILED"
+    import ray
+
+    study.client(ctx.tracking_uri).set_tag(run_id, study.TAG_NODE_ID, ray.get_runtime_context().get_node_id())
     try:  # from here on, whatever fails is recorded on the trial's run
         mlflow_tracker.log_metrics({"flops_g": constants["flops_g"], "params": constants["params"]}, 0)
         tracker.log_params(

@@ -26,8 +26,8 @@ def server(tmp_path_factory):
         yield uri
 
 
-def search(args, cwd, timeout=900):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def search(args, cwd, timeout=900, extra_env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     return subprocess.run(RUN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -168,3 +168,64 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     history = client.get_metric_history(done_before, "val_psnr_y")
     assert sorted(m.step for m in history) == [4, 8]  # the finished trial was not trained again
     assert len(client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'teacher'")) == 1
+
+
+TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}  # `ray start` clusters use token auth; joining processes must too
+
+
+def ray_cli(*args, check=True):
+    ray = Path(sys.executable).with_name("ray")
+    env = {**os.environ, **TOKEN_AUTH}
+    return subprocess.run(
+        [str(ray), *args], capture_output=True, text=True, timeout=180, check=check, env=env
+    )
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+    """`ray start --head` plus `ray start --address=...`: a real two-node cluster on this machine."""
+    from mlflow.tracking import MlflowClient
+
+    from servers import free_port
+
+    port = free_port()
+    try:
+        ray_cli(
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        )
+        ray_cli(
+            "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"
+        )
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        out = search(
+            [
+                "--address",
+                f"127.0.0.1:{port}",
+                "--tracking-uri",
+                uri,
+                "--experiment",
+                "e2e-2node",
+                "--num-samples",
+                "4",
+                "--max-concurrent",
+                "2",
+                "--storage-dir",
+                str(tmp_path / "s"),
+            ],
+            tmp_path,
+            extra_env=TOKEN_AUTH,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("e2e-2node")
+        runs = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'trial'")
+        assert len(runs) == 4
+        nodes = {r.data.tags["ray.node_id"] for r in runs}
+        assert len(nodes) == 2, nodes
+    finally:
+        ray_cli("stop", "--force", check=False)
