@@ -25,7 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = (12.0, 0.12)  # (PSNR-Y dB, GFLOPs): below / above anything the smoke space produces
 
 
-def run_study(out: Path, searcher: str, seed: int, n: int, early_stopping: bool, iterations: int) -> dict:
+def run_study(
+    out: Path,
+    searcher: str,
+    seed: int,
+    n: int,
+    early_stopping: bool,
+    iterations: int,
+    startup: int | None = None,
+) -> dict:
     tag = f"{searcher}-s{seed}-{'es' if early_stopping else 'noes'}"
     cfg = out / f"{tag}.yaml"
     smoke = (ROOT / "search" / "configs" / "smoke.yaml").read_text()
@@ -95,6 +103,7 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--iterations", type=int, default=16)
     p.add_argument("--out", default="outputs/bench_search")
+    p.add_argument("--startup-trials", type=int, help="random trials before TPE / NSGA-II population")
     p.add_argument("--report-only", action="store_true", help="analyse the studies already in --out")
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -106,7 +115,9 @@ def main() -> None:
             if args.report_only:
                 results.append(analyse(out, tag))
             else:
-                results.append(run_study(out, searcher, seed, args.num_samples, es, args.iterations))
+                results.append(
+                    run_study(out, searcher, seed, args.num_samples, es, args.iterations, args.startup_trials)
+                )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(
         f"reference point: PSNR-Y {REFERENCE[0]} dB, {REFERENCE[1]} GFLOPs; {args.num_samples} trials, "

@@ -126,6 +126,7 @@ class SearchConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     searcher: str = "tpe"
+    startup_trials: int = 10  # random trials before TPE models (Optuna's default); NSGA-II's population
     seed: int = 0
     storage_dir: str = "outputs/search"  # the driver's files: study state, the Optuna database, reports
     ray_storage: str | None = None  # Ray Tune's results; on a multi-machine cluster an s3:// or NFS path
@@ -138,6 +139,8 @@ class SearchConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def __post_init__(self) -> None:
+        if self.startup_trials < 2:
+            raise ConfigError(f"startup_trials must be at least 2, got {self.startup_trials}")
         if self.num_samples <= 0 or self.max_concurrent <= 0:
             raise ConfigError("num_samples and max_concurrent must be positive")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:

@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=float)
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--searcher", help="tpe, nsga2 or random")
+    p.add_argument(
+        "--startup-trials", type=int, help="random trials before TPE models / NSGA-II population size"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--storage-dir", help="where Ray's experiment state and the Optuna database live")
     p.add_argument("--resume", action="store_true", help="continue the latest study in --storage-dir")
@@ -85,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
             ("gpus_per_trial", "gpus_per_trial"),
             ("cpus_per_trial", "cpus_per_trial"),
             ("searcher", "searcher"),
+            ("startup_trials", "startup_trials"),
             ("seed", "seed"),
             ("storage_dir", "storage_dir"),
         )

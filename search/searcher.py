@@ -44,9 +44,11 @@ class BudgetAwareOptunaSearch(OptunaSearch):
 
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     if cfg.searcher == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
+        return optuna.samplers.TPESampler(
+            seed=cfg.seed, multivariate=True, n_startup_trials=cfg.startup_trials
+        )
     if cfg.searcher == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(4, cfg.max_concurrent * 2))
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=cfg.startup_trials)
     return optuna.samplers.RandomSampler(seed=cfg.seed)
 
 
