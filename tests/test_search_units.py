@@ -31,6 +31,7 @@ def test_default_and_smoke_configs_load():
         ("num_sampels: 3\n", r"unknown key\(s\) \['num_sampels'\]"),
         ("space:\n  embed_dim: {low: 8, hihg: 16}\n", r"unknown key.*hihg.*space.embed_dim"),
         ("searcher: grid\n", "searcher must be one of"),
+        ("startup_trials: 1\n", "startup_trials must be at least 2"),
         ("num_samples: many\n", "num_samples must be int"),
         ("space:\n  alpha: {low: -0.5, high: 1.0}\n", r"space.alpha must lie in \[0, 1\]"),
         ("training: {iterations: 10, val_every: 20}\n", "val_every must not exceed"),
