@@ -134,6 +134,12 @@ def _tune_callback(*args):
     return MlflowStatusCallback(*args)
 
 
+def _interrupted(results, num_samples: int) -> bool:
+    """True when Tune returned before every trial ended (it catches SIGINT itself)."""
+    trials = results._experiment_analysis.trials  # Ray 2.60 exposes trial states only here
+    return len(trials) < num_samples or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+
 def _study_state(storage: Path, name: str) -> Path:
     return storage / name / "study.json"
 
@@ -381,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         results = tuner.fit()
+        if _interrupted(results, cfg.num_samples):  # Ctrl-C: Tune saved its state and returned
+            raise KeyboardInterrupt
         rows = collect(results, cfg, tracking_uri, experiment_id, study_run_id)
         summary = finish(rows, cfg, tracking_uri, study_run_id, storage / name / "report")
         print(json.dumps(summary))
