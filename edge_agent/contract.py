@@ -27,26 +27,38 @@ TAG_TRIAL_RUN = "trial_run_id"
 PENDING, MEASURING, DONE, FAILED = "pending", "measuring", "done", "failed"
 STATUSES = (PENDING, MEASURING, DONE, FAILED)
 
-# metrics the agent logs on the trial run
+# Figures the agent logs, per device type, on the trial run (as metrics) and on the version (as
+# tags): ``edge.<device>.<name>``. DESIGN named them ``edge_latency_ms_p50`` etc. on the run; one
+# run measured by two device types would then have one value overwrite the other, so the device
+# is part of the key, in the same form as the version's status tag.
 EDGE_METRICS = (
-    "edge_latency_ms_p50",
-    "edge_latency_ms_p90",
-    "edge_latency_ms_p99",
-    "edge_power_mw",
-    "edge_idle_power_mw",
-    "edge_energy_mj_per_image",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "latency_ms_p99",
+    "power_mw",  # mean module input power (VDD_IN) over the loaded window
+    "idle_power_mw",
+    "energy_mj_per_image",  # net of idle
+    "throughput_ips",
 )
+# tags the agent sets on the run beside the metrics (values from the measurement's info)
+TAG_BACKEND, TAG_POWER_SOURCE, TAG_RESULT_ID = "backend", "power_source", "result_id"
+# claim bookkeeping on the version (the registry has no compare-and-set: see edge_agent/agent.py)
+TAG_CLAIMED_BY, TAG_HEARTBEAT = "claimed_by", "heartbeat"
+
+
+def edge_key(device: str, name: str) -> str:
+    """``edge.<device>.<name>``: the key of a per-device metric or tag."""
+    _check_device(device)
+    return f"edge.{device}.{name}"
 
 
 def status_tag(device: str) -> str:
     """Version tag holding a device type's measurement status."""
-    _check_device(device)
-    return f"edge.{device}.status"
+    return edge_key(device, "status")
 
 
 def error_tag(device: str) -> str:
-    _check_device(device)
-    return f"edge.{device}.error"
+    return edge_key(device, "error")
 
 
 def _check_device(device: str) -> None:

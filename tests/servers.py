@@ -1,8 +1,10 @@
-"""Real servers for end-to-end tests: an MLflow tracking server on 127.0.0.1."""
+"""Real servers for end-to-end tests on 127.0.0.1: an MLflow tracking server, an OpenSSH server."""
 
 from __future__ import annotations
 
+import getpass
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,7 +12,10 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 
 def free_port() -> int:
@@ -20,9 +25,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(root: Path, timeout_s: float = 120.0):
-    """``mlflow server`` with a SQLite backend and served artifacts; yields its URI."""
-    port = free_port()
+def mlflow_server(root: Path, timeout_s: float = 120.0, port: int | None = None):
+    """``mlflow server`` with a SQLite backend and served artifacts; yields its URI.
+
+    Starting it again with the same ``root`` and ``port`` brings back the same server (a restart).
+    """
+    port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
@@ -63,4 +71,85 @@ def mlflow_server(root: Path, timeout_s: float = 120.0):
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+SSHD = Path("/usr/sbin/sshd")
+
+
+@dataclass(frozen=True)
+class SshServer:
+    host: str
+    port: int
+    user: str  # this process's user: the server lets it in with client_key
+    client_key: Path  # private key (ed25519, no passphrase) in the server's authorized_keys
+    known_hosts: Path  # one line: the server's host key, as `[127.0.0.1]:PORT ssh-ed25519 ...`
+    host_key_pub: str  # "ssh-ed25519 AAAA..." of the server
+
+    @property
+    def target(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+@contextmanager
+def sshd_server(root: Path, timeout_s: float = 20.0):
+    """A real OpenSSH server on 127.0.0.1 with fresh keys, key authentication only; yields SshServer."""
+    if not SSHD.is_file() or shutil.which("ssh-keygen") is None:
+        pytest.skip(f"{SSHD} or ssh-keygen not found: apt-get install openssh-server (CI installs it)")
+    root.mkdir(parents=True, exist_ok=True)
+    host_key, client_key = root / "ssh_host_ed25519_key", root / "client_ed25519"
+    for key in (host_key, client_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (root / "authorized_keys").write_text((root / "client_ed25519.pub").read_text())
+    host_key_pub = " ".join(Path(f"{host_key}.pub").read_text().split()[:2])
+    port = free_port()
+    known_hosts = root / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key_pub}\n")
+    config = root / "sshd_config"
+    config.write_text(
+        f"""ListenAddress 127.0.0.1
+Port {port}
+HostKey {host_key}
+PidFile {root / "sshd.pid"}
+AuthorizedKeysFile {root / "authorized_keys"}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+Subsystem sftp internal-sftp
+LogLevel VERBOSE
+"""
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation dir
+    log = open(root / "sshd.log", "wb")
+    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sshd did not start; see {root / 'sshd.log'}")
+            time.sleep(0.1)
+        yield SshServer(
+            host="127.0.0.1",
+            port=port,
+            user=getpass.getuser(),
+            client_key=client_key,
+            known_hosts=known_hosts,
+            host_key_pub=host_key_pub,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         log.close()

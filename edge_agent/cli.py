@@ -1,0 +1,175 @@
+"""``edge-agent``: run the daemon, measure one file, inspect the device, deploy over SSH.
+
+edge-agent run --tracking-uri http://mlflow:5000 --device orin-nano
+edge-agent measure model.onnx --duration-s 10          # JSON on stdout
+edge-agent info                                        # device, backends, power sources
+edge-agent deploy user@jetson --tracking-uri ... --device orin-nano
+edge-agent remote-measure user@jetson model.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from edge_agent import backends, power
+from edge_agent.fileio import sha256_file
+from edge_agent.measure import MeasureConfig, MeasurementError
+
+STATE_DIR = Path("~/.cache/mambalitesr-edge-agent")
+
+
+def _add_measure_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=backends.BACKENDS, default="auto")
+    p.add_argument("--precision", choices=backends.PRECISIONS, default="fp16")
+    p.add_argument("--power", choices=("auto", *power.SOURCES, "none"), default="auto", help="power source")
+    p.add_argument("--power-root", type=Path, default=Path("/"), help="root of /sys and /proc (tests)")
+    p.add_argument("--warmup-s", type=float, default=MeasureConfig.warmup_s)
+    p.add_argument("--idle-s", type=float, default=MeasureConfig.idle_s)
+    p.add_argument("--duration-s", type=float, default=MeasureConfig.duration_s)
+    p.add_argument("--rate-hz", type=float, default=MeasureConfig.rate_hz, help="power sampling rate")
+    p.add_argument("--state-dir", type=Path, default=STATE_DIR, help="engine cache, outbox, downloads")
+
+
+def _measure_config(args: argparse.Namespace) -> MeasureConfig:
+    return MeasureConfig(
+        warmup_s=args.warmup_s, idle_s=args.idle_s, duration_s=args.duration_s, rate_hz=args.rate_hz
+    )
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from edge_agent.agent import measure_file
+
+    model = args.model
+    if not model.is_file():
+        print(f"error: {model} does not exist", file=sys.stderr)
+        return 2
+    result = measure_file(
+        model,
+        sha256_file(model),
+        backend=args.backend,
+        precision=args.precision,
+        reader=power.discover(args.power_root, args.power),
+        cfg=_measure_config(args),
+        cache_dir=args.state_dir.expanduser() / "engines",
+        power_root=args.power_root,
+    )
+    json.dump(result.to_json(), sys.stdout, indent=1)
+    print()
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from edge_agent.device import collect_device_info
+
+    found = {}
+    for name in power.SOURCES:
+        try:
+            reader = power.discover(args.power_root, name)
+            found[name] = reader.describe()
+            reader.close()
+        except power.PowerReadError as exc:
+            found[name] = {"available": "no", "why": str(exc)}
+    out = {
+        "device": collect_device_info(args.power_root),
+        "backends": {
+            "auto": backends.resolve_backend("auto"),
+            "trtexec": backends.trtexec_path() or "not found",
+        },
+        "power_sources": found,
+    }
+    json.dump(out, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_agent.agent import Agent, AgentConfig
+
+    # MLflow's client retries a dead server for minutes by default; the agent has its own
+    # back-off and outbox, so fail fast (users can still override these in the environment)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    cfg = AgentConfig(
+        tracking_uri=args.tracking_uri,
+        device=args.device,
+        model_name=args.model_name,
+        state_dir=args.state_dir,
+        poll_s=args.poll_s,
+        takeover_s=args.takeover_s,
+        backend=args.backend,
+        precision=args.precision,
+        power=args.power,
+        power_root=args.power_root,
+        measure=_measure_config(args),
+    )
+    agent = Agent(cfg)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    if args.once:
+        agent.poll_once()
+    else:
+        agent.run_forever()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edge_agent import contract
+
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the daemon: measure every candidate registered for this device type")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), required=False)
+    p.add_argument("--device", required=True, help="device type, e.g. orin-nano (one measurement per type)")
+    p.add_argument("--model-name", default=contract.REGISTERED_MODEL)
+    p.add_argument("--poll-s", type=float, default=30.0)
+    p.add_argument("--takeover-s", type=float, default=1800.0, help="take over claims idle this long")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    _add_measure_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("measure", help="measure one ONNX file; JSON on stdout")
+    p.add_argument("model", type=Path)
+    _add_measure_options(p)
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("info", help="device model, backends and power sources found")
+    p.add_argument("--power-root", type=Path, default=Path("/"))
+    p.set_defaults(func=cmd_info)
+
+    try:
+        from edge_agent import ssh
+    except ImportError:  # the device install has no SSH client side
+        ssh = None
+    if ssh is not None:
+        ssh.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from edge_agent.agent import setup_logging
+
+    # stdout carries `measure`'s JSON; logs go to stderr there, to stdout (journald) for the daemon
+    setup_logging(
+        logging.DEBUG if args.verbose else logging.INFO, sys.stdout if args.command == "run" else sys.stderr
+    )
+    if args.command == "run" and not args.tracking_uri:
+        print("error: give --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (backends.BackendError, MeasurementError, power.PowerReadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

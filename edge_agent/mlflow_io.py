@@ -1,0 +1,111 @@
+"""The agent's side of the MLflow contract: every MLflow client call the agent makes is here.
+
+Works with the full ``mlflow`` package or ``mlflow-skinny`` (what the device installs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent import contract
+from edge_agent.outbox import Report
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+
+    def status(self, device: str) -> str | None:
+        return self.tags.get(contract.status_tag(device))
+
+
+class Registry:
+    """Model versions, their tags, their ONNX artifact, and reports onto their trial runs."""
+
+    def __init__(self, tracking_uri: str, model_name: str = contract.REGISTERED_MODEL):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    @staticmethod
+    def _version(v) -> Version:
+        run_id = v.run_id or v.tags.get(contract.TAG_TRIAL_RUN, "")
+        return Version(v.name, str(v.version), run_id, dict(v.tags))
+
+    def versions(self) -> list[Version]:
+        """Every version of the model, oldest first (all pages)."""
+        out, token = [], None
+        while True:
+            page = self.client.search_model_versions(
+                f"name='{self.model_name}'", max_results=200, page_token=token
+            )
+            out += [self._version(v) for v in page]
+            token = page.token
+            if not token:
+                break
+        return sorted(out, key=lambda v: int(v.version))
+
+    def get(self, version: str) -> Version:
+        return self._version(self.client.get_model_version(self.model_name, version))
+
+    def set_tags(self, version: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.model_name, version, k, v)
+
+    def delete_tag(self, version: str, key: str) -> None:
+        self.client.delete_model_version_tag(self.model_name, version, key)
+
+    def download_onnx(self, version: str, dest: Path) -> Path:
+        """The version's ``model.onnx`` under ``dest`` (a fresh directory)."""
+        import mlflow.artifacts
+
+        dest.mkdir(parents=True, exist_ok=True)
+        # the version's own artifact location: a models:/ URI would be resolved against the default
+        # registry, not this tracking server
+        uri = self.client.get_model_version_download_uri(self.model_name, version)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dest), tracking_uri=self.tracking_uri
+        )
+        hits = sorted(Path(local).rglob(contract.ONNX_FILE)) if Path(local).is_dir() else [Path(local)]
+        if not hits:
+            raise FileNotFoundError(f"version {version} of {self.model_name} has no {contract.ONNX_FILE}")
+        return hits[0]
+
+    def deliver(self, report: Report) -> None:
+        """Log a report onto its trial run and version. Safe to call again after a partial failure.
+
+        Run metrics and tags go in one ``log_batch`` that includes the report's result id; a retry
+        that finds that id on the run skips the batch, so metrics are never logged twice. Version
+        tags are idempotent; the status tag is written last, so ``done`` means everything landed.
+        """
+        from mlflow.entities import Metric, RunTag
+
+        d = report.device
+        run_tag_id = contract.edge_key(d, contract.TAG_RESULT_ID)
+        if report.run_id:
+            run = self.client.get_run(report.run_id)
+            if run.data.tags.get(run_tag_id) != report.result_id:
+                metrics = [
+                    Metric(contract.edge_key(d, k), float(v), report.timestamp_ms, 0)
+                    for k, v in report.metrics.items()
+                ]
+                tags = [RunTag(contract.edge_key(d, k), str(v)[:5000]) for k, v in report.tags.items()]
+                if report.error:
+                    tags.append(RunTag(contract.error_tag(d), report.error[:5000]))
+                tags.append(RunTag(run_tag_id, report.result_id))
+                self.client.log_batch(report.run_id, metrics=metrics, tags=tags)
+        version_tags = {contract.edge_key(d, k): f"{v:.6g}" for k, v in report.metrics.items()}
+        version_tags[contract.edge_key(d, contract.TAG_BACKEND)] = report.tags.get(contract.TAG_BACKEND, "")
+        version_tags[contract.edge_key(d, contract.TAG_POWER_SOURCE)] = report.tags.get(
+            contract.TAG_POWER_SOURCE, ""
+        )
+        if report.error:
+            version_tags[contract.error_tag(d)] = report.error[:5000]
+        self.set_tags(report.version, {k: v for k, v in version_tags.items() if v != ""})
+        self.set_tags(report.version, {contract.status_tag(d): report.status})

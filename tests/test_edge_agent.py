@@ -1,0 +1,424 @@
+"""The edge agent against a real MLflow server: claims, measurement, reports, outbox, failures.
+
+Versions are registered the way the search registers them (``search.registry.register_candidate``
+from a checkpoint on a trial run), measured with ONNX Runtime on this CPU, with power read by the
+INA3221 reader from a fake sysfs tree whose values a thread changes over time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from edge_agent import contract, power
+from edge_agent.agent import Agent, AgentConfig
+from edge_agent.measure import MeasureConfig
+from edge_agent.mlflow_io import Registry
+from model import build_model
+from search.registry import register_candidate
+
+from servers import free_port, mlflow_server
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "orin-nano"
+FAST = MeasureConfig(warmup_s=0.2, idle_s=0.8, duration_s=1.5, rate_hz=50.0)
+HWMON = "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon7"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(autouse=True)
+def fail_fast(monkeypatch):
+    # MLflow's client retries a dead server for minutes by default; the agent's CLI sets the same
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def register(uri: str, tmp: Path, model_name: str, devices=(DEVICE,)) -> tuple[str, str]:
+    """A trial run with a tiny checkpoint, registered like the search does. Returns (run, version)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("edge-agent-tests") or None
+    exp_id = exp.experiment_id if exp else client.create_experiment("edge-agent-tests")
+    run = client.create_run(exp_id, tags={contract.ROLE: contract.ROLE_TRIAL})
+    net = build_model("tiny")
+    ckpt = tmp / f"{run.info.run_id}.pt"
+    torch.save({"model_config": asdict(net.cfg), "model": net.state_dict()}, ckpt)
+    client.log_artifact(run.info.run_id, str(ckpt), "checkpoint")
+    client.set_terminated(run.info.run_id)
+    reg = register_candidate(uri, run.info.run_id, model_name, tuple(devices), input_size=16)
+    return run.info.run_id, reg.version
+
+
+class FakeIna3221:
+    """A sysfs tree whose VDD_IN power follows ``f(t)``; every value served is recorded."""
+
+    VOLTS_MV = 5000.0
+
+    def __init__(self, root: Path, f, rate_hz: float = 400.0):
+        self.root, self.f, self.period = root, f, 1.0 / rate_hz
+        self.hwmon = root / HWMON
+        self.hwmon.mkdir(parents=True)
+        for ch, label in ((1, "VDD_IN"), (2, "VDD_CPU_GPU_CV"), (3, "NC")):
+            (self.hwmon / f"in{ch}_label").write_text(label + "\n")
+            (self.hwmon / f"in{ch}_input").write_text(f"{int(self.VOLTS_MV)}\n")
+            (self.hwmon / f"curr{ch}_input").write_text("100\n")
+        self.served: list[tuple[float, float]] = []  # (monotonic time from which, power in mW)
+        self._stop = threading.Event()
+        self._serve(time.monotonic())
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _serve(self, t: float) -> None:
+        current_ma = round(self.f(t) / self.VOLTS_MV * 1000)  # the driver reports whole mA
+        tmp = self.hwmon / ".curr1_input.tmp"
+        tmp.write_text(f"{current_ma}\n")
+        os.replace(tmp, self.hwmon / "curr1_input")
+        self.served.append((time.monotonic(), self.VOLTS_MV * current_ma / 1000))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self._serve(time.monotonic())
+
+    def exact_mean_mw(self, t0: float, t1: float) -> float:
+        """Integral of the step function the tree served over [t0, t1], divided by t1 - t0."""
+        total = 0.0
+        for (ta, p), (tb, _) in zip(self.served, self.served[1:] + [(math.inf, 0.0)]):
+            lo, hi = max(ta, t0), min(tb, t1)
+            if hi > lo:
+                total += p * (hi - lo)
+        return total / (t1 - t0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_agent(uri: str, tmp: Path, model_name: str, device: str = DEVICE, **kw) -> Agent:
+    power_root = kw.pop("power_root", tmp / "no-sensor")
+    cfg = AgentConfig(
+        tracking_uri=uri,
+        device=device,
+        model_name=model_name,
+        state_dir=tmp / f"state-{device}-{kw.pop('name', 'a')}",
+        poll_s=0.5,
+        claim_settle_s=kw.pop("claim_settle_s", 0.3),
+        backend="onnxruntime",
+        power=kw.pop("power", "none"),
+        power_root=power_root,
+        measure=kw.pop("measure", FAST),
+        **kw,
+    )
+    return Agent(cfg)
+
+
+def test_pending_to_done_with_power_from_a_changing_sysfs_tree(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_id, version = register(server, tmp_path, "m-power")
+    client = MlflowClient(server)
+    assert client.get_model_version("m-power", version).tags[contract.status_tag(DEVICE)] == contract.PENDING
+
+    # idle-looking baseline plus a slow swing: trapezoids at 50 Hz must track it closely
+    tree = FakeIna3221(tmp_path / "root", lambda t: 4000 + 1500 * math.sin(t * 2.0))
+    try:
+        agent = make_agent(server, tmp_path, "m-power", power="ina3221", power_root=tree.root)
+        statuses = []
+        original = agent._measure
+
+        def spy(v):
+            statuses.append(agent.registry.get(v.version).status(DEVICE))
+            return original(v)
+
+        agent._measure = spy
+        assert agent.poll_once() == [version]
+    finally:
+        tree.close()
+    assert statuses == [contract.MEASURING]
+    assert version in agent.results, agent.registry.get(version).tags.get(contract.error_tag(DEVICE))
+    m = agent.results[version]
+
+    v = client.get_model_version("m-power", version)
+    assert v.tags[contract.status_tag(DEVICE)] == contract.DONE
+    assert v.tags[contract.edge_key(DEVICE, "power_source")] == "ina3221"
+    metrics = client.get_run(run_id).data.metrics
+    key = lambda name: contract.edge_key(DEVICE, name)  # noqa: E731
+    for name in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "power_mw", "idle_power_mw"):
+        assert metrics[key(name)] > 0, name
+    assert metrics[key("latency_ms_p50")] <= metrics[key("latency_ms_p90")] <= metrics[key("latency_ms_p99")]
+
+    # the integration against the exact integral of what the tree served, window by window
+    loaded = tree.exact_mean_mw(m.loaded_t0_s, m.loaded_t1_s)
+    idle = tree.exact_mean_mw(m.idle_t0_s, m.idle_t1_s)
+    assert metrics[key("power_mw")] == pytest.approx(loaded, rel=5e-3)
+    assert metrics[key("idle_power_mw")] == pytest.approx(idle, rel=5e-3)
+    expected_energy = (loaded - idle) * m.window_s / m.images
+    assert metrics[key("energy_mj_per_image")] == pytest.approx(expected_energy, rel=0.02, abs=2e-3)
+    run_tags = client.get_run(run_id).data.tags
+    assert run_tags[key("backend")] == "onnxruntime"
+    assert "onnxruntime_version" in "".join(run_tags)
+
+
+def test_outbox_delivers_after_the_server_comes_back(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    root, port = tmp_path / "srv", free_port()
+    with ExitStack() as stack:
+        uri = stack.enter_context(mlflow_server(root, port=port))
+        run_id, version = register(uri, tmp_path, "m-outbox")
+        agent = make_agent(uri, tmp_path, "m-outbox")
+        original = agent._measure
+
+        def measure_then_lose_server(v):
+            result = original(v)
+            stack.close()  # the server goes away between measuring and reporting
+            return result
+
+        agent._measure = measure_then_lose_server
+        agent.poll_once()
+    assert len(agent.outbox.pending()) == 1
+    # the agent stays up while the server is down: a pass fails, nothing is lost
+    with pytest.raises(Exception):  # noqa: B017 (whatever the client raises for a refused connection)
+        agent.poll_once()
+    assert len(agent.outbox.pending()) == 1
+
+    with mlflow_server(root, port=port) as uri2:
+        assert uri2 == uri
+        agent._measure = original
+        assert agent.poll_once() == []  # delivered, not measured again
+        assert agent.outbox.pending() == []
+        client = MlflowClient(uri)
+        v = client.get_model_version("m-outbox", version)
+        assert v.tags[contract.status_tag(DEVICE)] == contract.DONE
+        for name in contract.EDGE_METRICS:
+            if name in agent.results[version].metrics():
+                history = client.get_metric_history(run_id, contract.edge_key(DEVICE, name))
+                assert len(history) == 1, name  # nothing doubled
+
+
+def test_redelivery_of_a_report_does_not_double_metrics(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from edge_agent.outbox import Report
+
+    run_id, version = register(server, tmp_path, "m-redeliver")
+    # the same report delivered twice, as the outbox does after a crash between send and delete
+    r = Report(
+        result_id="same-id",
+        model_name="m-redeliver",
+        version=version,
+        run_id=run_id,
+        device="other-dev",
+        status=contract.DONE,
+        timestamp_ms=1,
+        metrics={"latency_ms_p50": 3.0},
+        tags={"backend": "onnxruntime"},
+    )
+    registry = Registry(server, "m-redeliver")
+    registry.deliver(r)
+    registry.deliver(r)
+    history = MlflowClient(server).get_metric_history(
+        run_id, contract.edge_key("other-dev", "latency_ms_p50")
+    )
+    assert [h.value for h in history] == [3.0]
+
+
+def test_corrupt_onnx_and_checksum_mismatch_end_as_failed(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server)
+    _, bad_sha = register(server, tmp_path, "m-fail")
+    client.set_model_version_tag("m-fail", bad_sha, contract.TAG_SHA256, "0" * 64)
+
+    # a corrupt ONNX file whose registered checksum is right: the backend must refuse it
+    run_id, corrupt = register(server, tmp_path, "m-fail")
+    garbage = tmp_path / "onnx" / contract.ONNX_FILE
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"this is not a protobuf" * 10)
+    client.log_artifact(run_id, str(garbage), contract.ONNX_ARTIFACT_DIR)  # overwrites model.onnx
+    import hashlib
+
+    client.set_model_version_tag(
+        "m-fail", corrupt, contract.TAG_SHA256, hashlib.sha256(garbage.read_bytes()).hexdigest()
+    )
+
+    agent = make_agent(server, tmp_path, "m-fail")
+    agent.poll_once()
+    v1 = client.get_model_version("m-fail", bad_sha).tags
+    assert v1[contract.status_tag(DEVICE)] == contract.FAILED
+    assert "sha256 mismatch" in v1[contract.error_tag(DEVICE)]
+    v2 = client.get_model_version("m-fail", corrupt).tags
+    assert v2[contract.status_tag(DEVICE)] == contract.FAILED
+    assert "ONNX Runtime could not load" in v2[contract.error_tag(DEVICE)]
+    assert agent.results == {}
+    assert client.get_run(run_id).data.tags[contract.error_tag(DEVICE)].startswith("BackendError")
+
+
+def test_two_device_types_measure_once_each(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    _, version = register(server, tmp_path, "m-two")
+    a = make_agent(server, tmp_path, "m-two", device=DEVICE, name="a")
+    b = make_agent(server, tmp_path, "m-two", device="cpu-box", name="b")  # no tag yet: a new type
+    assert a.poll_once() == [version]
+    assert b.poll_once() == [version]
+    again = make_agent(server, tmp_path, "m-two", device=DEVICE, name="c")
+    assert again.poll_once() == []
+    tags = MlflowClient(server).get_model_version("m-two", version).tags
+    assert tags[contract.status_tag(DEVICE)] == tags[contract.status_tag("cpu-box")] == contract.DONE
+
+
+def test_two_agents_of_one_type_racing_measure_once(server, tmp_path):
+    _, version = register(server, tmp_path, "m-race")
+    agents = [make_agent(server, tmp_path, "m-race", name=n, claim_settle_s=1.0) for n in "xy"]
+    barrier = threading.Barrier(2)
+    done: dict[str, list[str]] = {}
+
+    def go(agent):
+        barrier.wait()
+        done[agent.cfg.agent_id] = agent.poll_once()
+
+    threads = [threading.Thread(target=go, args=(a,)) for a in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(len(v) for v in done.values()) == [0, 1]
+
+
+def test_stale_claim_is_taken_over_and_a_fresh_one_is_not(server, tmp_path):
+    _, version = register(server, tmp_path, "m-stale")
+    reg = Registry(server, "m-stale")
+    now = time.time()
+    reg.set_tags(
+        version,
+        {
+            contract.status_tag(DEVICE): contract.MEASURING,
+            contract.edge_key(DEVICE, contract.TAG_CLAIMED_BY): "dead-agent",
+            contract.edge_key(DEVICE, contract.TAG_HEARTBEAT): f"{now - 100:.3f}",
+        },
+    )
+    patient = make_agent(server, tmp_path, "m-stale", name="p", takeover_s=1000.0)
+    assert patient.poll_once() == []
+    eager = make_agent(server, tmp_path, "m-stale", name="e", takeover_s=50.0)
+    assert eager.poll_once() == [version]
+    assert reg.get(version).status(DEVICE) == contract.DONE
+
+
+def test_sigterm_hands_the_claim_back(server, tmp_path):
+    _, version = register(server, tmp_path, "m-term")
+    cmd = [sys.executable, "-m", "edge_agent", "run", "--once", "--tracking-uri", server, "--device", DEVICE]
+    cmd += ["--model-name", "m-term", "--backend", "onnxruntime", "--power", "none"]
+    cmd += [
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--warmup-s",
+        "0.1",
+        "--idle-s",
+        "0.1",
+        "--duration-s",
+        "60",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    reg = Registry(server, "m-term")
+    deadline = time.monotonic() + 60
+    while reg.get(version).status(DEVICE) != contract.MEASURING:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    time.sleep(1.5)  # past the claim's settle window, into the 60 s loaded window
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert '"msg": "handed the claim back"' in out
+    tags = reg.get(version).tags
+    assert tags[contract.status_tag(DEVICE)] == contract.PENDING
+    assert contract.edge_key(DEVICE, contract.TAG_CLAIMED_BY) not in tags
+
+
+def test_measure_cli_prints_json(tmp_path):
+    from model.export import export_onnx
+
+    onnx = tmp_path / "tiny.onnx"
+    export_onnx(build_model("tiny"), onnx, (1, 3, 16, 16))
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_agent",
+        "measure",
+        str(onnx),
+        "--power",
+        "none",
+        "--backend",
+        "onnxruntime",
+    ]
+    cmd += ["--warmup-s", "0.1", "--idle-s", "0.2", "--duration-s", "0.5", "--state-dir", str(tmp_path / "s")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    out = json.loads(proc.stdout)
+    assert (
+        out["backend"] == "onnxruntime" and out["power_mw"] is None and out["power_source"] == "unavailable"
+    )
+    assert 0 < out["latency_ms_p50"] <= out["latency_ms_p99"]
+    assert out["images"] >= 5
+
+    missing = subprocess.run(
+        cmd[:4] + [str(tmp_path / "nope.onnx")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_sampler_gap_rejects_the_window(tmp_path):
+    """A sensor that stalls mid-window: the measurement refuses to integrate across the gap."""
+    from edge_agent.measure import MeasurementError, measure_engine
+
+    class Engine:
+        backend, input_shape = "fake", (1,)
+
+        def infer(self):
+            time.sleep(0.002)
+
+        def versions(self):
+            return {}
+
+        def close(self):
+            pass
+
+    class Stalling:
+        name, available, self_paced = "fake", True, False
+
+        def __init__(self):
+            self.t_start = time.monotonic()
+
+        def read(self):
+            t = time.monotonic()
+            if 0.6 < t - self.t_start < 1.4:
+                time.sleep(0.9)  # the sensor stalls
+            return power.PowerSample(t_s=time.monotonic(), power_mw=1000.0)
+
+        def close(self):
+            pass
+
+        def describe(self):
+            return {"power_source": "fake"}
+
+    cfg = replace(FAST, warmup_s=0.0, idle_s=0.5, duration_s=1.5, rate_hz=50.0)
+    with pytest.raises(MeasurementError, match="gap"):
+        measure_engine(Engine(), Stalling(), cfg)
