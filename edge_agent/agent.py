@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +200,27 @@ class Agent:
     def heartbeat(self, version: str) -> None:
         self.registry.set_tags(version, {self._tag(contract.TAG_HEARTBEAT): f"{self._clock():.3f}"})
 
+    @contextmanager
+    def _beating(self, version: str):
+        """Refresh the heartbeat while a long step runs (an engine build can take minutes)."""
+        done = threading.Event()
+        period = max(5.0, self.cfg.takeover_s / 4)
+
+        def beat():
+            while not done.wait(period):
+                try:
+                    self.heartbeat(version)
+                except Exception as exc:  # a missed beat only risks a takeover after takeover_s
+                    log.warning("heartbeat failed", extra=_fields(version=version, error=str(exc)[:200]))
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
     def hand_back(self, version: str) -> None:
         try:
             self.registry.set_tags(version, {contract.status_tag(self.cfg.device): contract.PENDING})
@@ -268,17 +290,18 @@ class Agent:
                     f"{actual[:16]}...; the artifact was changed or corrupted after registration"
                 )
             self.heartbeat(v.version)
-            return measure_file(
-                model,
-                actual,
-                backend=self.cfg.backend,
-                precision=self.cfg.precision,
-                reader=self._reader_factory(),
-                cfg=self.cfg.measure,
-                cache_dir=self.cfg.state_dir / "engines",
-                power_root=self.cfg.power_root,
-                should_stop=lambda: self.stopping,
-            )
+            with self._beating(v.version):
+                return measure_file(
+                    model,
+                    actual,
+                    backend=self.cfg.backend,
+                    precision=self.cfg.precision,
+                    reader=self._reader_factory(),
+                    cfg=self.cfg.measure,
+                    cache_dir=self.cfg.state_dir / "engines",
+                    power_root=self.cfg.power_root,
+                    should_stop=lambda: self.stopping,
+                )
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

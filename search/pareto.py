@@ -48,7 +48,8 @@ def plot_front(
     """Scatter of all trials (quality against cost) with the Pareto front highlighted.
 
     Args:
-        rows: dicts with ``quality``, ``cost``, ``label`` and ``on_front`` keys.
+        rows: dicts with ``quality``, ``cost``, ``label`` and ``on_front`` keys, and optionally
+            ``chosen`` (the point drawn as a star, e.g. the selected champion).
     """
     import matplotlib
 
@@ -62,6 +63,18 @@ def plot_front(
     ax.plot(
         [r["cost"] for r in front], [r["quality"] for r in front], "o-", c="tab:red", label="Pareto front"
     )
+    chosen = [r for r in rows if r.get("chosen")]
+    if chosen:
+        ax.scatter(
+            [r["cost"] for r in chosen],
+            [r["quality"] for r in chosen],
+            marker="*",
+            s=220,
+            c="gold",
+            edgecolors="k",
+            zorder=3,
+            label="chosen",
+        )
     for r in front:
         ax.annotate(
             r["label"], (r["cost"], r["quality"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
@@ -98,5 +111,21 @@ def plot_front(
             name="Pareto front",
         )
     )
+    if chosen:
+        fig2.add_trace(
+            go.Scatter(
+                x=[r["cost"] for r in chosen],
+                y=[r["quality"] for r in chosen],
+                mode="markers",
+                text=[r["label"] for r in chosen],
+                name="chosen",
+                marker={
+                    "symbol": "star",
+                    "size": 16,
+                    "color": "gold",
+                    "line": {"color": "black", "width": 1},
+                },
+            )
+        )
     fig2.update_layout(title=title, xaxis_title=cost, yaxis_title=quality)
     fig2.write_html(str(out_html), include_plotlyjs=True)

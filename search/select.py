@@ -1,0 +1,616 @@
+"""Select the champion: the best measured Pareto candidate of a study, marked with a registry alias.
+
+    python search/select.py --experiment mambalitesr                      # the knee of the front
+    python search/select.py --experiment mambalitesr --max-power-mw 3000  # within a power budget
+    python search/select.py --experiment mambalitesr --rule best-psnr --json
+
+The candidates are the registered versions (``mambalitesr-student``) of the study's trial runs.
+Only those the edge agent measured on the device (status ``done``, figures on the trial run) are
+compared. Pending, measuring and failed ones appear in the table with their status; they are never
+chosen, and nothing is guessed for them.
+
+Objectives: validation PSNR-Y (max); energy per image (min) when the device measured power; latency
+p50 (min). A device without a power sensor gives latency only, and selection says so. The limits
+(``--max-power-mw``, ``--max-latency-ms``, ``--min-psnr``) filter the measured candidates, and the
+Pareto front is taken over those within the limits.
+
+Rules, applied to that front:
+- ``knee`` (default): each objective is normalised over the front to [0, 1], 0 being the front's best
+  value and 1 its worst (an objective equal on the whole front is 0 everywhere). The chosen point is
+  the one nearest the ideal point (0, ..., 0) in Euclidean distance: the best compromise, with every
+  objective weighted by its spread on the front. Ties go to the higher PSNR; a one-point front
+  chooses that point.
+- ``best-psnr``: the highest PSNR within the limits (ties: the lower cost).
+
+The chosen version gets the alias ``champion``; the study run gets ``selection.*`` tags and a report
+under ``selection/`` (Pareto plot as PNG and HTML, table as Markdown and JSON). When nothing is
+within the limits or nothing is measured yet, the exit code is 1 and the alias stays where it was.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `python search/select.py` puts search/ first on sys.path, where this file would shadow the
+# standard library's `select`; drop it and make the project root importable without an install.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
+
+from edge_agent import contract  # noqa: E402
+from search import study  # noqa: E402
+from search.config import SearchConfig  # noqa: E402
+from search.trainable import QUALITY  # noqa: E402
+
+RULES = ("knee", "best-psnr")
+ENERGY, LATENCY = "energy_mj_per_image", "latency_ms_p50"  # the two possible costs
+REPORT_DIR = "selection"  # artifact folder on the study run
+TAG_VERSION, TAG_RULE, TAG_DEVICE, TAG_LIMITS = (
+    "selection.champion_version",
+    "selection.rule",
+    "selection.device",
+    "selection.limits",
+)
+
+
+class SelectionError(RuntimeError):
+    """Nothing can be chosen (nothing measured, nothing within the limits); the alias is untouched.
+
+    ``selection`` holds the candidates as far as they were evaluated (None before any was read).
+    """
+
+    def __init__(self, message: str, selection: Selection | None = None):
+        super().__init__(message)
+        self.selection = selection
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_power_mw: float | None = None  # on power_mw, mean module power while running
+    max_latency_ms: float | None = None  # on latency_ms_p50
+    min_psnr: float | None = None  # on val_psnr_y, dB
+
+    def __post_init__(self) -> None:
+        for name in ("max_power_mw", "max_latency_ms"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+    def checks(self) -> list[tuple[str, str, float]]:
+        """(row field, operator, bound) of each limit set."""
+        out = [
+            ("power_mw", "<=", self.max_power_mw),
+            ("latency_ms_p50", "<=", self.max_latency_ms),
+            ("psnr", ">=", self.min_psnr),
+        ]
+        return [c for c in out if c[2] is not None]
+
+    def describe(self) -> str:
+        return ", ".join(f"{_label(f)} {op} {bound:g}" for f, op, bound in self.checks()) or "none"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One candidate: a registered version, its trial's knobs and PSNR, its figures on the device."""
+
+    version: str
+    run_id: str
+    run_name: str
+    embed_dim: int | None
+    rank: int | None
+    alpha: float | None
+    psnr: float  # val_psnr_y of the trial run, dB; nan when the run has none
+    status: str  # edge.<device>.status: pending | measuring | done | failed
+    latency_ms_p50: float | None = None
+    latency_ms_p99: float | None = None
+    power_mw: float | None = None
+    energy_mj_per_image: float | None = None
+    power_source: str = ""
+    note: str = ""  # why a candidate is out of the comparison (error, missing figures)
+    within_limits: bool | None = None  # None: not measured
+    on_front: bool = False  # on the Pareto front of the measured candidates within the limits
+    chosen: bool = False
+
+    @property
+    def measured(self) -> bool:
+        return self.status == contract.DONE and self.latency_ms_p50 is not None and math.isfinite(self.psnr)
+
+    @property
+    def label(self) -> str:
+        knobs = " ".join(
+            f"{k}{v:g}"
+            for k, v in (("C", self.embed_dim), ("r", self.rank), ("a", self.alpha))
+            if v is not None
+        )
+        return f"v{self.version} {knobs}".strip()
+
+
+@dataclass(frozen=True)
+class Selection:
+    rows: tuple[Row, ...]
+    champion: Row | None
+    device: str
+    cost: str | None  # ENERGY or LATENCY: the cost objective compared beside PSNR
+    message: str
+    rule: str = "knee"
+    limits: Limits = field(default_factory=Limits)
+    study_run_id: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "study_run_id": self.study_run_id,
+            "device": self.device,
+            "rule": self.rule,
+            "cost": self.cost,
+            "limits": asdict(self.limits),
+            "champion_version": self.champion.version if self.champion else None,
+            "message": self.message,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+
+def _label(row_field: str) -> str:
+    return QUALITY if row_field == "psnr" else row_field
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _pages(search, *args, **kwargs) -> list:
+    out, token = [], None
+    while True:
+        page = search(*args, page_token=token, **kwargs)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def find_study(client, tracking_uri: str, experiment: str, study_run_id: str | None) -> tuple[str, str]:
+    """(experiment id, study run id): the given study run, or the experiment's latest one."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(
+            f"there is no experiment '{experiment}' at {tracking_uri}; check --experiment and --tracking-uri"
+        )
+    if study_run_id is None:
+        run = study.find_run(tracking_uri, exp.experiment_id, **{contract.ROLE: contract.ROLE_STUDY})
+        if run is None:
+            raise ValueError(
+                f"experiment '{experiment}' has no study run ({contract.ROLE}={contract.ROLE_STUDY}): "
+                "run the search first"
+            )
+        return exp.experiment_id, run.info.run_id
+    try:
+        run = client.get_run(study_run_id)
+    except Exception as exc:  # MlflowException: RESOURCE_DOES_NOT_EXIST
+        raise ValueError(f"there is no run {study_run_id} at {tracking_uri}: {exc}") from None
+    if run.info.experiment_id != exp.experiment_id or run.data.tags.get(contract.ROLE) != contract.ROLE_STUDY:
+        raise ValueError(
+            f"run {study_run_id} is not a study run ({contract.ROLE}={contract.ROLE_STUDY}) "
+            f"of experiment '{experiment}'"
+        )
+    return exp.experiment_id, study_run_id
+
+
+def study_versions(
+    client, experiment_id: str, study_run_id: str, model_name: str
+) -> list[tuple[object, object]]:
+    """(model version, trial run) for every version of ``model_name`` registered from the study's trials."""
+    trials = _pages(client.search_runs, [experiment_id], f"tags.`{study.PARENT}` = '{study_run_id}'")
+    by_id = {r.info.run_id: r for r in trials}
+    versions = _pages(client.search_model_versions, f"name='{model_name}'")
+    out = []
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        run_id = v.run_id or v.tags.get(contract.TAG_TRIAL_RUN, "")
+        if run_id in by_id:
+            out.append((v, by_id[run_id]))
+    return out
+
+
+def busiest_device(versions: list) -> str | None:
+    """The device type with the most ``done`` measurements (then the most status tags, then by name)."""
+    done: dict[str, int] = {}
+    tagged: dict[str, int] = {}
+    for v in versions:
+        for key, value in v.tags.items():
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "edge" and parts[2] == "status":
+                tagged[parts[1]] = tagged.get(parts[1], 0) + 1
+                done[parts[1]] = done.get(parts[1], 0) + (value == contract.DONE)
+    if not tagged:
+        return None
+    return min(tagged, key=lambda d: (-done[d], -tagged[d], d))
+
+
+def make_row(version, run, device: str) -> Row:
+    """A candidate from its version's tags and its trial run's params and metrics (nothing guessed)."""
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+
+    def param(name: str, kind):
+        try:
+            return kind(params[name])
+        except (KeyError, ValueError):
+            return None
+
+    def edge(name: str) -> float | None:
+        return metrics.get(contract.edge_key(device, name))
+
+    # no status tag: the agent treats the version as pending (edge_agent/agent.py)
+    status = version.tags.get(contract.status_tag(device), contract.PENDING)
+    row = Row(
+        version=str(version.version),
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or run.info.run_id[:8],
+        embed_dim=param("embed_dim", int),
+        rank=param("rank", int),
+        alpha=param("alpha", float),
+        psnr=float(metrics.get(QUALITY, math.nan)),
+        status=status,
+    )
+    if status == contract.FAILED:
+        return replace(row, note=version.tags.get(contract.error_tag(device), "failed, no error recorded"))
+    if status != contract.DONE:
+        return row
+    row = replace(
+        row,
+        latency_ms_p50=edge("latency_ms_p50"),
+        latency_ms_p99=edge("latency_ms_p99"),
+        power_mw=edge("power_mw"),
+        energy_mj_per_image=edge("energy_mj_per_image"),
+        power_source=tags.get(contract.edge_key(device, contract.TAG_POWER_SOURCE), ""),
+    )
+    if row.latency_ms_p50 is None:
+        return replace(row, note=f"done, but the run has no {contract.edge_key(device, 'latency_ms_p50')}")
+    if not math.isfinite(row.psnr):
+        return replace(row, note=f"the run has no {QUALITY}")
+    return row
+
+
+# ---------------------------------------------------------------------------------------- choosing
+
+
+def objectives(cost: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(row fields, senses) compared: PSNR, energy (when measured), latency p50."""
+    if cost == ENERGY:
+        return ("psnr", ENERGY, LATENCY), ("max", "min", "min")
+    return ("psnr", LATENCY), ("max", "min")
+
+
+def knee(points: list[tuple[float, ...]], senses: tuple[str, ...]) -> int:
+    """Index of the point nearest the ideal after normalising each objective to [0, 1] (best = 0).
+
+    Ties go to the higher first objective (PSNR), then to the earlier point.
+    """
+    normalised = []
+    for j, sense in enumerate(senses):
+        column = [p[j] for p in points]
+        lo, hi = min(column), max(column)
+        span = hi - lo
+        best = hi if sense == "max" else lo
+        normalised.append([abs(x - best) / span if span > 0 else 0.0 for x in column])
+    distances = [math.hypot(*(col[i] for col in normalised)) for i in range(len(points))]
+    nearest = min(distances)
+    tied = [i for i, d in enumerate(distances) if math.isclose(d, nearest, rel_tol=1e-9, abs_tol=1e-12)]
+    return max(tied, key=lambda i: (points[i][0], -i))
+
+
+def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
+    """Limits, Pareto front and the rule applied to the measured rows (no MLflow calls).
+
+    Raises:
+        SelectionError: a power limit on a device without power figures, or nothing within the limits.
+    """
+    from search.pareto import pareto_front
+
+    measured = [r for r in rows if r.measured]
+    assert measured, "rank() needs measured candidates"
+    notes = []
+    cost = ENERGY if all(r.energy_mj_per_image is not None for r in measured) else LATENCY
+    if cost == LATENCY:
+        powered = sum(r.power_mw is not None for r in measured)
+        sources = ", ".join(
+            sorted({r.power_source or "not recorded" for r in measured if r.power_mw is None})
+        )
+        notes.append(
+            f"{device}: no power measured (power source: {sources}); the cost compared is latency only."
+            if powered == 0
+            else f"{device}: power measured for {powered} of {len(measured)} candidates only; "
+            "energy is not compared, the cost compared is latency only."
+        )
+    partial = Selection(tuple(rows), None, device, cost, " ".join(notes), rule, limits)
+    if limits.max_power_mw is not None and all(r.power_mw is None for r in measured):
+        raise SelectionError(
+            f"--max-power-mw {limits.max_power_mw:g} was asked, but {device} measured no power for any of "
+            f"the {len(measured)} measured candidates (its power source is "
+            f"{measured[0].power_source or 'unavailable'}), so no candidate can be shown to satisfy it. "
+            "Drop the power limit, or measure on a device with a power sensor.",
+            partial,
+        )
+
+    def failures(r: Row) -> list[str]:
+        out = []
+        for name, op, bound in limits.checks():
+            value = getattr(r, name)
+            if value is None or (value > bound if op == "<=" else value < bound):
+                out.append(name)
+        return out
+
+    def judged(r: Row) -> Row:
+        failed = [c for c in limits.checks() if c[0] in failures(r)]
+        outside = ", ".join(f"{_label(name)} {op} {bound:g}" for name, op, bound in failed)
+        return replace(r, within_limits=not failed, note=f"fails {outside}" if failed else r.note)
+
+    rows = [judged(r) if r.measured else r for r in rows]
+    feasible = [r for r in rows if r.within_limits]
+    if not feasible:
+        parts = []
+        for name, op, bound in limits.checks():
+            excluded = sum(name in failures(r) for r in measured)
+            known = [getattr(r, name) for r in measured if getattr(r, name) is not None]
+            if excluded:
+                best = f"{'lowest' if op == '<=' else 'highest'} {(min if op == '<=' else max)(known):.4g}"
+                parts.append(f"{_label(name)} {op} {bound:g} excludes {excluded} ({best})")
+        raise SelectionError(
+            f"{len(measured)} measured candidates on {device}; none within the limits: {'; '.join(parts)}.",
+            replace(partial, rows=tuple(rows)),
+        )
+    fields, senses = objectives(cost)
+    points = [tuple(getattr(r, f) for f in fields) for r in feasible]
+    front = [feasible[i] for i in pareto_front(points, senses)]
+    front_points = [tuple(getattr(r, f) for f in fields) for r in front]
+    if rule == "knee":
+        champion = front[knee(front_points, senses)]
+    else:
+        champion = max(front, key=lambda r: (r.psnr, -getattr(r, cost)))
+    on_front = {r.version for r in front}
+    rows = [replace(r, on_front=r.version in on_front, chosen=r.version == champion.version) for r in rows]
+    champion = next(r for r in rows if r.chosen)
+    limited = f" within limits ({limits.describe()})" if limits.checks() else ""
+    notes.append(
+        f"champion: v{champion.version} ({champion.run_name}, {champion.label}): {QUALITY} "
+        f"{champion.psnr:.3f} dB, {_figures(champion, cost)} on {device}; rule {rule} over the "
+        f"{len(front)}-point front of {len(feasible)} measured candidates{limited}."
+    )
+    return Selection(tuple(rows), champion, device, cost, " ".join(notes), rule, limits)
+
+
+def _figures(r: Row, cost: str) -> str:
+    out = f"latency p50 {r.latency_ms_p50:.3f} ms"
+    if r.power_mw is not None:
+        out = f"power {r.power_mw:.0f} mW, " + out
+    if cost == ENERGY:
+        out = f"energy {r.energy_mj_per_image:.4g} mJ/image, " + out
+    return out
+
+
+# ---------------------------------------------------------------------------------------- reporting
+
+
+def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
+    """One line per candidate; ``*`` marks the champion."""
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None or not math.isfinite(value) else format(value, fmt)
+
+    head = ["", "version", "run", "C", "r", "alpha", "PSNR-Y", "p50 ms", "p99 ms", "power mW", "mJ/image"]
+    head += ["status", "front", "limits", "note"]
+    body = []
+    for r in rows:
+        limits = "" if r.within_limits is None else ("yes" if r.within_limits else "no")
+        body.append(
+            [
+                "*" if r.chosen else "",
+                f"v{r.version}",
+                r.run_name[:24],
+                num(r.embed_dim, "d"),
+                num(r.rank, "d"),
+                num(r.alpha, ".2f"),
+                num(r.psnr, ".3f"),
+                num(r.latency_ms_p50, ".3f"),
+                num(r.latency_ms_p99, ".3f"),
+                num(r.power_mw, ".0f"),
+                num(r.energy_mj_per_image, ".4g"),
+                r.status,
+                "yes" if r.on_front else "",
+                limits,
+                r.note.replace("|", "/").replace("\n", " ")[:60],
+            ]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    widths = [max(len(x) for x in column) for column in zip(head, *body)]
+    return "\n".join(
+        "  ".join(
+            x.ljust(w) if i in (2, 11, 12, 13, 14) else x.rjust(w)
+            for i, (x, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+        for cells in [head, *body]
+    )
+
+
+def write_report(client, selection: Selection, title: str) -> None:
+    """Pareto plot (PSNR against the cost compared), table and summary under ``selection/``."""
+    from search.pareto import plot_front
+
+    measured = [r for r in selection.rows if r.within_limits is not None]
+    plot_rows = [
+        {
+            "quality": r.psnr,
+            "cost": getattr(r, selection.cost),
+            "label": r.label,
+            "on_front": r.on_front,
+            "chosen": r.chosen,
+        }
+        for r in measured
+    ]
+    fields, _ = objectives(selection.cost)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        plot_front(
+            plot_rows,
+            f"{QUALITY} (dB)",
+            f"{selection.device} {selection.cost}",
+            out / "pareto.png",
+            out / "pareto.html",
+            title=f"{title}: front over {', '.join(_label(f) for f in fields)}",
+        )
+        (out / "table.md").write_text(f"{table(selection.rows, markdown=True)}\n\n{selection.message}\n")
+        (out / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2))
+        client.log_artifacts(selection.study_run_id, tmp, REPORT_DIR)
+
+
+def _alias_version(client, model_name: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(model_name, contract.CHAMPION_ALIAS).version)
+    except Exception:  # MlflowException: no such alias (or no such model)
+        return None
+
+
+def select_champion(
+    tracking_uri: str,
+    experiment: str,
+    *,
+    device: str | None = None,
+    limits: Limits = Limits(),
+    rule: str = "knee",
+    model_name: str = contract.REGISTERED_MODEL,
+    study_run_id: str | None = None,
+    log_report: bool = True,
+) -> Selection:
+    """Choose the study's champion among its measured candidates and mark it in the registry.
+
+    Args:
+        device: device type whose measurements count; None: the one with the most ``done``.
+        study_run_id: the study run; None: the experiment's latest.
+        log_report: log the plot and tables under ``selection/`` on the study run.
+
+    Returns:
+        The selection; the champion now carries the alias ``champion``.
+
+    Raises:
+        ValueError: no such experiment, study run or rule.
+        SelectionError: nothing measured yet, or nothing within the limits (the alias is untouched).
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    tracking_uri = study.absolute_tracking_uri(tracking_uri)
+    client = study.client(tracking_uri)
+    experiment_id, study_run_id = find_study(client, tracking_uri, experiment, study_run_id)
+    versions = study_versions(client, experiment_id, study_run_id, model_name)
+    if not versions:
+        raise SelectionError(
+            f"study run {study_run_id} has no registered versions of '{model_name}': the search registers "
+            "its Pareto candidates when it finishes; run or resume it first."
+        )
+    device = device or busiest_device([v for v, _ in versions])
+    if device is None:
+        raise ValueError(
+            f"no version of '{model_name}' has an edge.<device>.status tag: name the device with --device"
+        )
+    contract.status_tag(device)  # a ValueError naming the rule for device names
+    rows = [make_row(v, run, device) for v, run in versions]
+    previous = _alias_version(client, model_name)
+    kept = f"The '{contract.CHAMPION_ALIAS}' alias stays on " + (
+        f"v{previous}." if previous else "no version."
+    )
+    if not any(r.measured for r in rows):
+        states = [r.status if r.status != contract.DONE else "done without figures" for r in rows]
+        summary = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
+        raise SelectionError(
+            f"none of the {len(rows)} candidates of study run {study_run_id} is measured on {device} "
+            f"({summary}). The edge agent must measure them first: "
+            f"edge-agent run --device {device} --tracking-uri {tracking_uri}. {kept}",
+            Selection(tuple(rows), None, device, None, "", rule, limits, study_run_id),
+        )
+    try:
+        selection = replace(rank(rows, device, limits, rule), study_run_id=study_run_id)
+    except SelectionError as exc:
+        partial = replace(exc.selection, study_run_id=study_run_id) if exc.selection else None
+        raise SelectionError(f"{exc} {kept}", partial) from None
+    champion = selection.champion
+    client.set_registered_model_alias(model_name, contract.CHAMPION_ALIAS, champion.version)
+    moved = (
+        f"alias '{contract.CHAMPION_ALIAS}' was already on v{champion.version}."
+        if previous == champion.version
+        else f"alias '{contract.CHAMPION_ALIAS}' set on v{champion.version}"
+        + (f" (was v{previous})." if previous else ".")
+    )
+    selection = replace(selection, message=f"{selection.message} {moved}")
+    for key, value in (
+        (TAG_VERSION, champion.version),
+        (TAG_RULE, rule),
+        (TAG_DEVICE, device),
+        (TAG_LIMITS, limits.describe()),
+    ):
+        client.set_tag(study_run_id, key, value)
+    if log_report:
+        write_report(client, selection, experiment)
+    return selection
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python search/select.py", description=__doc__.split("\n")[0])
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the search")
+    default_uri = SearchConfig.tracking_uri
+    p.add_argument("--tracking-uri", default=default_uri, help=f"MLflow tracking URI (default {default_uri})")
+    p.add_argument(
+        "--model-name", default=contract.REGISTERED_MODEL, help="registered model of the candidates"
+    )
+    p.add_argument("--study", help="study run id (default: the experiment's latest study run)")
+    p.add_argument("--device", help="device type (default: the one with the most done measurements)")
+    p.add_argument("--max-power-mw", type=float, help="limit on the mean power while running, mW")
+    p.add_argument("--max-latency-ms", type=float, help="limit on latency p50, ms")
+    p.add_argument("--min-psnr", type=float, help=f"limit on {QUALITY}, dB")
+    p.add_argument("--rule", choices=RULES, default="knee", help="how to choose on the front (default knee)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        limits = Limits(args.max_power_mw, args.max_latency_ms, args.min_psnr)
+        selection = select_champion(
+            args.tracking_uri,
+            args.experiment,
+            device=args.device,
+            limits=limits,
+            rule=args.rule,
+            model_name=args.model_name,
+            study_run_id=args.study,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SelectionError as exc:
+        if args.json:
+            out = exc.selection.to_dict() if exc.selection else {"champion_version": None}
+            print(json.dumps({**out, "message": str(exc)}, indent=2))
+        else:
+            if exc.selection:
+                print(table(exc.selection.rows))
+            print(f"no champion: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(selection.to_dict(), indent=2))
+    else:
+        print(table(selection.rows))
+        print(selection.message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
