@@ -18,7 +18,8 @@ from model.mambalitesr import PRESETS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SEARCHERS = ("tpe", "nsga2", "random")
-COSTS = ("flops_g", "params")
+# flops_g, params: computed; edge_*: predicted by search/costmodel.py from what the device measured
+COSTS = ("flops_g", "params", "edge_energy", "edge_latency", "edge_power")
 
 
 class ConfigError(ValueError):
@@ -117,6 +118,29 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class LoopConfig:
+    """Rounds of search -> registration -> measurement on the device -> refit of the cost model."""
+
+    rounds: int = 1
+    device: str = "orin-nano"  # the device type whose measurements steer the search and selection
+    wait_timeout_s: float = 1800.0  # how long each round waits for the agent's measurements
+    local_agent: bool = False  # start `edge-agent run` here (ONNX Runtime on this machine's CPU)
+    agent_args: tuple[str, ...] = ()  # extra `edge-agent run` arguments, e.g. ["--duration-s", "3"]
+    select: bool = False  # pick the champion at the end (search/select.py)
+    select_rule: str = "knee"
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.wait_timeout_s < 0:
+            raise ConfigError("loop.rounds must be at least 1 and loop.wait_timeout_s non-negative")
+        try:
+            contract.status_tag(self.device)
+        except ValueError as exc:
+            raise ConfigError(f"loop.device: {exc}") from exc
+        if self.select_rule not in ("knee", "best-psnr"):
+            raise ConfigError(f"loop.select_rule must be knee or best-psnr, got {self.select_rule!r}")
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     experiment: str = contract.EXPERIMENT
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -137,6 +161,7 @@ class SearchConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self) -> None:
         if self.startup_trials < 2:

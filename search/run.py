@@ -29,7 +29,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 
 from edge_agent import contract  # noqa: E402
 from search import study  # noqa: E402
@@ -52,6 +52,9 @@ class TrialRow:
     cost: float
     on_front: bool = False
     version: int | None = None
+    round: int = 1
+    cost_source: str = ""  # for edge_* costs: measured | predicted | flops
+    config: dict = field(default_factory=dict)  # the trial's drawn knobs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,6 +76,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--storage-dir", help="where Ray's experiment state and the Optuna database live")
     p.add_argument("--resume", action="store_true", help="continue the latest study in --storage-dir")
     p.add_argument("--json", help="write the summary (trials, front, registered versions) here")
+    p.add_argument("--rounds", type=int, help="search -> register -> measure -> refit rounds (loop.rounds)")
+    p.add_argument(
+        "--objective",
+        help="cost beside PSNR: flops_g, params, or edge_energy / edge_latency / edge_power (predicted "
+        "from the device's measurements)",
+    )
+    p.add_argument("--device", help="device type whose measurements steer edge_* costs and selection")
+    p.add_argument("--wait-timeout-s", type=float, help="per round, for the agent's measurements")
+    p.add_argument("--local-agent", action="store_true", default=None, help="run the edge agent here")
+    p.add_argument("--select", action="store_true", default=None, help="pick the champion at the end")
     return p.parse_args(argv)
 
 
@@ -91,6 +104,12 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
             ("startup_trials", "startup_trials"),
             ("seed", "seed"),
             ("storage_dir", "storage_dir"),
+            ("cost", "objective"),
+            ("loop.rounds", "rounds"),
+            ("loop.device", "device"),
+            ("loop.wait_timeout_s", "wait_timeout_s"),
+            ("loop.local_agent", "local_agent"),
+            ("loop.select", "select"),
         )
         if getattr(args, attr) is not None
     }
@@ -208,7 +227,7 @@ def ensure_teacher(cfg: SearchConfig, ctx_base: dict, state: dict, storage: Path
 
 
 def collect(
-    results, cfg: SearchConfig, tracking_uri: str, experiment_id: str, study_run_id: str
+    results, cfg: SearchConfig, tracking_uri: str, experiment_id: str, study_run_id: str, k: int = 1
 ) -> list[TrialRow]:
     from search.searcher import fully_trained
 
@@ -231,6 +250,8 @@ def collect(
                 step=int(m.get("step", 0)),
                 val_psnr_y=float(m.get("val_psnr_y", math.nan)),
                 cost=float(m.get(cfg.cost, math.nan)),
+                round=k,
+                config={key: r.config[key] for key in r.config},
             )
         )
     return rows
@@ -306,6 +327,95 @@ def finish(
     return summary
 
 
+def rescore(
+    rows: list[TrialRow], cfg: SearchConfig, tracking_uri: str, experiment_id: str
+) -> tuple[object | None, int]:
+    """For an edge_* cost, every row's cost as of now: measured > predicted > FLOPs.
+
+    Measured values always win; the others are predicted by the cost model refitted on all the
+    measurements so far; with fewer than two measurements there is no model and FLOPs stand in.
+    Returns (the cost model or None, how many measurements it saw).
+    """
+    from model import count_flops
+    from search import loop
+    from search.costmodel import TARGETS
+    from search.space import model_config
+
+    if cfg.cost not in TARGETS:
+        return None, 0
+    model, n = loop.fit(tracking_uri, experiment_id, cfg)
+    measured = {
+        p.run_id: p.measured
+        for p in loop.measured_points(tracking_uri, experiment_id, cfg, TARGETS[cfg.cost])
+    }
+    for r in rows:
+        arch = model_config(r.config, cfg)
+        if r.run_id in measured:
+            r.cost, r.cost_source = measured[r.run_id], "measured"
+        elif model is not None:
+            r.cost, r.cost_source = model.predict(arch), "predicted"
+        else:
+            r.cost, r.cost_source = count_flops(arch, 64, 64).gflops, "flops"
+    return model, n
+
+
+def run_round(
+    k: int, cfg: SearchConfig, args, ctx, storage: Path, name: str, ray_storage: str, earlier: list[TrialRow]
+):
+    """One Ray Tune run of ``cfg.num_samples`` trials; round k > 1 starts from the earlier trials."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search import loop
+    from search.scheduler import ParetoRungScheduler
+    from search.searcher import QUALITY, make_searcher
+    from search.trainable import run_trial
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    )
+    callbacks = [
+        _tune_callback(ctx.tracking_uri, ctx.experiment_id, ctx.study_run_id, cfg.training.iterations)
+    ]
+    ray_name = "ray" if k == 1 else f"ray-r{k}"
+    study_name = name if k == 1 else f"{name}-r{k}"
+    path = f"{ray_storage}/{ray_name}"
+    if args.resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(
+            path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        ).fit()
+    if earlier:
+        scored = [(r.config, r.val_psnr_y, r.cost) for r in earlier if r.status == "complete"]
+        added = loop.seed_study(storage, study_name, cfg, scored)
+        print(f"round {k}: the searcher starts from {added} earlier trials, re-scored with the current cost")
+    scheduler = None
+    if cfg.early_stopping.enabled:
+        scheduler = ParetoRungScheduler(
+            QUALITY, cfg.cost, "step", cfg.early_stopping.min_rung, cfg.early_stopping.margin_db
+        )
+    searcher = ConcurrencyLimiter(make_searcher(cfg, study_name, storage), max_concurrent=cfg.max_concurrent)
+    reporter = tune.CLIReporter(
+        metric_columns=["step", QUALITY, cfg.cost], parameter_columns=["embed_dim", "rank", "alpha"]
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=cfg.num_samples,
+            reuse_actors=True,  # 3.7 s -> 0.25 s of overhead per trial (docs/benchmarks.md)
+        ),
+        run_config=tune.RunConfig(
+            name=ray_name,
+            storage_path=ray_storage,
+            callbacks=callbacks,
+            progress_reporter=reporter,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+    return tuner.fit()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -317,12 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import ray
-    from ray import tune
 
     from model.runtime import keep_freed_memory
-    from search.scheduler import ParetoRungScheduler
-    from search.searcher import QUALITY, make_searcher
-    from search.trainable import StudyContext, run_trial
+    from search import loop
+    from search.costmodel import TARGETS
+    from search.trainable import StudyContext
 
     keep_freed_memory()
     tracking_uri = study.absolute_tracking_uri(cfg.tracking_uri)
@@ -335,63 +444,79 @@ def main(argv: list[str] | None = None) -> int:
     storage = Path(cfg.storage_dir).resolve()
     study_run_id = state["study_run_id"]
     print(f"study {name}: MLflow run {study_run_id} in experiment '{cfg.experiment}' at {tracking_uri}")
+    edge_cost = cfg.cost in TARGETS
+    wait = edge_cost or cfg.loop.local_agent or cfg.loop.select
 
     ray.init(address=cfg.address, include_dashboard=False)
-    status = "FAILED"
+    status, agent, timings = "FAILED", None, {}
     try:
         ctx_base = {"config": cfg.to_dict(), "tracking_uri": tracking_uri, "experiment_id": experiment_id}
+        t0 = time.monotonic()
         teacher_uri = ensure_teacher(cfg, ctx_base, state, storage, name)
-        ctx = StudyContext(**ctx_base, study_run_id=study_run_id, teacher_uri=teacher_uri)
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-        )
-        callbacks = [_tune_callback(tracking_uri, experiment_id, study_run_id, cfg.training.iterations)]
+        timings["teacher_s"] = time.monotonic() - t0
         ray_storage = f"{cfg.ray_storage.rstrip('/')}/{name}" if cfg.ray_storage else str(storage / name)
-        path = f"{ray_storage}/ray"
-        if args.resume and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(
-                path,
-                trainable=trainable,
-                resume_unfinished=True,
-                resume_errored=False,
-                restart_errored=False,
-            )
-        else:
-            scheduler = None
-            if cfg.early_stopping.enabled:
-                scheduler = ParetoRungScheduler(
-                    QUALITY, cfg.cost, "step", cfg.early_stopping.min_rung, cfg.early_stopping.margin_db
+        rows: list[TrialRow] = [TrialRow(**r) for r in state.get("rows", [])]
+        for k in range(state.get("rounds_done", 0) + 1, cfg.loop.rounds + 1):
+            model, n = rescore(rows, cfg, tracking_uri, experiment_id)
+            if edge_cost and model is None:
+                print(
+                    f"round {k}: {n} measurement(s) of {TARGETS[cfg.cost]} on '{cfg.loop.device}' so far, "
+                    f"too few for a cost model: this round minimises FLOPs instead of {cfg.cost}"
                 )
-            from ray.tune.search import ConcurrencyLimiter
-
-            searcher = ConcurrencyLimiter(
-                make_searcher(cfg, name, storage), max_concurrent=cfg.max_concurrent
+            elif edge_cost:
+                print(
+                    f"round {k}: cost model of {model.target} on '{model.device}' fitted on {model.n} "
+                    f"measurements (leave-one-out MAE {model.loo_mae:.4g})"
+                )
+            ctx = StudyContext(
+                **ctx_base,
+                study_run_id=study_run_id,
+                teacher_uri=teacher_uri,
+                round=k,
+                cost_model=model.to_dict() if model is not None else None,
             )
-            reporter = tune.CLIReporter(
-                metric_columns=["step", QUALITY, cfg.cost], parameter_columns=["embed_dim", "rank", "alpha"]
-            )
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    scheduler=scheduler,
-                    num_samples=cfg.num_samples,
-                    reuse_actors=True,  # 3.7 s -> 0.25 s of overhead per trial (docs/benchmarks.md)
-                ),
-                run_config=tune.RunConfig(
-                    name="ray",
-                    storage_path=ray_storage,
-                    callbacks=callbacks,
-                    progress_reporter=reporter,
-                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                ),
-            )
-        results = tuner.fit()
-        if _interrupted(results, cfg.num_samples):  # Ctrl-C: Tune saved its state and returned
-            raise KeyboardInterrupt
-        rows = collect(results, cfg, tracking_uri, experiment_id, study_run_id)
-        summary = finish(rows, cfg, tracking_uri, study_run_id, storage / name / "report")
+            t0 = time.monotonic()
+            results = run_round(k, cfg, args, ctx, storage, name, ray_storage, rows)
+            if _interrupted(results, cfg.num_samples):  # Ctrl-C: Tune saved its state and returned
+                raise KeyboardInterrupt
+            timings[f"round{k}_search_s"] = time.monotonic() - t0
+            rows += collect(results, cfg, tracking_uri, experiment_id, study_run_id, k)
+            rescore(rows, cfg, tracking_uri, experiment_id)
+            registered = {r.version for r in rows if r.version}
+            t0 = time.monotonic()
+            summary = finish(rows, cfg, tracking_uri, study_run_id, storage / name / "report")
+            timings[f"round{k}_register_s"] = time.monotonic() - t0
+            new = [str(r.version) for r in rows if r.version and r.version not in registered]
+            if wait and new:
+                if cfg.loop.local_agent and agent is None:
+                    agent = loop.LocalAgent(tracking_uri, cfg, storage / name / "agent")
+                t0 = time.monotonic()
+                loop.wait_for_measurements(
+                    tracking_uri,
+                    cfg.registry.model_name,
+                    new,
+                    cfg.loop.device,
+                    cfg.loop.wait_timeout_s,
+                    agent,
+                )
+                timings[f"round{k}_measure_s"] = time.monotonic() - t0
+            if edge_cost:
+                errors = loop.log_round(tracking_uri, experiment_id, study_run_id, cfg, k)
+                print(f"round {k}: cost model after this round's measurements: {json.dumps(errors)}")
+            state["rows"] = [asdict(r) for r in rows]
+            state["rounds_done"] = k
+            _study_state(storage, name).write_text(json.dumps(state))
         print(json.dumps(summary))
+        champion = None
+        if cfg.loop.select:
+            t0 = time.monotonic()
+            champion = _select(cfg, tracking_uri, study_run_id)
+            timings["select_s"] = time.monotonic() - t0
+        for key, value in timings.items():
+            study.client(tracking_uri).log_metric(study_run_id, f"wall_{key}", value)
+        print("stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        if cfg.tracking_uri.startswith("sqlite:///"):
+            print(f"see everything in the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking_uri}")
         if args.json:
             Path(args.json).write_text(
                 json.dumps(
@@ -399,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                         "study": name,
                         "study_run_id": study_run_id,
                         "summary": summary,
+                        "champion": champion,
+                        "timings_s": timings,
                         "trials": [asdict(r) for r in rows],
                     },
                     indent=2,
@@ -414,9 +541,32 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     finally:
+        if agent is not None:
+            agent.stop()
         study.close_running_children(tracking_uri, experiment_id, study_run_id, "KILLED")
         study.client(tracking_uri).set_terminated(study_run_id, status=status)
         ray.shutdown()
+
+
+def _select(cfg: SearchConfig, tracking_uri: str, study_run_id: str) -> dict | None:
+    """Selection at the end of the loop; a study with nothing measurable is reported, not fatal."""
+    from search.select import SelectionError, select_champion, table
+
+    try:
+        sel = select_champion(
+            tracking_uri,
+            cfg.experiment,
+            device=cfg.loop.device,
+            rule=cfg.loop.select_rule,
+            model_name=cfg.registry.model_name,
+            study_run_id=study_run_id,
+        )
+    except SelectionError as exc:
+        print(f"selection: {exc}")
+        return None
+    print(table(sel.rows))
+    print(sel.message)
+    return sel.to_dict()
 
 
 if __name__ == "__main__":

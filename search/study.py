@@ -20,6 +20,14 @@ TAG_TEACHER_URI = "search.teacher_uri"
 TAG_EARLY_STOPPED = "search.early_stopped"
 TAG_NODE_ID = "ray.node_id"  # the Ray node a trial ran on
 PARENT = "mlflow.parentRunId"
+TAG_ROUND = "search.round"  # the learning loop's round a trial ran in
+TAG_COST_SOURCE = "search.cost_source"  # costmodel | flops_fallback, for edge_* costs
+
+
+def prediction_key(device: str, metric: str) -> str:
+    """``pred.<device>.<metric>``: a cost model's prediction, logged beside ``edge.<device>.<metric>``."""
+    contract.status_tag(device)  # validates the name
+    return f"pred.{device}.{metric}"
 
 
 def absolute_tracking_uri(uri: str) -> str:

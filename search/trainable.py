@@ -33,6 +33,8 @@ class StudyContext:
     experiment_id: str
     study_run_id: str
     teacher_uri: str | None  # runs:/... of the teacher checkpoint
+    round: int = 1  # the learning loop's round (search/run.py --rounds)
+    cost_model: dict[str, Any] | None = None  # search.costmodel.CostModel.to_dict(), for edge_* costs
 
     @property
     def search(self) -> SearchConfig:
@@ -121,6 +123,27 @@ def _report_if_already_trained(ctx: StudyContext, trial_id: str, constants: dict
     return True
 
 
+def edge_cost(
+    cfg: SearchConfig, ctx: StudyContext, model, constants: dict[str, float]
+) -> tuple[str, float, str] | None:
+    """For an edge_* cost: the cost model's prediction (or FLOPs before there is a model).
+
+    Sets ``constants[cfg.cost]`` (what the trial reports to Tune) and returns (the prediction's
+    metric name for the trial run, its value, its source), or None for a computed cost.
+    """
+    from search.costmodel import TARGETS, CostModel
+
+    if cfg.cost not in TARGETS:
+        return None
+    key = study.prediction_key(cfg.loop.device, TARGETS[cfg.cost])
+    if ctx.cost_model is None:
+        constants[cfg.cost] = constants["flops_g"]
+        return key, constants["flops_g"], "flops_fallback"
+    value = CostModel.from_dict(ctx.cost_model).predict(model)
+    constants[cfg.cost] = value
+    return key, value, "costmodel"
+
+
 def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     """One trial: distil a student with the drawn knobs; report each validation to Tune."""
     from ray import tune
@@ -138,6 +161,7 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
         "params": float(count_params(build_model(model))),
         "iterations": float(cfg.training.iterations),
     }
+    prediction = edge_cost(cfg, ctx, model, constants)
     if _report_if_already_trained(ctx, trial_id, constants):
         return
     run_id = study.trial_run_id(
@@ -151,6 +175,13 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     study.client(ctx.tracking_uri).set_tag(run_id, study.TAG_NODE_ID, ray.get_runtime_context().get_node_id())
     try:  # from here on, whatever fails is recorded on the trial's run
         mlflow_tracker.log_metrics({"flops_g": constants["flops_g"], "params": constants["params"]}, 0)
+        c = study.client(ctx.tracking_uri)
+        c.set_tag(run_id, study.TAG_ROUND, str(ctx.round))
+        if prediction:
+            key, value, source = prediction
+            c.set_tag(run_id, study.TAG_COST_SOURCE, source)
+            if source == "costmodel":
+                mlflow_tracker.log_metrics({key: value}, ctx.round)
         tracker.log_params(
             {
                 "embed_dim": model.embed_dim,
