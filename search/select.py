@@ -114,7 +114,7 @@ class Row:
     power_mw: float | None = None
     energy_mj_per_image: float | None = None
     power_source: str = ""
-    note: str = ""  # why a candidate is out of the comparison (error, missing figures)
+    note: str = ""  # why a candidate is out of the comparison (error, missing figures, a failed limit)
     within_limits: bool | None = None  # None: not measured
     on_front: bool = False  # on the Pareto front of the measured candidates within the limits
     chosen: bool = False
@@ -124,13 +124,13 @@ class Row:
         return self.status == contract.DONE and self.latency_ms_p50 is not None and math.isfinite(self.psnr)
 
     @property
+    def knobs(self) -> str:
+        pairs = (("C", self.embed_dim), ("r", self.rank), ("a", self.alpha))
+        return " ".join(f"{k}{v:g}" for k, v in pairs if v is not None)
+
+    @property
     def label(self) -> str:
-        knobs = " ".join(
-            f"{k}{v:g}"
-            for k, v in (("C", self.embed_dim), ("r", self.rank), ("a", self.alpha))
-            if v is not None
-        )
-        return f"v{self.version} {knobs}".strip()
+        return f"v{self.version} {self.knobs}".strip()
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def study_versions(
     """(model version, trial run) for every version of ``model_name`` registered from the study's trials."""
     trials = _pages(client.search_runs, [experiment_id], f"tags.`{study.PARENT}` = '{study_run_id}'")
     by_id = {r.info.run_id: r for r in trials}
-    versions = _pages(client.search_model_versions, f"name='{model_name}'")
+    versions = _pages(client.search_model_versions, f"name='{model_name}'", max_results=200)
     out = []
     for v in sorted(versions, key=lambda v: int(v.version)):
         run_id = v.run_id or v.tags.get(contract.TAG_TRIAL_RUN, "")
@@ -250,8 +250,8 @@ def make_row(version, run, device: str) -> Row:
         version=str(version.version),
         run_id=run.info.run_id,
         run_name=run.info.run_name or run.info.run_id[:8],
-        embed_dim=param("embed_dim", int),
-        rank=param("rank", int),
+        embed_dim=param("embed_dim", lambda x: int(float(x))),
+        rank=param("rank", lambda x: int(float(x))),
         alpha=param("alpha", float),
         psnr=float(metrics.get(QUALITY, math.nan)),
         status=status,
@@ -376,7 +376,7 @@ def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
     champion = next(r for r in rows if r.chosen)
     limited = f" within limits ({limits.describe()})" if limits.checks() else ""
     notes.append(
-        f"champion: v{champion.version} ({champion.run_name}, {champion.label}): {QUALITY} "
+        f"champion: v{champion.version} ({champion.run_name}, {champion.knobs}): {QUALITY} "
         f"{champion.psnr:.3f} dB, {_figures(champion, cost)} on {device}; rule {rule} over the "
         f"{len(front)}-point front of {len(feasible)} measured candidates{limited}."
     )
@@ -431,7 +431,7 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
     widths = [max(len(x) for x in column) for column in zip(head, *body)]
     return "\n".join(
         "  ".join(
-            x.ljust(w) if i in (2, 11, 12, 13, 14) else x.rjust(w)
+            x.ljust(w) if i in (1, 2, 11, 12, 13, 14) else x.rjust(w)
             for i, (x, w) in enumerate(zip(cells, widths))
         ).rstrip()
         for cells in [head, *body]
@@ -462,7 +462,8 @@ def write_report(client, selection: Selection, title: str) -> None:
             f"{selection.device} {selection.cost}",
             out / "pareto.png",
             out / "pareto.html",
-            title=f"{title}: front over {', '.join(_label(f) for f in fields)}",
+            title=f"{title}: front over {', '.join(_label(f) for f in fields)}"
+            + (f"\nwithin {selection.limits.describe()}" if selection.limits.checks() else ""),
         )
         (out / "table.md").write_text(f"{table(selection.rows, markdown=True)}\n\n{selection.message}\n")
         (out / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2))

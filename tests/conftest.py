@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from servers import mlflow_server
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 BENCH = SHARED / "data" / "sr-benchmarks"
@@ -24,3 +26,17 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite, served artifacts) for the module's tests."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture
+def mlflow_fail_fast(monkeypatch):
+    # MLflow's client retries a dead server for minutes by default; the agent's CLI sets the same
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

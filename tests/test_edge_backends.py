@@ -228,3 +228,22 @@ def test_bad_backend_and_precision_are_refused(tiny_onnx):
         backends.resolve_backend("openvino")
     with pytest.raises(backends.BackendError, match="unknown precision"):
         backends.open_engine("onnxruntime", tiny_onnx, "x", "int8", Path("."))
+
+
+def test_info_reports_the_power_sources_it_finds(tmp_path):
+    import subprocess
+
+    from fakes import FakeIna3221
+
+    tree = FakeIna3221(tmp_path / "root", lambda t: 4200.0)
+    try:
+        cmd = [sys.executable, "-m", "edge_agent", "info", "--power-root", str(tree.root)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
+    finally:
+        tree.close()
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["power_sources"]["ina3221"]["power_rail"] == "VDD_IN"
+    assert info["power_sources"]["rapl"]["available"] == "no"
+    assert info["backends"]["auto"] in backends.BACKENDS
+    assert info["device"]["python_version"]

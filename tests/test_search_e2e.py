@@ -10,20 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from edge_agent import contract
 
-from servers import mlflow_server
-
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
-        yield uri
 
 
 def search(args, cwd, timeout=900, extra_env=None):
@@ -149,13 +140,17 @@ def test_resume_after_the_driver_is_killed(tmp_path):
             )
             if finished:
                 break
-        time.sleep(1)
+        time.sleep(0.3)
     assert proc.poll() is None, "the first run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     log.close()
-    assert len(finished) == 1
-    done_before = finished[0].info.run_id
+    # a fast (early-stopped) trial can finish within one poll of the first: 1 or 2 may be done
+    assert 1 <= len(finished) < 3
+    steps_before = {
+        r.info.run_id: sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_psnr_y"))
+        for r in finished
+    }
 
     out = search(["--resume", *args, "--json", str(tmp_path / "r.json")], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -165,8 +160,8 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     runs = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'trial'")
     assert len(runs) == 3 and len({r.data.tags["ray.trial_id"] for r in runs}) == 3
     assert all(r.info.status == "FINISHED" for r in runs)
-    history = client.get_metric_history(done_before, "val_psnr_y")
-    assert sorted(m.step for m in history) == [4, 8]  # the finished trial was not trained again
+    for run_id, steps in steps_before.items():  # the finished trials were not trained again
+        assert sorted(m.step for m in client.get_metric_history(run_id, "val_psnr_y")) == steps
     assert len(client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'teacher'")) == 1
 
 

@@ -1,0 +1,152 @@
+"""The whole loop end to end: search (real local Ray) -> registration -> the edge agent (a real
+`edge-agent run` process started by the search) -> selection, against a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from edge_agent import contract
+from search.pareto import pareto_front
+
+from fakes import FakeIna3221
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "local-cpu"  # search/configs/smoke.yaml's loop.device
+
+
+def search(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "search" / "run.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def measured(client, versions, metric):
+    out = {}
+    for v in versions:
+        if v.tags.get(contract.status_tag(DEVICE)) == contract.DONE:
+            run = client.get_run(v.run_id)
+            out[v.version] = (
+                run.data.metrics["val_psnr_y"],
+                run.data.metrics[contract.edge_key(DEVICE, metric)],
+            )
+    return out
+
+
+def test_smoke_run_measures_on_the_cpu_and_picks_a_champion(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = search(
+        [
+            "--smoke-test",
+            "--tracking-uri",
+            server,
+            "--experiment",
+            "loop-cpu",
+            "--storage-dir",
+            str(tmp_path / "s"),
+        ]
+        + ["--json", str(tmp_path / "r.json")],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "started the local edge agent" in out.stdout and "champion: v" in out.stdout
+    client = MlflowClient(server)
+    versions = [
+        v
+        for v in client.search_model_versions(f"name='{contract.REGISTERED_MODEL}'")
+        if client.get_run(v.run_id).data.tags.get("mlflow.parentRunId") == report["study_run_id"]
+    ]
+    assert versions and all(v.tags[contract.status_tag(DEVICE)] == contract.DONE for v in versions)
+    for v in versions:
+        tags = client.get_run(v.run_id).data.tags
+        assert tags[contract.edge_key(DEVICE, "power_source")] == "unavailable"
+        assert tags[contract.edge_key(DEVICE, "backend")] == "onnxruntime"
+    # no power sensor here: the champion must be on the front of PSNR (up) against latency (down)
+    points = measured(client, versions, "latency_ms_p50")
+    alias = client.get_model_version_by_alias(contract.REGISTERED_MODEL, contract.CHAMPION_ALIAS).version
+    assert alias == str(report["champion"]["champion_version"])
+    order = list(points)
+    front = {order[i] for i in pareto_front([points[v] for v in order], ("max", "min"))}
+    assert alias in front
+    assert report["timings_s"]["round1_measure_s"] > 0
+
+
+def _busy_fraction():
+    """Share of CPU time not idle since the previous call, from /proc/stat (whole machine)."""
+    last = [None]
+    busy = [0.0]
+
+    def f(_t: float) -> float:
+        vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        total, idle = sum(vals), vals[3] + vals[4]
+        if last[0] is not None and total - last[0][0] >= 4:  # a few jiffies: a meaningful share
+            busy[0] = 1.0 - (idle - last[0][1]) / (total - last[0][0])
+            last[0] = (total, idle)
+        elif last[0] is None:
+            last[0] = (total, idle)
+        return 3000.0 + 4000.0 * busy[0]  # a module idling at 3 W that draws up to 7 W under load
+
+    return f
+
+
+def test_two_rounds_learn_energy_from_a_fake_sensor(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    tree = FakeIna3221(tmp_path / "root", _busy_fraction(), rate_hz=50.0)
+    cfg = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
+    cfg["loop"]["agent_args"] += ["--power", "ina3221", "--power-root", str(tree.root)]
+    config = tmp_path / "loop.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    try:
+        out = search(
+            ["--config", str(config), "--tracking-uri", server, "--experiment", "loop-power"]
+            + ["--storage-dir", str(tmp_path / "s"), "--json", str(tmp_path / "r.json")]
+            + ["--rounds", "2", "--objective", "edge_energy", "--num-samples", "4"],
+            tmp_path,
+        )
+    finally:
+        tree.close()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    client = MlflowClient(server)
+    study_run = client.get_run(report["study_run_id"])
+
+    # round 1 had no measurements: FLOPs, said so; round 2 had a model fitted on round 1's
+    assert "round 1: 0 measurement(s) of energy_mj_per_image" in out.stdout
+    assert "this round minimises FLOPs instead of edge_energy" in out.stdout
+    assert "round 2: cost model of energy_mj_per_image on 'local-cpu' fitted on" in out.stdout
+    points = client.get_metric_history(study_run.info.run_id, "costmodel_points")
+    assert [p.step for p in points] == [1, 2] and points[0].value >= 2
+
+    trials = [r for r in report["trials"]]
+    assert {r["round"] for r in trials} == {1, 2}
+    for r in trials:
+        if r["round"] == 2 and r["run_id"] and r["status"] != "failed":
+            run = client.get_run(r["run_id"])
+            assert run.data.tags["search.cost_source"] == "costmodel"
+            assert f"pred.{DEVICE}.energy_mj_per_image" in run.data.metrics
+    # measured values win: every measured trial's cost is its measurement
+    for r in trials:
+        if r["cost_source"] == "measured":
+            run = client.get_run(r["run_id"])
+            assert r["cost"] == run.data.metrics[contract.edge_key(DEVICE, "energy_mj_per_image")]
+
+    # selection took the power path
+    champion = report["champion"]
+    assert champion["cost"] == "energy_mj_per_image" and champion["champion_version"] is not None
+    versions = [
+        client.get_model_version(contract.REGISTERED_MODEL, str(row["version"])) for row in champion["rows"]
+    ]
+    for v in versions:
+        if v.tags.get(contract.status_tag(DEVICE)) == contract.DONE:
+            tags = client.get_run(v.run_id).data.tags
+            assert tags[contract.edge_key(DEVICE, "power_source")] == "ina3221"
+            metrics = client.get_run(v.run_id).data.metrics
+            assert 3000 <= metrics[contract.edge_key(DEVICE, "power_mw")] <= 7000
