@@ -456,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["teacher_s"] = time.monotonic() - t0
         ray_storage = f"{cfg.ray_storage.rstrip('/')}/{name}" if cfg.ray_storage else str(storage / name)
         rows: list[TrialRow] = [TrialRow(**r) for r in state.get("rows", [])]
+        summary = state.get("summary", {})
         for k in range(state.get("rounds_done", 0) + 1, cfg.loop.rounds + 1):
             model, n = rescore(rows, cfg, tracking_uri, experiment_id)
             if edge_cost and model is None:
@@ -504,8 +505,9 @@ def main(argv: list[str] | None = None) -> int:
                 errors = loop.log_round(tracking_uri, experiment_id, study_run_id, cfg, k)
                 print(f"round {k}: cost model after this round's measurements: {json.dumps(errors)}")
             state["rows"] = [asdict(r) for r in rows]
-            state["rounds_done"] = k
+            state["rounds_done"], state["summary"] = k, summary
             _study_state(storage, name).write_text(json.dumps(state))
+        rescore(rows, cfg, tracking_uri, experiment_id)  # the last round's measurements, for the JSON
         print(json.dumps(summary))
         champion = None
         if cfg.loop.select:
