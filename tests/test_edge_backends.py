@@ -247,3 +247,20 @@ def test_info_reports_the_power_sources_it_finds(tmp_path):
     assert info["power_sources"]["rapl"]["available"] == "no"
     assert info["backends"]["auto"] in backends.BACKENDS
     assert info["device"]["python_version"]
+
+
+def test_the_agent_never_imports_torch_or_ray():
+    """The device install stays light (DESIGN): every agent module loads without torch and ray."""
+    import subprocess
+
+    code = (
+        "import sys, importlib, pkgutil, edge_agent\n"
+        "for m in pkgutil.iter_modules(edge_agent.__path__):\n"
+        "    if m.name != '__main__':\n"
+        "        importlib.import_module('edge_agent.' + m.name)\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'ray'))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
