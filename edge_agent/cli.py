@@ -1,4 +1,4 @@
-"""``edge-agent``: run the daemon, measure one file, inspect the device, deploy over SSH.
+"""edge-agent: run the daemon, measure one file, inspect the device, deploy over SSH.
 
 edge-agent run --tracking-uri http://mlflow:5000 --device orin-nano
 edge-agent measure model.onnx --duration-s 10          # JSON on stdout
