@@ -55,6 +55,7 @@ class AgentConfig:
     state_dir: Path = Path("~/.cache/mambalitesr-edge-agent")
     poll_s: float = 30.0
     takeover_s: float = 1800.0  # a claim without a heartbeat for this long is taken over
+    heartbeat_s: float | None = None  # refresh period while measuring; default takeover_s / 4 (>= 5 s)
     claim_settle_s: float = 2.0
     backend: str = "auto"
     precision: str = "fp16"
@@ -204,7 +205,7 @@ class Agent:
     def _beating(self, version: str):
         """Refresh the heartbeat while a long step runs (an engine build can take minutes)."""
         done = threading.Event()
-        period = max(5.0, self.cfg.takeover_s / 4)
+        period = self.cfg.heartbeat_s or max(5.0, self.cfg.takeover_s / 4)
 
         def beat():
             while not done.wait(period):

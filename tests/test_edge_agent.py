@@ -266,6 +266,23 @@ def test_stale_claim_is_taken_over_and_a_fresh_one_is_not(server, tmp_path):
     assert reg.get(version).status(DEVICE) == contract.DONE
 
 
+def test_heartbeat_is_refreshed_during_a_long_measurement(server, tmp_path):
+    _, version = register(server, tmp_path, "m-beat")
+    agent = make_agent(server, tmp_path, "m-beat", heartbeat_s=0.3, measure=replace(FAST, duration_s=2.0))
+    beats = []
+    original = agent.heartbeat
+
+    def spy(v):
+        beats.append(time.time())
+        original(v)
+
+    agent.heartbeat = spy
+    assert agent.poll_once() == [version]
+    assert len(beats) >= 4  # one before measuring, then every 0.3 s of a ~3 s measurement
+    stored = float(agent.registry.get(version).tags[contract.edge_key(DEVICE, contract.TAG_HEARTBEAT)])
+    assert stored == pytest.approx(beats[-1], abs=1e-3)
+
+
 def test_sigterm_hands_the_claim_back(server, tmp_path):
     _, version = register(server, tmp_path, "m-term")
     cmd = [sys.executable, "-m", "edge_agent", "run", "--once", "--tracking-uri", server, "--device", DEVICE]
