@@ -65,6 +65,7 @@ def rounds(tmp: Path, k: int, n: int) -> None:
     tree = FakeIna3221(tmp / "root", _busy_fraction(), rate_hz=50.0)
     cfg = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
     cfg["loop"]["agent_args"] += ["--power", "ina3221", "--power-root", str(tree.root)]
+    cfg["early_stopping"]["enabled"] = False  # as the test: every trial complete, a deterministic front
     (tmp / "loop.yaml").write_text(yaml.safe_dump(cfg))
     try:
         report, wall = run_search(
@@ -79,7 +80,7 @@ def rounds(tmp: Path, k: int, n: int) -> None:
         key: {m.step: m.value for m in client.get_metric_history(report["study_run_id"], key)}
         for key in ("costmodel_points", "costmodel_round_mae", "costmodel_loo_mae")
     }
-    energies = [r["cost"] for r in report["trials"] if r["cost_source"] == "measured"]
+    energies = [round(r["cost"], 2) for r in report["trials"] if r["cost_source"] == "measured"]
     print(f"\n{k} rounds x {n} trials, wall {wall:.1f} s; measured energies (mJ/image): {sorted(energies)}")
     print(
         "| round | measurements after it | held-out MAE of the round's predictions | LOO MAE of the refit |"

@@ -102,6 +102,9 @@ def test_two_rounds_learn_energy_from_a_fake_sensor(server, tmp_path):
     tree = FakeIna3221(tmp_path / "root", _busy_fraction(), rate_hz=50.0)
     cfg = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
     cfg["loop"]["agent_args"] += ["--power", "ina3221", "--power-root", str(tree.root)]
+    # every trial trains fully: which trials complete (and so the front round 2 learns from) must not
+    # depend on which of two concurrent trials reaches a rung first
+    cfg["early_stopping"]["enabled"] = False
     config = tmp_path / "loop.yaml"
     config.write_text(yaml.safe_dump(cfg))
     try:
