@@ -45,6 +45,7 @@ from edge_agent.mlflow_io import Registry, Version
 from edge_agent.outbox import Outbox, Report
 
 log = logging.getLogger("edge_agent.agent")
+STATE_DIR = Path("~/.cache/mambalitesr-edge-agent")  # engine cache, outbox, downloads
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class AgentConfig:
     tracking_uri: str
     device: str  # device *type* (orin-nano): agents of one type share the work
     model_name: str = contract.REGISTERED_MODEL
-    state_dir: Path = Path("~/.cache/mambalitesr-edge-agent")
+    state_dir: Path = STATE_DIR
     poll_s: float = 30.0
     takeover_s: float = 1800.0  # a claim without a heartbeat for this long is taken over
     heartbeat_s: float | None = None  # refresh period while measuring; default takeover_s / 4 (>= 5 s)

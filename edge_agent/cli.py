@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 from edge_agent import backends, power
+from edge_agent.agent import STATE_DIR, Agent, AgentConfig, measure_file, setup_logging
 from edge_agent.fileio import sha256_file
 from edge_agent.measure import MeasureConfig, MeasurementError
-
-STATE_DIR = Path("~/.cache/mambalitesr-edge-agent")
 
 
 def _add_measure_options(p: argparse.ArgumentParser) -> None:
@@ -43,8 +42,6 @@ def _measure_config(args: argparse.Namespace) -> MeasureConfig:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from edge_agent.agent import measure_file
-
     model = args.model
     if not model.is_file():
         print(f"error: {model} does not exist", file=sys.stderr)
@@ -89,8 +86,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge_agent.agent import Agent, AgentConfig
-
     # MLflow's client retries a dead server for minutes by default; the agent has its own
     # back-off and outbox, so fail fast (users can still override these in the environment)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -155,8 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from edge_agent.agent import setup_logging
-
     # stdout carries `measure`'s JSON; logs go to stderr there, to stdout (journald) for the daemon
     setup_logging(
         logging.DEBUG if args.verbose else logging.INFO, sys.stdout if args.command == "run" else sys.stderr

@@ -117,16 +117,16 @@ def _window_power(
             f"the {what} window has a {max(edges):.2f} s gap between power samples "
             f"(limit {gap_limit_s:.2f} s); the sensor stalled or the machine was overloaded: measure again"
         )
-    t_all = np.array([s.t_s for s in samples])
-    p_all = np.array([s.power_mw for s in samples])
-    t = np.concatenate([[t0], [s.t_s for s in inside], [t1]])
-    p = np.interp(t, t_all, p_all)  # beyond the outermost samples it holds their value
-    return float(np.sum((p[1:] + p[:-1]) * np.diff(t)) / 2 / (t1 - t0))
+    t_all = [s.t_s for s in samples]
+    p_all = [s.power_mw for s in samples]
+
+    def at(t: float) -> power.PowerSample:  # beyond the outermost samples np.interp holds their value
+        return power.PowerSample(t_s=t, power_mw=float(np.interp(t, t_all, p_all)))
+
+    return power.mean_power_mw([at(t0), *inside, at(t1)])
 
 
-def _idle(
-    sampler: power.Sampler | None, cfg: MeasureConfig, should_stop: Callable[[], bool]
-) -> tuple[float, float]:
+def _idle(cfg: MeasureConfig, should_stop: Callable[[], bool]) -> tuple[float, float]:
     t0 = time.monotonic()
     while time.monotonic() - t0 < cfg.idle_s:
         if should_stop():
@@ -159,7 +159,7 @@ def measure_engine(
             raise Interrupted("stopped during warm-up")
     sampler = power.Sampler(reader, rate_hz=cfg.rate_hz)
     with sampler:
-        idle_t0, idle_t1 = _idle(sampler, cfg, should_stop)
+        idle_t0, idle_t1 = _idle(cfg, should_stop)
         times = []
         loaded_t0 = time.monotonic()
         while True:
@@ -212,7 +212,7 @@ def measure_trtexec(
         raise Interrupted("stopped after the trtexec warm-up")
     sampler = power.Sampler(reader, rate_hz=cfg.rate_hz)
     with sampler:
-        idle_t0, idle_t1 = _idle(sampler, cfg, should_stop)
+        idle_t0, idle_t1 = _idle(cfg, should_stop)
         result = run_window(cfg.duration_s)
         samples = sampler.samples_between(idle_t0, result.ended_s)
     loaded_t1 = result.ended_s

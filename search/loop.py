@@ -58,14 +58,6 @@ def measured_points(tracking_uri: str, experiment_id: str, cfg: SearchConfig, me
     return points
 
 
-def fit(tracking_uri: str, experiment_id: str, cfg: SearchConfig) -> tuple[costmodel.CostModel | None, int]:
-    """The cost model for ``cfg.cost`` on the measurements so far, and how many there were."""
-    metric = costmodel.TARGETS[cfg.cost]
-    points = measured_points(tracking_uri, experiment_id, cfg, metric)
-    model = costmodel.fit([(p.features, p.measured) for p in points], metric, cfg.loop.device)
-    return model, len(points)
-
-
 def log_round(
     tracking_uri: str, experiment_id: str, study_run_id: str, cfg: SearchConfig, k: int
 ) -> dict[str, float]:

@@ -337,17 +337,15 @@ def rescore(
     Returns (the cost model or None, how many measurements it saw).
     """
     from model import count_flops
-    from search import loop
-    from search.costmodel import TARGETS
+    from search import costmodel, loop
     from search.space import model_config
 
-    if cfg.cost not in TARGETS:
+    if cfg.cost not in costmodel.TARGETS:
         return None, 0
-    model, n = loop.fit(tracking_uri, experiment_id, cfg)
-    measured = {
-        p.run_id: p.measured
-        for p in loop.measured_points(tracking_uri, experiment_id, cfg, TARGETS[cfg.cost])
-    }
+    metric = costmodel.TARGETS[cfg.cost]
+    points = loop.measured_points(tracking_uri, experiment_id, cfg, metric)
+    model = costmodel.fit([(p.features, p.measured) for p in points], metric, cfg.loop.device)
+    measured = {p.run_id: p.measured for p in points}
     for r in rows:
         arch = model_config(r.config, cfg)
         if r.run_id in measured:
@@ -356,7 +354,7 @@ def rescore(
             r.cost, r.cost_source = model.predict(arch), "predicted"
         else:
             r.cost, r.cost_source = count_flops(arch, 64, 64).gflops, "flops"
-    return model, n
+    return model, len(points)
 
 
 def run_round(

@@ -24,6 +24,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_ready(ready, proc: subprocess.Popen, timeout_s: float, error: str, interval_s: float) -> None:
+    """Poll ``ready()`` until it is true; raise ``error`` if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(error)
+        time.sleep(interval_s)
+
+
+def _health_ok(uri: str):
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    return ready
+
+
+def _port_open(port: int):
+    def ready() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    return ready
+
+
 @contextmanager
 def mlflow_server(root: Path, timeout_s: float = 120.0, port: int | None = None):
     """``mlflow server`` with a SQLite backend and served artifacts; yields its URI.
@@ -53,17 +84,9 @@ def mlflow_server(root: Path, timeout_s: float = 120.0, port: int | None = None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start; see {root / 'server.log'}")
-            time.sleep(0.5)
+        _wait_ready(
+            _health_ok(uri), proc, timeout_s, f"mlflow server did not start; see {root / 'server.log'}", 0.5
+        )
         yield uri
     finally:
         try:
@@ -127,16 +150,7 @@ LogLevel VERBOSE
     log = open(root / "sshd.log", "wb")
     proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sshd did not start; see {root / 'sshd.log'}")
-            time.sleep(0.1)
+        _wait_ready(_port_open(port), proc, timeout_s, f"sshd did not start; see {root / 'sshd.log'}", 0.1)
         yield SshServer(
             host="127.0.0.1",
             port=port,
