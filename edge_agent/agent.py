@@ -183,14 +183,27 @@ class Agent:
                 "taking over a stale claim",
                 extra=_fields(version=version, previous=fresh.tags.get(self._tag(contract.TAG_CLAIMED_BY))),
             )
-        self.registry.set_tags(
-            version,
-            {
-                self._tag(contract.TAG_CLAIMED_BY): self.cfg.agent_id,
-                self._tag(contract.TAG_HEARTBEAT): f"{self._clock():.3f}",
-                contract.status_tag(self.cfg.device): contract.MEASURING,
-            },
-        )
+        try:
+            self.registry.set_tags(
+                version,
+                {
+                    self._tag(contract.TAG_CLAIMED_BY): self.cfg.agent_id,
+                    self._tag(contract.TAG_HEARTBEAT): f"{self._clock():.3f}",
+                    contract.status_tag(
+                        self.cfg.device
+                    ): contract.MEASURING,  # last: a failed claim stays pending
+                },
+            )
+        except Exception:
+            # Two agents writing the same new tag at once: MLflow's SQL store lets one insert win and
+            # refuses the other (a UNIQUE constraint error). Lost race if another agent's id is there;
+            # anything else (the server is gone) is a real failure for the poll loop's back-off.
+            self._stop.wait(self.cfg.claim_settle_s)
+            owner = self.registry.get(version).tags.get(self._tag(contract.TAG_CLAIMED_BY))
+            if owner in (None, self.cfg.agent_id):
+                raise
+            log.info("another agent claimed it", extra=_fields(version=version, owner=owner))
+            return False
         self._stop.wait(self.cfg.claim_settle_s)
         owner = self.registry.get(version).tags.get(self._tag(contract.TAG_CLAIMED_BY))
         if owner != self.cfg.agent_id:
