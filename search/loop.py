@@ -41,7 +41,7 @@ def measured_points(tracking_uri: str, experiment_id: str, cfg: SearchConfig, me
     c = study.client(tracking_uri)
     device = cfg.loop.device
     points = []
-    for v in c.search_model_versions(f"name='{cfg.registry.model_name}'"):
+    for v in study.all_pages(c.search_model_versions, f"name='{cfg.registry.model_name}'", max_results=200):
         if v.tags.get(contract.status_tag(device)) != contract.DONE or not v.run_id:
             continue
         run = c.get_run(v.run_id)

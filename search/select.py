@@ -164,16 +164,6 @@ def _label(row_field: str) -> str:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def _pages(search, *args, **kwargs) -> list:
-    out, token = [], None
-    while True:
-        page = search(*args, page_token=token, **kwargs)
-        out += list(page)
-        token = page.token
-        if not token:
-            return out
-
-
 def find_study(client, tracking_uri: str, experiment: str, study_run_id: str | None) -> tuple[str, str]:
     """(experiment id, study run id): the given study run, or the experiment's latest one."""
     exp = client.get_experiment_by_name(experiment)
@@ -205,9 +195,9 @@ def study_versions(
     client, experiment_id: str, study_run_id: str, model_name: str
 ) -> list[tuple[object, object]]:
     """(model version, trial run) for every version of ``model_name`` registered from the study's trials."""
-    trials = _pages(client.search_runs, [experiment_id], f"tags.`{study.PARENT}` = '{study_run_id}'")
+    trials = study.all_pages(client.search_runs, [experiment_id], f"tags.`{study.PARENT}` = '{study_run_id}'")
     by_id = {r.info.run_id: r for r in trials}
-    versions = _pages(client.search_model_versions, f"name='{model_name}'", max_results=200)
+    versions = study.all_pages(client.search_model_versions, f"name='{model_name}'", max_results=200)
     out = []
     for v in sorted(versions, key=lambda v: int(v.version)):
         run_id = v.run_id or v.tags.get(contract.TAG_TRIAL_RUN, "")

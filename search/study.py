@@ -44,6 +44,17 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def all_pages(search, *args, **kwargs) -> list:
+    """Every result of an MLflow ``search_*`` call, following its page tokens."""
+    out, token = [], None
+    while True:
+        page = search(*args, page_token=token, **kwargs)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | None = None) -> str:
     """Experiment id, creating the experiment (with a local artifact root for SQLite stores)."""
     c = client(tracking_uri)
@@ -81,9 +92,8 @@ def trial_run_id(tracking_uri: str, experiment_id: str, study_run_id: str, trial
 def close_running_children(tracking_uri: str, experiment_id: str, study_run_id: str, status: str) -> int:
     """Set every RUNNING child run of the study to ``status``; returns how many."""
     c = client(tracking_uri)
-    runs = c.search_runs(
-        [experiment_id], filter_string=f"tags.`{PARENT}` = '{study_run_id}' and attributes.status = 'RUNNING'"
-    )
+    query = f"tags.`{PARENT}` = '{study_run_id}' and attributes.status = 'RUNNING'"
+    runs = all_pages(c.search_runs, [experiment_id], filter_string=query)
     for run in runs:
         c.set_terminated(run.info.run_id, status=status)
     return len(runs)

@@ -311,3 +311,18 @@ def test_nothing_measured_and_bad_input(server, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--experiment", "sel-pending", "--rule", "median", *base])
     assert exit_.value.code == 2
+
+
+def test_every_page_is_read(powered):
+    from search import study
+
+    c = client(powered["uri"])
+    query = f"name='{powered['model']}'"
+    assert len(c.search_model_versions(query, max_results=2)) == 2  # one page of seven
+    versions = study.all_pages(c.search_model_versions, query, max_results=2)
+    assert sorted(int(v.version) for v in versions) == list(range(1, 8))
+    exp_id = c.get_experiment_by_name(powered["experiment"]).experiment_id
+    runs = study.all_pages(
+        c.search_runs, [exp_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'", max_results=3
+    )
+    assert len({r.info.run_id for r in runs}) == 7
