@@ -239,6 +239,8 @@ def collect(
             tracking_uri, experiment_id, **{study.PARENT: study_run_id, study.TAG_TRIAL_ID: trial_id}
         )
         status = "failed" if r.error else ("complete" if fully_trained(m) else "stopped")
+        if run is not None:
+            _settle_run(tracking_uri, run, "FAILED" if r.error else "FINISHED", status == "stopped")
         rows.append(
             TrialRow(
                 trial_id=trial_id,
@@ -255,6 +257,21 @@ def collect(
             )
         )
     return rows
+
+
+def _settle_run(tracking_uri: str, run, status: str, stopped: bool) -> None:
+    """The trial run ends as Tune saw the trial end. The callback and the worker close runs as they
+    go, but a driver killed between Tune's checkpoint and the callback (then --resume) or a worker
+    writing late can leave another status; Tune's result is the one that counts."""
+    c = study.client(tracking_uri)
+    early = str(stopped).lower()
+    if run.data.tags.get(study.TAG_EARLY_STOPPED) != early:
+        c.set_tag(run.info.run_id, study.TAG_EARLY_STOPPED, early)
+    if run.info.status != status:
+        log.warning(
+            "trial run %s was %s after the search; set to %s", run.info.run_id, run.info.status, status
+        )
+        c.set_terminated(run.info.run_id, status=status)
 
 
 def format_table(rows: list[TrialRow], cost: str) -> str:

@@ -217,9 +217,12 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     except Exception as exc:
         study.client(ctx.tracking_uri).set_tag(run_id, "search.error", f"{type(exc).__name__}: {exc}"[:500])
         raise
+    except BaseException:
+        # Ray stopping the trial (an early stop ends this thread with SystemExit) or the process
+        # going down: the driver closes the run (search/run.py), so the worker leaves it alone
+        # instead of racing the driver's verdict.
+        status = None
+        raise
     finally:
-        # When the scheduler stops this trial, Ray interrupts it with an exception; the driver's
-        # callback has then already closed the run as early-stopped, and that verdict stands.
-        run = study.client(ctx.tracking_uri).get_run(run_id)
-        if not (status == "FAILED" and run.data.tags.get(study.TAG_EARLY_STOPPED) == "true"):
+        if status is not None:
             mlflow_tracker.close(status)

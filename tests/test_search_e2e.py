@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent import contract
+from search import study
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test"]
@@ -46,10 +47,10 @@ def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     client = MlflowClient(server)
     exp = client.get_experiment_by_name("e2e")
-    study = client.get_run(report["study_run_id"])
-    assert study.info.status == "FINISHED" and study.data.tags[contract.ROLE] == contract.ROLE_STUDY
-    assert study.data.metrics["search_trials"] == 3
-    assert {a.path for a in client.list_artifacts(study.info.run_id, "pareto")} >= {
+    study_run = client.get_run(report["study_run_id"])
+    assert study_run.info.status == "FINISHED" and study_run.data.tags[contract.ROLE] == contract.ROLE_STUDY
+    assert study_run.data.metrics["search_trials"] == 3
+    assert {a.path for a in client.list_artifacts(study_run.info.run_id, "pareto")} >= {
         "pareto/pareto.png",
         "pareto/pareto.html",
         "pareto/trials.txt",
@@ -57,7 +58,7 @@ def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
     trials = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'")
     assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
     for t in trials:
-        assert t.data.tags["mlflow.parentRunId"] == study.info.run_id
+        assert t.data.tags["mlflow.parentRunId"] == study_run.info.run_id
         assert {"embed_dim", "rank", "alpha"} <= set(t.data.params)
         assert {"val_psnr_y", "flops_g", "params"} <= set(t.data.metrics)
     teacher = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TEACHER}'")
@@ -159,7 +160,11 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     exp = client.get_experiment_by_name("e2e-resume")
     runs = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'trial'")
     assert len(runs) == 3 and len({r.data.tags["ray.trial_id"] for r in runs}) == 3
-    assert all(r.info.status == "FINISHED" for r in runs)
+    states = {
+        r.data.tags[study.TAG_TRIAL_ID]: (r.info.status, r.data.tags.get(study.TAG_EARLY_STOPPED))
+        for r in runs
+    }
+    assert all(status == "FINISHED" for status, _ in states.values()), (states, out.stdout[-4000:])
     for run_id, steps in steps_before.items():  # the finished trials were not trained again
         assert sorted(m.step for m in client.get_metric_history(run_id, "val_psnr_y")) == steps
     assert len(client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'teacher'")) == 1

@@ -142,3 +142,40 @@ def test_searcher_counts_only_fully_trained_trials(tmp_path):
     assert complete.values == [20.0, 0.1]
     assert fully_trained({"step": 8, "iterations": 8}) and not fully_trained({"step": 4, "iterations": 8})
     assert (tmp_path / "optuna.db").exists() and not math.isnan(complete.values[0])
+
+
+def test_collect_settles_trial_runs_to_what_tune_saw(tmp_path):
+    """A run left KILLED (driver killed before the callback, then --resume) or closed FAILED by a late
+    worker ends as Tune saw its trial end; an early-stopped trial is tagged so."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from edge_agent import contract
+    from search import study
+    from search.run import collect
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config()
+    exp_id = study.ensure_experiment(uri, "settle")
+    c = MlflowClient(uri)
+    parent = c.create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
+
+    def trial(trial_id: str, left: str, step: int, error=None):
+        tags = {contract.ROLE: contract.ROLE_TRIAL, study.PARENT: parent, study.TAG_TRIAL_ID: trial_id}
+        run_id = c.create_run(exp_id, tags=tags).info.run_id
+        c.set_terminated(run_id, status=left)
+        metrics = {"trial_id": trial_id, "step": step, "iterations": 8, "val_psnr_y": 25.0, cfg.cost: 1.0}
+        result = SimpleNamespace(metrics=metrics, path=None, error=error, config={"embed_dim": 16, "rank": 2})
+        return run_id, result
+
+    killed, r1 = trial("t1", "KILLED", 8)
+    late, r2 = trial("t2", "FAILED", 4)  # early-stopped, then closed FAILED by its worker
+    crashed, r3 = trial("t3", "RUNNING", 2, error=RuntimeError("boom"))
+    rows = collect([r1, r2, r3], cfg, uri, exp_id, parent)
+
+    assert [r.status for r in rows] == ["complete", "stopped", "failed"]
+    runs = {rid: c.get_run(rid) for rid in (killed, late, crashed)}
+    assert [runs[rid].info.status for rid in (killed, late, crashed)] == ["FINISHED", "FINISHED", "FAILED"]
+    assert runs[killed].data.tags[study.TAG_EARLY_STOPPED] == "false"
+    assert runs[late].data.tags[study.TAG_EARLY_STOPPED] == "true"
