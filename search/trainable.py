@@ -108,8 +108,9 @@ def train_teacher(ctx: StudyContext, out_dir: str) -> str:
 
 
 def _report_if_already_trained(ctx: StudyContext, trial_id: str, constants: dict[str, float]) -> bool:
-    """A trial that finished before the driver died, rerun by Ray after --resume, is not trained
-    again: its recorded result is reported instead (Ray's experiment state can lag behind MLflow)."""
+    """A trial that finished or was stopped early before the driver died, rerun by Ray after
+    --resume, is not trained again: its recorded result is reported instead (Ray's experiment state
+    can lag behind MLflow)."""
     run = study.find_run(
         ctx.tracking_uri, ctx.experiment_id, **{study.PARENT: ctx.study_run_id, study.TAG_TRIAL_ID: trial_id}
     )
@@ -117,7 +118,7 @@ def _report_if_already_trained(ctx: StudyContext, trial_id: str, constants: dict
         return False
     history = study.client(ctx.tracking_uri).get_metric_history(run.info.run_id, QUALITY)
     last = max(history, key=lambda m: m.step)
-    if last.step < constants["iterations"]:
+    if last.step < constants["iterations"] and run.data.tags.get(study.TAG_EARLY_STOPPED) != "true":
         return False
     report_to_tune({**constants, **run.data.metrics, QUALITY: last.value, "step": last.step})
     return True

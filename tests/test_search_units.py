@@ -179,3 +179,46 @@ def test_collect_settles_trial_runs_to_what_tune_saw(tmp_path):
     assert [runs[rid].info.status for rid in (killed, late, crashed)] == ["FINISHED", "FINISHED", "FAILED"]
     assert runs[killed].data.tags[study.TAG_EARLY_STOPPED] == "false"
     assert runs[late].data.tags[study.TAG_EARLY_STOPPED] == "true"
+
+
+def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path, monkeypatch):
+    """After --resume, Ray may rerun a trial MLflow already has: fully trained or stopped early, its
+    recorded result is reported again; a run cut off mid-training is trained again."""
+    from mlflow.tracking import MlflowClient
+
+    from edge_agent import contract
+    from search import study, trainable
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = study.ensure_experiment(uri, "rerun")
+    c = MlflowClient(uri)
+    parent = c.create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
+    ctx = trainable.StudyContext({}, uri, exp_id, parent, None)
+    reported = []
+    monkeypatch.setattr(trainable, "report_to_tune", reported.append)
+
+    def run(trial_id: str, steps: list[int], status: str, early_stopped: str | None = None) -> None:
+        tags = {study.PARENT: parent, study.TAG_TRIAL_ID: trial_id}
+        if early_stopped:
+            tags[study.TAG_EARLY_STOPPED] = early_stopped
+        run_id = c.create_run(exp_id, tags=tags).info.run_id
+        for s in steps:
+            c.log_metric(run_id, "val_psnr_y", 20.0 + s, step=s)
+        c.set_terminated(run_id, status=status)
+
+    run("full", [2, 4, 6, 8], "FINISHED", "false")
+    run("stopped", [2, 4], "FINISHED", "true")
+    run("cut", [2, 4], "KILLED")
+    run("cut-finished", [2, 4], "FINISHED")  # closed without the early-stop verdict: not trusted
+    done = {
+        t: trainable._report_if_already_trained(ctx, t, {"iterations": 8.0})
+        for t in ("full", "stopped", "cut", "cut-finished", "never-started")
+    }
+    assert done == {
+        "full": True,
+        "stopped": True,
+        "cut": False,
+        "cut-finished": False,
+        "never-started": False,
+    }
+    assert [(r["step"], r["val_psnr_y"]) for r in reported] == [(8, 28.0), (4, 24.0)]
