@@ -305,14 +305,16 @@ def test_heartbeat_is_refreshed_during_a_long_measurement(server, tmp_path):
     original = agent.heartbeat
 
     def spy(v):
-        beats.append(time.time())
+        before = time.time()
         original(v)
+        beats.append((before, time.time()))
 
     agent.heartbeat = spy
     assert agent.poll_once() == [version]
     assert len(beats) >= 4  # one before measuring, then every 0.3 s of a ~3 s measurement
     stored = float(agent.registry.get(version).tags[contract.edge_key(DEVICE, contract.TAG_HEARTBEAT)])
-    assert stored == pytest.approx(beats[-1], abs=1e-3)
+    before, after = beats[-1]
+    assert before - 5e-4 <= stored <= after + 5e-4  # the last beat's value (written to the ms) stayed
 
 
 def test_sigterm_hands_the_claim_back(server, tmp_path):
