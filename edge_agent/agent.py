@@ -183,27 +183,23 @@ class Agent:
                 "taking over a stale claim",
                 extra=_fields(version=version, previous=fresh.tags.get(self._tag(contract.TAG_CLAIMED_BY))),
             )
-        try:
-            self.registry.set_tags(
-                version,
-                {
-                    self._tag(contract.TAG_CLAIMED_BY): self.cfg.agent_id,
-                    self._tag(contract.TAG_HEARTBEAT): f"{self._clock():.3f}",
-                    contract.status_tag(
-                        self.cfg.device
-                    ): contract.MEASURING,  # last: a failed claim stays pending
-                },
-            )
-        except Exception:
-            # Two agents writing the same new tag at once: MLflow's SQL store lets one insert win and
-            # refuses the other (a UNIQUE constraint error). Lost race if another agent's id is there;
-            # anything else (the server is gone) is a real failure for the poll loop's back-off.
-            self._stop.wait(self.cfg.claim_settle_s)
-            owner = self.registry.get(version).tags.get(self._tag(contract.TAG_CLAIMED_BY))
-            if owner in (None, self.cfg.agent_id):
-                raise
-            log.info("another agent claimed it", extra=_fields(version=version, owner=owner))
-            return False
+        tags = {
+            self._tag(contract.TAG_CLAIMED_BY): self.cfg.agent_id,
+            self._tag(contract.TAG_HEARTBEAT): f"{self._clock():.3f}",
+            contract.status_tag(self.cfg.device): contract.MEASURING,  # last: a failed claim stays pending
+        }
+        for key, value in tags.items():
+            try:
+                self.registry.set_tags(version, {key: value})
+            except Exception as exc:
+                # MLflow's SQL store looks a tag up, then inserts it: of two agents adding the same new
+                # tag at once, one insert is refused (a UNIQUE constraint error). Written again, the tag
+                # exists and is updated; the settle-and-re-read below decides the race as usual. A
+                # second failure is real (the server is gone): the poll loop's back-off handles it.
+                log.info(
+                    "claim write refused, writing again", extra=_fields(version=version, error=str(exc)[:200])
+                )
+                self.registry.set_tags(version, {key: value})
         self._stop.wait(self.cfg.claim_settle_s)
         owner = self.registry.get(version).tags.get(self._tag(contract.TAG_CLAIMED_BY))
         if owner != self.cfg.agent_id:

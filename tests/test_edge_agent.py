@@ -253,30 +253,34 @@ def test_two_agents_of_one_type_racing_measure_once(server, tmp_path):
     assert sorted(len(v) for v in done.values()) == [0, 1]
 
 
-def test_a_claim_write_refused_by_the_store_is_a_lost_race_only_if_another_agent_holds_it(server, tmp_path):
-    """MLflow's SQL store refuses one of two simultaneous inserts of a new tag (UNIQUE constraint)."""
+def test_a_claim_write_refused_by_the_store_is_written_again(server, tmp_path):
+    """MLflow's SQL store refuses one of two simultaneous inserts of a new tag (UNIQUE constraint):
+    the claim writes it again, then settles and re-reads as usual; refused twice, the poll fails and
+    the version stays pending."""
     _, version = register(server, tmp_path, "m-conflict")
     agent = make_agent(server, tmp_path, "m-conflict", claim_settle_s=0.1)
     real = agent.registry.set_tags
     owner = contract.edge_key(DEVICE, contract.TAG_CLAIMED_BY)
 
-    def refused_after(other: str | None):
+    def refused(times: int):
+        left = [times]
+
         def set_tags(v, tags):
-            if owner in tags:  # the claim: another agent's write lands first (or nobody's)
-                if other:
-                    real(v, {owner: other})
+            if owner in tags and left[0] > 0:  # another agent's insert lands first, ours is refused
+                left[0] -= 1
+                real(v, {owner: "other-agent"})
                 raise RuntimeError("UNIQUE constraint failed: model_version_tags.key")
             real(v, tags)
 
         return set_tags
 
-    agent.registry.set_tags = refused_after("other-agent")
-    assert agent.poll_once() == []  # lost the race, no error
-    assert agent.registry.get(version).status(DEVICE) == contract.PENDING
-    agent.registry.set_tags = refused_after(None)
-    agent.registry.delete_tag(version, owner)
-    with pytest.raises(RuntimeError, match="UNIQUE"):  # a failure nobody explains: the poll fails
+    agent.registry.set_tags = refused(2)
+    with pytest.raises(RuntimeError, match="UNIQUE"):  # refused again: a real failure, the poll fails
         agent.poll_once()
+    assert agent.registry.get(version).status(DEVICE) == contract.PENDING
+    agent.registry.set_tags = refused(1)
+    assert agent.poll_once() == [version]  # written again: ours is the claim the re-read finds
+    assert agent.registry.get(version).status(DEVICE) == contract.DONE
 
 
 def test_stale_claim_is_taken_over_and_a_fresh_one_is_not(server, tmp_path):
