@@ -9,8 +9,10 @@ One pass (``Agent.poll_once``):
 3. claim it: re-read the version, set ``measuring`` + ``claimed_by`` + ``heartbeat``, wait
    ``claim_settle_s``, re-read; if another agent's id is there, it won and we move on. The registry
    has no compare-and-set, so this is a claim with a settle window, not a lock: two agents of one
-   device type would both measure only if their claims were further apart than the read-write
-   gap (milliseconds) yet closer than the settle window. Different device types never compete;
+   device type would both measure only if one of them stalled longer than the settle window
+   between its fresh read and its write (normally milliseconds). A tag write the store refuses
+   because the other agent inserted the same tag at that instant is written again. Different
+   device types never compete;
 4. download the ONNX, check its sha256 against the version's ``onnx_sha256``, build or reuse
    the engine, measure;
 5. write the report to the outbox, then deliver it (metrics and tags on the trial run, figures
