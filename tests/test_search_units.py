@@ -5,6 +5,8 @@ import math
 import optuna
 import pytest
 
+from edge_agent import contract
+from search import study
 from search.config import ConfigError, load_config
 from search.pareto import dominates, hypervolume_2d, pareto_front
 from search.scheduler import ParetoRungScheduler, RungPoint, dominated_at_rung
@@ -151,8 +153,6 @@ def test_collect_settles_trial_runs_to_what_tune_saw(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from edge_agent import contract
-    from search import study
     from search.run import collect
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -186,8 +186,7 @@ def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path, monkeyp
     recorded result is reported again; a run cut off mid-training is trained again."""
     from mlflow.tracking import MlflowClient
 
-    from edge_agent import contract
-    from search import study, trainable
+    from search import trainable
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id = study.ensure_experiment(uri, "rerun")
