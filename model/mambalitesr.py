@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.scan import MAX_CHUNK, SelectiveScan
+from model.scan import MAX_CHUNK, SCAN_FORMS, SelectiveScan
 
-SCANS = ("chunked", "reference", "mamba_ssm")
+SCANS = SCAN_FORMS
 SCALES = (2, 3, 4)
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted at the input and added back (EDSR/DVMSR)
 
@@ -38,7 +38,9 @@ class ModelConfig:
     d_conv: int = 4  # causal depthwise conv kernel before the scan, Mamba's default
     rank: int = 2  # r: rank of the Delta path (E x r)(r x E); the paper's student uses 2
     scale: int = 4  # upscaling factor: 2, 3 or 4
-    scan: str = "chunked"  # "chunked" (exportable, default), "reference", "mamba_ssm" (CUDA)
+    # Scan form for training and PyTorch inference (model/scan.py): "auto" picks triton on CUDA, the
+    # fused CPU kernel on the CPU, chunked where neither is available. Export always traces "chunked".
+    scan: str = "auto"
     chunk_size: int = MAX_CHUNK  # T of the chunked scan; at most MAX_CHUNK for float32 safety
 
     def __post_init__(self) -> None:

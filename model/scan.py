@@ -1,4 +1,4 @@
-"""The selective scan of Mamba, in three forms with one signature.
+"""The selective scan of Mamba, in several forms with one signature.
 
 Equations (per batch b, channel e, state n; Mamba paper, eq. 2a/2b with zero-order-hold A and Euler B):
 
@@ -7,12 +7,19 @@ Equations (per batch b, channel e, state n; Mamba paper, eq. 2a/2b with zero-ord
 
 Forms:
 - ``selective_scan_ref``: a loop over t written straight from the equations. The ground truth.
-- ``selective_scan_chunked``: the default. Splits L into chunks of T tokens; within a chunk the
-  prefix sums are products with a T x T lower-triangular matrix, and the states entering each
-  chunk come from the same algorithm applied to the chunk summaries (recursively, so the graph has
-  O(log_T L) levels and no loop). Exports to MatMul/Exp/Mul/Reshape only: no Loop, Scan or CumSum.
+- ``selective_scan_chunked``: the export path and the fallback everywhere. Splits L into chunks of
+  T tokens; within a chunk the prefix sums are products with a T x T lower-triangular matrix, and
+  the states entering each chunk come from the same algorithm applied to the chunk summaries
+  (recursively, so the graph has O(log_T L) levels and no loop). Exports to MatMul/Exp/Mul/Reshape
+  only: no Loop, Scan or CumSum. Memory-bound: it materialises (L, E, N) tensors.
+- ``selective_scan_fused``: a compiled CPU kernel (model/csrc/selective_scan_cpu.cpp, built at first
+  use by model/cpu_kernel.py), forward and backward; the state stays in L1, nothing of size
+  (L, E, N) is written, the backward pass recomputes from states saved every FUSED_SEGMENT tokens.
+- ``selective_scan_triton`` (model/scan_triton.py): the same design as a Triton kernel, for CUDA.
 - ``selective_scan_cuda``: the ``mamba-ssm`` CUDA kernel, used only when it is installed and the
   tensors are on CUDA.
+``selective_scan(impl="auto")`` picks triton on CUDA, fused on the CPU, chunked where neither runs
+(``resolve_scan``). Exported ONNX graphs always use the chunked form (model/export.py).
 
 All forms take u, delta (B, L, E); A (E, N); B, C (B, L, N); D (E,) or None, and return y (B, L, E)
 and, with ``return_final_state``, the last state h[L-1] (B, E, N). Like the CUDA kernel, the
@@ -39,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+SCAN_FORMS = ("auto", "fused", "triton", "chunked", "reference", "mamba_ssm")
 MAX_CHUNK = 8  # largest chunk length T of the chunked form (see "Numerical safety")
 EXP_LIMIT = {torch.float32: 64.0, torch.float64: 640.0}  # largest exponent the chunked form forms
 
@@ -176,6 +184,109 @@ def _chunked_one(u, delta, A, B, C, D, chunk_size: int) -> tuple[torch.Tensor, t
     return y.to(out_dtype), h[:, -1].to(out_dtype)
 
 
+FUSED_SEGMENT = 32  # K: the fused CPU kernel saves the state entering every K tokens for backward
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _fused_forward(lib, u, delta, A, B, C, D, save_states: bool):
+    """Run the CPU kernel's forward on contiguous tensors of one dtype (float32 or float64)."""
+    batch, length, inner = u.shape
+    n_state = A.shape[1]
+    y = torch.empty_like(u)
+    h_last = u.new_empty(batch, inner, n_state)
+    n_seg = -(-length // FUSED_SEGMENT)
+    ckpt = u.new_empty(batch, n_seg, n_state, inner) if save_states else None
+    fn = lib.ss_forward_f64 if u.dtype == torch.float64 else lib.ss_forward_f32
+    dims = (batch, length, inner, n_state, FUSED_SEGMENT, torch.get_num_threads())
+    rc = fn(*map(_ptr, (u, delta, A, B, C, D, y, h_last, ckpt)), *dims)
+    if rc != 0:
+        raise RuntimeError(f"fused scan kernel refused shapes u {tuple(u.shape)}, A {tuple(A.shape)}")
+    return y, h_last, ckpt
+
+
+class _FusedScan(torch.autograd.Function):
+    """The CPU kernel as an autograd function; inputs are contiguous and of one float dtype."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D):
+        from model.cpu_kernel import kernel
+
+        y, h_last, ckpt = _fused_forward(kernel(), u, delta, A, B, C, D, save_states=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, ckpt)
+        ctx.has_D = D is not None
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        from model.cpu_kernel import kernel
+
+        lib = kernel()
+        u, delta, A, B, C, D, ckpt = ctx.saved_tensors
+        batch, length, inner = u.shape
+        n_state = A.shape[1]
+        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
+        dh_last = None if dh_last is None else dh_last.to(u.dtype).contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dA, dB, dC = torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
+        dD = torch.empty_like(D) if ctx.has_D else None
+        f64 = u.dtype == torch.float64
+        scratch_len = (lib.ss_backward_scratch_f64 if f64 else lib.ss_backward_scratch_f32)(
+            batch, length, inner, n_state
+        )
+        scratch = u.new_empty(scratch_len)
+        fn = lib.ss_backward_f64 if f64 else lib.ss_backward_f32
+        tensors = (u, delta, A, B, C, D, ckpt, dy, dh_last, du, ddelta, dA, dB, dC, dD, scratch)
+        dims = (batch, length, inner, n_state, FUSED_SEGMENT, torch.get_num_threads())
+        rc = fn(*map(_ptr, tensors), *dims)
+        if rc != 0:
+            raise RuntimeError(f"fused scan kernel refused shapes u {tuple(u.shape)}, A {tuple(A.shape)}")
+        return du, ddelta, dA, dB, dC, dD
+
+
+def fused_available() -> bool:
+    """True when the fused CPU kernel is built (or builds now) and loads in this process."""
+    from model.cpu_kernel import kernel
+
+    return kernel() is not None
+
+
+def selective_scan_fused(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> ScanResult:
+    """The fused CPU kernel (model/csrc/selective_scan_cpu.cpp). Same contract as ``selective_scan_ref``.
+
+    Keeps the state in a per-thread buffer, never writes (L, E, N) tensors, and saves only the state
+    entering every FUSED_SEGMENT tokens for the backward pass. Where the kernel cannot be built (no
+    compiler: one warning, see model/cpu_kernel.py) or the tensors are not on the CPU, the chunked
+    form runs instead.
+    """
+    from model.cpu_kernel import kernel
+
+    lib = kernel() if u.device.type == "cpu" else None
+    if lib is None:
+        return selective_scan_chunked(u, delta, A, B, C, D, return_final_state)
+    out_dtype = u.dtype
+    ct = _compute_dtype(u.dtype)
+    args = [t.to(ct).contiguous() for t in (u, delta, A, B, C)]
+    Dc = None if D is None else D.to(ct).contiguous()
+    tracked = (u, delta, A, B, C) + (() if D is None else (D,))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        y, h_last = _FusedScan.apply(*args, Dc)
+    else:
+        y, h_last, _ = _fused_forward(lib, *args, Dc, save_states=False)
+    y = y.to(out_dtype)
+    return (y, h_last.to(out_dtype)) if return_final_state else y
+
+
 @functools.cache
 def _mamba_ssm_fn():
     """The mamba-ssm kernel's Python entry point, or None when it cannot be imported."""
@@ -223,6 +334,29 @@ def selective_scan_cuda(
     return out.transpose(1, 2)
 
 
+def resolve_scan(impl: str, device: torch.device | str) -> str:
+    """The form that ``impl`` runs as on ``device``: what the training log and MLflow params report.
+
+    "auto" is "triton" on CUDA where Triton imports, "fused" on the CPU where the kernel builds,
+    "chunked" otherwise; "fused", "triton" and "mamba_ssm" fall back to "chunked" where they cannot run.
+    """
+    if impl not in SCAN_FORMS:
+        raise ValueError(f"unknown scan {impl!r}; use one of {SCAN_FORMS}")
+    kind = torch.device(device).type
+    if impl == "auto":
+        impl = "triton" if kind == "cuda" else "fused"
+    if impl == "fused" and not (kind == "cpu" and fused_available()):
+        return "chunked"
+    if impl == "triton":
+        from model.scan_triton import triton_available
+
+        if not (kind == "cuda" and triton_available()):
+            return "chunked"
+    if impl == "mamba_ssm" and not (kind == "cuda" and mamba_ssm_available()):
+        return "chunked"
+    return impl
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -231,25 +365,27 @@ def selective_scan(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
     return_final_state: bool = False,
-    impl: str = "chunked",
+    impl: str = "auto",
     chunk_size: int = MAX_CHUNK,
 ) -> ScanResult:
     """Dispatch to one scan form.
 
     Args:
-        impl: "chunked" (default), "reference", or "mamba_ssm" (the CUDA kernel when installed and
-            ``u`` is on CUDA, otherwise the chunked form).
+        impl: one of SCAN_FORMS; "auto" (default) and the kernels resolve as ``resolve_scan`` says.
         chunk_size: T for the chunked form, 1..MAX_CHUNK.
     """
-    if impl == "chunked":
+    form = resolve_scan(impl, u.device)
+    if form == "chunked":
         return selective_scan_chunked(u, delta, A, B, C, D, return_final_state, chunk_size)
-    if impl == "reference":
+    if form == "fused":
+        return selective_scan_fused(u, delta, A, B, C, D, return_final_state)
+    if form == "triton":
+        from model.scan_triton import selective_scan_triton
+
+        return selective_scan_triton(u, delta, A, B, C, D, return_final_state)
+    if form == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, return_final_state)
-    if impl == "mamba_ssm":
-        if u.is_cuda and mamba_ssm_available():
-            return selective_scan_cuda(u, delta, A, B, C, D, return_final_state)
-        return selective_scan_chunked(u, delta, A, B, C, D, return_final_state, chunk_size)
-    raise ValueError(f"unknown scan {impl!r}; use 'chunked', 'reference' or 'mamba_ssm'")
+    return selective_scan_cuda(u, delta, A, B, C, D, return_final_state)
 
 
 class SelectiveScan(torch.nn.Module):
@@ -258,7 +394,9 @@ class SelectiveScan(torch.nn.Module):
     model/export.py prefixes the ONNX nodes produced inside this module with ``fp32_scan/``: the
     chunked form's exponentials need float32 range, so a float16 engine must keep them in float32.
 
-    In training, the chunked and reference forms are recomputed in the backward pass instead of
+    The kernels (fused, triton, mamba_ssm) save only chunk-boundary states and recompute the rest in
+    their own backward pass. In training, the chunked and reference forms are recomputed in the
+    backward pass instead of
     keeping their (B, L, E, N) intermediates (activation checkpointing): about ten tensors of
     B x 4096 x E x N floats per layer would otherwise stay alive, which ran a 2-core, 24 GiB
     machine out of memory for the teacher at batch 8. The mamba-ssm kernel recomputes by itself.
@@ -266,15 +404,16 @@ class SelectiveScan(torch.nn.Module):
     resident memory at batch 8 here, against 1.6 GB reentrant (docs/benchmarks.md).
     """
 
-    def __init__(self, impl: str = "chunked", chunk_size: int = MAX_CHUNK):
+    def __init__(self, impl: str = "auto", chunk_size: int = MAX_CHUNK):
         super().__init__()
         self.impl, self.chunk_size = impl, chunk_size
 
     def forward(self, u, delta, A, B, C, D=None):
-        def run(*args):
-            return selective_scan(*args, impl=self.impl, chunk_size=self.chunk_size)
+        form = resolve_scan(self.impl, u.device)
 
-        kernel = self.impl == "mamba_ssm" and u.is_cuda and mamba_ssm_available()
-        if self.training and torch.is_grad_enabled() and not kernel:
+        def run(*args):
+            return selective_scan(*args, impl=form, chunk_size=self.chunk_size)
+
+        if self.training and torch.is_grad_enabled() and form in ("chunked", "reference"):
             return checkpoint(run, u, delta, A, B, C, D, use_reentrant=True)
         return run(u, delta, A, B, C, D)

@@ -56,7 +56,17 @@ class TuneTracker:
 
     def log_params(self, params):
         # paths differ between nodes, and a restarted trial may land on another node
-        self.mlflow.log_params({k: v for k, v in params.items() if k not in NODE_LOCAL})
+        params = {k: v for k, v in params.items() if k not in NODE_LOCAL}
+        scan_form = params.pop("scan_form", None)
+        self.mlflow.log_params(params)
+        if scan_form is not None:
+            # the form that ran depends on the node too (a compiler, a GPU): a trial restarted on a
+            # node of another kind keeps its first value (MLflow refuses a changed param) plus a tag
+            first = self.mlflow.client.get_run(self.mlflow.run_id).data.params.get("scan_form")
+            if first is None:
+                self.mlflow.log_params({"scan_form": scan_form})
+            elif first != scan_form:
+                self.mlflow.client.set_tag(self.mlflow.run_id, "scan_form.after_restart", scan_form)
 
     def log_metrics(self, metrics, step):
         self.mlflow.log_metrics(metrics, step)

@@ -93,3 +93,22 @@ def test_failed_verification_leaves_no_file(tmp_path):
     assert not out.exists()
     with pytest.raises(ExportError, match="input_shape"):
         export_onnx(build_model("tiny"), out, (1, 1, 16, 16))
+
+
+def test_the_exported_graph_is_the_same_for_every_scan_form(tmp_path):
+    torch.manual_seed(0)
+    state = build_model("tiny").state_dict()
+    graphs = {}
+    for scan in ("chunked", "auto", "fused", "triton"):  # the kernels' forms against the export path
+        net = build_model("tiny", scan=scan)
+        net.load_state_dict(state)
+        export_onnx(net, tmp_path / f"{scan}.onnx", input_shape=(1, 3, 16, 16), n_checks=1, seed=0)
+        proto = onnx.load(str(tmp_path / f"{scan}.onnx"))
+        graphs[scan] = (
+            [(n.op_type, n.name, list(n.input), list(n.output)) for n in proto.graph.node],
+            {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in proto.graph.initializer},
+        )
+    first = graphs["chunked"]
+    assert first[0] and first[1]
+    for scan, graph in graphs.items():
+        assert graph == first, f"scan={scan!r} exported another graph"

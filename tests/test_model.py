@@ -37,6 +37,30 @@ def test_scan_forms_agree_inside_the_network():
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_student_training_step_is_the_same_with_auto_and_chunked():
+    # "auto" runs the fused CPU kernel here; a student at 16x16 is a 256-token scan per layer
+    from model.scan import resolve_scan
+
+    assert resolve_scan("auto", "cpu") == "fused"
+    torch.manual_seed(2)
+    x, hr = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 64, 64)
+    results = {}
+    for scan in ("auto", "chunked"):
+        torch.manual_seed(3)
+        net = build_model("student", scan=scan).train()
+        loss = torch.nn.functional.l1_loss(net(x), hr)
+        loss.backward()
+        results[scan] = (loss.detach(), {n: p.grad for n, p in net.named_parameters()})
+    (loss_a, grads_a), (loss_c, grads_c) = results["auto"], results["chunked"]
+    torch.testing.assert_close(loss_a, loss_c, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_c.keys()
+    for name in grads_a:
+        scale = grads_c[name].abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(
+            grads_a[name] / scale, grads_c[name] / scale, rtol=1e-3, atol=1e-4, msg=name
+        )
+
+
 @pytest.mark.parametrize(
     "field,value",
     [

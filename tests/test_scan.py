@@ -1,16 +1,31 @@
-"""The chunked (and, on CUDA, mamba-ssm) scan against the sequential reference."""
+"""The chunked and fused scans (and, on CUDA, mamba-ssm) against the sequential reference.
+
+The Triton kernel has its own module, tests/test_scan_triton.py.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import model.scan as scan_mod
+from model import cpu_kernel
 from model.scan import (
     MAX_CHUNK,
+    fused_available,
     log_decay_floor,
     mamba_ssm_available,
+    resolve_scan,
     selective_scan,
     selective_scan_chunked,
+    selective_scan_fused,
     selective_scan_ref,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5)}
 
@@ -120,3 +135,193 @@ def test_cuda_scan_matches_reference(impl):
     y, h = selective_scan(*inputs, return_final_state=True, impl=impl)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+
+
+# --- the fused CPU kernel -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused():
+    # CI and developer machines have a C++ compiler: a kernel that does not build is a failure here
+    # (the fallback has its own test below).
+    assert fused_available(), "the fused CPU kernel did not build; see the warning above"
+    return selective_scan_fused
+
+
+def check_against_reference(fn, inputs, dtype, weight=None):
+    batch, length, inner = inputs[0].shape
+    weight = torch.randn(batch, length, inner, dtype=dtype) if weight is None else weight
+    y_ref, h_ref, g_ref = grads(selective_scan_ref, inputs, weight)
+    y, h, g = grads(fn, inputs, weight)
+    assert y.dtype == dtype and h.shape == h_ref.shape
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(h, h_ref, **TOL[dtype])
+    assert len(g) == len(g_ref)
+    for name, a, b in zip("u delta A B C D".split(), g, g_ref):
+        scale = b.abs().max().clamp(min=1)
+        torch.testing.assert_close(a / scale, b / scale, **TOL[dtype], msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("length", [1, 5, 31, 32, 33, 100])
+@pytest.mark.parametrize("inner", [6, 16, 40])  # one partial block, one full, two full and a partial
+def test_fused_matches_reference(fused, dtype, length, inner):
+    # FUSED_SEGMENT = 32: lengths below, at and above one segment, and several segments
+    inputs = make_inputs(length=length, inner=inner, dtype=dtype, seed=length + inner)
+    check_against_reference(fused, inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_without_D_and_with_non_contiguous_inputs(fused, dtype):
+    u, delta, A, B, C, _ = make_inputs(batch=3, length=70, inner=20, dtype=dtype, seed=7)
+    # views with other strides: the kernel must see them as the same values
+    u_t = u.transpose(1, 2).contiguous().transpose(1, 2)
+    B_wide = torch.cat([B, torch.randn_like(B)], dim=-1)[..., : B.shape[-1]]
+    A_t = A.t().contiguous().t()
+    assert not (u_t.is_contiguous() or B_wide.is_contiguous() or A_t.is_contiguous())
+    check_against_reference(fused, [u_t, delta, A_t, B_wide, C], dtype)
+    check_against_reference(fused, [u_t, delta, A_t, B_wide, C, None][:5], dtype)
+
+
+def test_fused_gradcheck_float64(fused, monkeypatch):
+    # segments of 3 tokens: the backward pass crosses several checkpoints on a tiny problem
+    monkeypatch.setattr(scan_mod, "FUSED_SEGMENT", 3)
+    inputs = [t.requires_grad_() for t in make_inputs(batch=2, length=8, inner=18, n_state=3, seed=11)]
+
+    def fn(u, delta, A, B, C, D):
+        y, h = selective_scan_fused(u, delta, A, B, C, D, return_final_state=True)
+        return y, h
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_fused_strong_decay_matches_reference(fused):
+    # delta * A down to about -400 per step: exp underflows; the kernel saturates at exp(-87.3)
+    u, delta, A, B, C, D = make_inputs(
+        length=150, inner=20, dtype=torch.float32, max_step_decay=200.0, seed=4
+    )
+    delta = delta * 2
+    assert (delta[..., None] * A).min() < -350
+    inputs = [u, delta, A, B, C, D]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y = selective_scan_fused(*leaves)
+    y.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves), "non-finite gradient"
+    check_against_reference(selective_scan_fused, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_half_precision_inputs(fused, dtype):
+    inputs = make_inputs(length=120, inner=20, dtype=torch.float64, seed=3)
+    y_ref = selective_scan_ref(*inputs)
+    leaves = [t.to(dtype).requires_grad_() for t in inputs]
+    y = selective_scan_fused(*leaves)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in leaves)
+    # computed in float32 from inputs rounded to dtype: the error is the inputs' rounding
+    y_32 = selective_scan_ref(*[t.detach().float() for t in leaves])
+    torch.testing.assert_close(
+        y.float(), y_32.to(dtype).float(), rtol=0, atol=2 * y_32.abs().max().item() * 2**-8
+    )
+    assert ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item() < 0.02
+
+
+def test_fused_gives_the_same_bits_on_one_and_two_threads(fused):
+    inputs = make_inputs(batch=3, length=90, inner=40, dtype=torch.float32, seed=5)
+    weight = torch.randn(3, 90, 40)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads(selective_scan_fused, inputs, weight)
+        torch.set_num_threads(2)
+        two = grads(selective_scan_fused, inputs, weight)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    for a, b in zip(one[2], two[2]):
+        assert torch.equal(a, b)
+
+
+def test_fused_without_gradients_saves_nothing_and_agrees(fused):
+    inputs = make_inputs(length=64, inner=16, dtype=torch.float32, seed=9)
+    with torch.no_grad():
+        y, h = selective_scan_fused(*inputs, return_final_state=True)
+    y_ref, h_ref = selective_scan_ref(*inputs, return_final_state=True)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    torch.testing.assert_close(h, h_ref, **TOL[torch.float32])
+
+
+def test_loading_the_kernel_leaves_denormals_alone(fused):
+    # a build with -ffast-math would link code that sets flush-to-zero for the whole process
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert (tiny * 0.5).item() != 0.0
+
+
+def test_auto_resolves_to_fused_on_the_cpu(fused):
+    assert resolve_scan("auto", "cpu") == "fused"
+    assert resolve_scan("fused", "cpu") == "fused"
+    assert resolve_scan("triton", "cpu") == "chunked"  # Triton runs on CUDA only (tests use its interpreter)
+    assert resolve_scan("mamba_ssm", "cpu") == "chunked"
+    inputs = make_inputs(length=20)
+    torch.testing.assert_close(selective_scan(*inputs), selective_scan_fused(*inputs))
+
+
+def test_build_is_cached_per_cpu_feature_set(tmp_path, monkeypatch):
+    first = cpu_kernel.build(directory=tmp_path)
+    assert not first.cached and first.path.exists() and first.seconds > 0
+    again = cpu_kernel.build(directory=tmp_path)
+    assert again.cached and again.path == first.path
+    assert cpu_kernel.load(again.path).ss_abi_version() == cpu_kernel.ABI_VERSION
+    # another machine (say AVX2 only) sharing this cache directory must get its own build
+    real = cpu_kernel.cpu_features()
+    monkeypatch.setattr(cpu_kernel, "cpu_features", lambda: real.replace("avx512f", "") + " fake-avx2-only")
+    monkeypatch.setattr(cpu_kernel, "_compile", lambda cxx, flags, out: out.write_bytes(b"other build"))
+    other = cpu_kernel.build(directory=tmp_path)
+    assert other.path != first.path and not other.cached
+    assert not list(tmp_path.glob("*.tmp")), "a temporary build file was left behind"
+
+
+def test_failed_build_leaves_no_file_and_says_why(tmp_path):
+    fake = tmp_path / "fake-c++"
+    fake.write_text(
+        "#!/bin/sh\necho 'fake-c++ 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'error: no' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    with pytest.raises(cpu_kernel.KernelBuildError, match="failed to build"):
+        cpu_kernel.build(cxx=str(fake), directory=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("*.tmp"))
+
+
+FALLBACK_SCRIPT = """
+import torch
+from model.scan import resolve_scan, selective_scan, selective_scan_chunked
+from tests.test_scan import make_inputs
+inputs = make_inputs(length=40)
+for _ in range(3):
+    y = selective_scan(*inputs, impl="fused")
+torch.testing.assert_close(y, selective_scan_chunked(*inputs))
+print("resolved:", resolve_scan("auto", "cpu"))
+"""
+
+
+def test_without_a_compiler_one_warning_and_the_chunked_form(tmp_path):
+    env = {
+        **os.environ,
+        "MAMBALITESR_CXX": str(tmp_path / "no-such-compiler"),
+        "MAMBALITESR_CACHE_DIR": str(tmp_path),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "resolved: chunked" in out.stdout
+    warnings = [line for line in out.stderr.splitlines() if "fused CPU scan unavailable" in line]
+    assert len(warnings) == 1, out.stderr
+    assert "no-such-compiler" in warnings[0] and "apt-get install g++" in warnings[0]

@@ -233,5 +233,7 @@ def test_mlflow_tracker_logs_params_metrics_and_artifacts(tmp_path):
     run = MlflowClient(uri).get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["role"] == "teacher"
     assert run.data.params["model.embed_dim"] == "8" and "val_psnr_y" in run.data.metrics
+    # which scan form ran: "auto" is the fused CPU kernel here (it builds on CI and dev machines)
+    assert run.data.params["model.scan"] == "auto" and run.data.params["scan_form"] == "fused"
     names = {f.path for f in MlflowClient(uri).list_artifacts(tracker.run_id)}
     assert {"checkpoint", "samples"} <= names

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from model import ModelConfig, build_model, count_flops, count_params, preset
 from model.mambalitesr import PRESETS, MambaLiteSR, config_from_dict, load_model
 from model.runtime import keep_freed_memory
+from model.scan import SCAN_FORMS, resolve_scan
 from trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainers.data import DataError, ImagePair, PatchSampler, load_sets
 from trainers.energy import EnergyMeter, EnergyReading
@@ -187,6 +188,13 @@ def _load_teacher(cfg: TrainConfig, device: torch.device) -> MambaLiteSR | None:
 
 def _compare_configs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     ignore = {"out_dir", "device", "log_every"}  # may differ between an interrupted run and its resume
+
+    def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+        # the scan form changes speed, not the function: a run may resume on a machine with another one
+        model = {k: v for k, v in (cfg.get("model") or {}).items() if k != "scan"}
+        return {**cfg, "model": model}
+
+    saved, current = comparable(saved), comparable(current)
     return sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
 
 
@@ -242,7 +250,9 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     params, flops_g = count_params(net), count_flops(cfg.model, 64, 64).gflops
-    tracker.log_params({**cfg.to_dict(), "params": params, "flops_g": flops_g})
+    scan_form = resolve_scan(cfg.model.scan, device)  # what "auto" (or a missing kernel) comes to here
+    log.info("%s training with the %s selective scan on %s", cfg.role, scan_form, device)
+    tracker.log_params({**cfg.to_dict(), "params": params, "flops_g": flops_g, "scan_form": scan_form})
     ckpt_every = cfg.checkpoint_every or cfg.val_every
     step_time = teacher_time = 0.0
     steps_timed = 0
@@ -383,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", type=int, dest="n_groups")
     p.add_argument("--blocks", type=int, dest="blocks_per_group")
     p.add_argument("--scale", type=int)
+    p.add_argument(
+        "--scan",
+        choices=SCAN_FORMS,
+        help="selective scan form (default auto: triton on CUDA, the fused kernel on the CPU)",
+    )
     p.add_argument("--teacher", help="teacher checkpoint (student role)")
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -418,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {
         k: getattr(args, k)
-        for k in ("embed_dim", "rank", "n_groups", "blocks_per_group", "scale")
+        for k in ("embed_dim", "rank", "n_groups", "blocks_per_group", "scale", "scan")
         if getattr(args, k) is not None
     }
     model_cfg = preset(args.preset or args.role, **overrides)
