@@ -1,4 +1,5 @@
-"""Build, cache and load the fused CPU scan kernel (model/csrc/selective_scan_cpu.cpp).
+"""Build, cache and load the fused CPU kernels (model/csrc/selective_scan_cpu.cpp): the selective
+scan and the causal depthwise conv1d + SiLU in front of it.
 
     python -m model.cpu_kernel        # build now (or find the cached build) and print where it is
 
@@ -37,7 +38,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
-ABI_VERSION = 1  # ss_abi_version() of a build this module can call
+ABI_VERSION = 2  # ss_abi_version() of a build this module can call
 FLAGS = ("-O3", "-std=c++20", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
 # Tuned to this CPU; dropped (and the key changes with them) if the compiler refuses them. On x86,
 # 512-bit vectors where the CPU has them: gcc prefers 256 bits by default, and this kernel's W = 16
@@ -218,6 +219,12 @@ def load(path: Path) -> ctypes.CDLL:
         scratch = getattr(lib, f"ss_backward_scratch_{suffix}")
         scratch.argtypes = [i64] * 4
         scratch.restype = i64
+        conv_fwd = getattr(lib, f"conv_silu_forward_{suffix}")
+        conv_fwd.argtypes = [p] * 4 + [i64] * 5 + [i32]
+        conv_fwd.restype = i32
+        conv_bwd = getattr(lib, f"conv_silu_backward_{suffix}")
+        conv_bwd.argtypes = [p] * 8 + [i64] * 5 + [i32]
+        conv_bwd.restype = i32
     return lib
 
 

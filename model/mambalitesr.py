@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.causal_conv import causal_conv1d_silu_fused, causal_conv1d_silu_ref
 from model.scan import MAX_CHUNK, SCAN_FORMS, SelectiveScan
 
 SCANS = SCAN_FORMS
@@ -128,11 +129,11 @@ class MambaMixer(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        L = x.shape[1]
         xz = self.in_proj(x)  # (B, L, 2E)
         x, z = xz.chunk(2, dim=-1)  # (B, L, E) each
-        x = self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2)  # causal: keep the first L
-        x = F.silu(x)
+        # causal depthwise conv + SiLU; the fused scan's kernel library has it too (model/causal_conv.py)
+        conv = causal_conv1d_silu_fused if self.ssm.form(x.device) == "fused" else causal_conv1d_silu_ref
+        x = conv(x, self.conv1d.weight, self.conv1d.bias)
         dt, B, C = torch.split(self.x_proj(x), [self.rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))  # (B, L, E)
         A = -torch.exp(self.A_log)  # (E, N)

@@ -408,8 +408,12 @@ class SelectiveScan(torch.nn.Module):
         super().__init__()
         self.impl, self.chunk_size = impl, chunk_size
 
+    def form(self, device: torch.device) -> str:
+        """The form that runs on ``device`` (see ``resolve_scan``)."""
+        return resolve_scan(self.impl, device)
+
     def forward(self, u, delta, A, B, C, D=None):
-        form = resolve_scan(self.impl, u.device)
+        form = self.form(u.device)
 
         def run(*args):
             return selective_scan(*args, impl=form, chunk_size=self.chunk_size)

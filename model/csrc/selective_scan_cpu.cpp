@@ -33,6 +33,9 @@
 
 namespace {
 
+// Everything called inside a lane loop must inline, or the loop stays scalar.
+#define SS_INLINE inline __attribute__((always_inline))
+
 constexpr int W = 16;  // channels per block: one AVX-512 register of float32, two of AVX2
 
 // exp(x) for a vectorisable loop: 2^k * p(r) with x = k ln2 + r, |r| <= ln2/2, p a Taylor
@@ -72,7 +75,7 @@ constexpr T inv_factorial(int i) {
 // sum_{i=I..DEG} r^(i-I) / i! in Horner form, unrolled at compile time (a loop here would keep the
 // compiler from vectorising the loops that call fast_exp).
 template <typename T, int I, int DEG>
-inline T taylor_exp(T r) {
+SS_INLINE T taylor_exp(T r) {
     constexpr T c = inv_factorial<T>(I);
     if constexpr (I == DEG) {
         return c;
@@ -82,10 +85,12 @@ inline T taylor_exp(T r) {
 }
 
 template <typename T>
-inline T fast_exp(T x) {
+SS_INLINE T fast_exp(T x) {
     using X = ExpTraits<T>;
     using I = typename X::Int;
-    const T xc = std::min(std::max(x, X::lo), X::hi);  // NaN stays NaN (std::max(NaN, lo) is NaN)
+    const T lo = X::lo, hi = X::hi;  // values, not references: the clamp must be branch-free
+    T xc = x < lo ? lo : x;  // NaN stays NaN (a comparison with NaN is false)
+    xc = xc > hi ? hi : xc;
     const T kf = (xc * T(1.4426950408889634) + X::round_magic) - X::round_magic;  // round(x / ln2)
     const T r = (xc - kf * X::ln2_hi) - kf * X::ln2_lo;
     const T p = taylor_exp<T, 0, X::degree>(r);
@@ -103,7 +108,7 @@ struct Problem {
 
 // Copy W lanes of row src (channels e0..e0+W) into dst; lanes past E read as zero.
 template <typename T, bool FULL>
-inline void load_lanes(T *dst, const T *src, int bw) {
+SS_INLINE void load_lanes(T *dst, const T *src, int bw) {
     if constexpr (FULL) {
         for (int w = 0; w < W; ++w) dst[w] = src[w];
     } else {
@@ -112,7 +117,7 @@ inline void load_lanes(T *dst, const T *src, int bw) {
 }
 
 template <typename T, bool FULL>
-inline void store_lanes(T *dst, const T *src, int bw) {
+SS_INLINE void store_lanes(T *dst, const T *src, int bw) {
     if constexpr (FULL) {
         for (int w = 0; w < W; ++w) dst[w] = src[w];
     } else {
@@ -332,6 +337,164 @@ void backward(const Problem<T> &p, const T *ckpt, const T *dy, const T *dh_last,
         }
 }
 
+
+// ---- Causal depthwise conv1d + SiLU, the op in front of the scan --------------------------------
+//     a[t,e] = bias[e] + sum_k weight[e,k] x[t-K+1+k, e]   (x = 0 before t = 0),   out = a * sigmoid(a)
+// Same items (batch x channel block) and lanes as the scan. x may be a view whose rows are spaced by
+// x_row elements (the first half of the mixer's in_proj output); out and dx are contiguous.
+// Backward recomputes a from x (K multiply-adds) instead of saving it.
+
+template <typename T>
+struct ConvProblem {
+    const T *x, *weight, *bias;  // x (B, L, E) with row stride x_row; weight (E, K); bias (E,)
+    int64_t batch, L, E, K, x_row;
+    int64_t blocks() const { return (E + W - 1) / W; }
+};
+
+template <typename T>
+SS_INLINE T sigmoid(T a) {
+    return T(1) / (T(1) + fast_exp(-a));
+}
+
+// silu over one block's lanes, and its gradient. Not inlined: inlined into the token loop, gcc
+// (12) unrolls these loops before vectorising them and leaves them scalar, 10x slower.
+template <typename T>
+__attribute__((noinline)) void silu_lanes(const T *__restrict a, T *__restrict out) {
+    for (int w = 0; w < W; ++w) out[w] = a[w] * sigmoid(a[w]);
+}
+
+template <typename T>
+__attribute__((noinline)) void silu_grad_lanes(const T *__restrict a, const T *__restrict g,
+                                               T *__restrict da) {
+    for (int w = 0; w < W; ++w) {
+        const T s = sigmoid(a[w]);
+        da[w] = g[w] * s * (T(1) + a[w] * (T(1) - s));  // g * d silu(a) / da
+    }
+}
+
+// One tap k of the conv, backward: dx += weight_k * da, dweight_k += da * x (not inlined: as above).
+template <typename T>
+__attribute__((noinline)) void tap_grad_lanes(const T *__restrict x, const T *__restrict da,
+                                              const T *__restrict weight, T *__restrict dx,
+                                              T *__restrict dweight) {
+    for (int w = 0; w < W; ++w) {
+        dx[w] += weight[w] * da[w];
+        dweight[w] += da[w] * x[w];
+    }
+}
+
+// a[t] for one block's lanes
+template <typename T, bool FULL>
+SS_INLINE void conv_pre(const ConvProblem<T> &p, const T *xb, int64_t t, const T *w_blk, const T *b_blk,
+                     int bw, T *a) {
+    for (int w = 0; w < W; ++w) a[w] = b_blk[w];
+    for (int64_t k = std::max<int64_t>(0, p.K - 1 - t); k < p.K; ++k) {
+        const int64_t src = t - (p.K - 1) + k;
+        T xv[W];
+        load_lanes<T, FULL>(xv, xb + src * p.x_row, bw);
+        for (int w = 0; w < W; ++w) a[w] += w_blk[k * W + w] * xv[w];
+    }
+}
+
+template <typename T>
+void load_conv_params(const ConvProblem<T> &p, int64_t e0, int bw, T *w_blk, T *b_blk) {
+    for (int64_t k = 0; k < p.K; ++k)
+        for (int w = 0; w < W; ++w) w_blk[k * W + w] = w < bw ? p.weight[(e0 + w) * p.K + k] : T(0);
+    for (int w = 0; w < W; ++w) b_blk[w] = w < bw ? p.bias[e0 + w] : T(0);
+}
+
+template <typename T, bool FULL>
+void conv_forward_item(const ConvProblem<T> &p, int64_t b, int64_t blk, T *out, T *work) {
+    const int64_t e0 = blk * W;
+    const int bw = static_cast<int>(std::min<int64_t>(W, p.E - e0));
+    T *w_blk = work, b_blk[W];
+    load_conv_params(p, e0, bw, w_blk, b_blk);
+    const T *xb = p.x + b * p.L * p.x_row + e0;
+    T *ob = out + b * p.L * p.E + e0;
+    for (int64_t t = 0; t < p.L; ++t) {
+        T a[W], o[W];
+        conv_pre<T, FULL>(p, xb, t, w_blk, b_blk, bw, a);
+        silu_lanes(a, o);
+        store_lanes<T, FULL>(ob + t * p.E, o, bw);
+    }
+}
+
+template <typename T, bool FULL>
+void conv_backward_item(const ConvProblem<T> &p, int64_t b, int64_t blk, const T *dout, T *dx,
+                        T *dw_part, T *db_part, T *work) {
+    const int64_t e0 = blk * W, K = p.K;
+    const int bw = static_cast<int>(std::min<int64_t>(W, p.E - e0));
+    T *w_blk = work, *dw_acc = work + K * W, b_blk[W], db_acc[W];
+    load_conv_params(p, e0, bw, w_blk, b_blk);
+    std::fill(dw_acc, dw_acc + K * W, T(0));
+    std::fill(db_acc, db_acc + W, T(0));
+    const T *xb = p.x + b * p.L * p.x_row + e0, *gb = dout + b * p.L * p.E + e0;
+    T *dxb = dx + b * p.L * p.E + e0;
+    for (int64_t t = 0; t < p.L; ++t) {
+        T a[W], g[W], da[W];
+        conv_pre<T, FULL>(p, xb, t, w_blk, b_blk, bw, a);
+        load_lanes<T, FULL>(g, gb + t * p.E, bw);
+        silu_grad_lanes(a, g, da);
+        for (int w = 0; w < W; ++w) db_acc[w] += da[w];
+        // da[t] reaches x[t-K+1+k] through weight k; row t of dx is first touched here (k = K-1)
+        for (int64_t k = K - 1; k >= 0; --k) {
+            const int64_t dst = t - (K - 1) + k;
+            if (dst < 0) break;
+            T xv[W], dxv[W];
+            load_lanes<T, FULL>(xv, xb + dst * p.x_row, bw);
+            if (k == K - 1) {
+                for (int w = 0; w < W; ++w) dxv[w] = T(0);
+            } else {
+                load_lanes<T, FULL>(dxv, dxb + dst * p.E, bw);
+            }
+            tap_grad_lanes(xv, da, w_blk + k * W, dxv, dw_acc + k * W);
+            store_lanes<T, FULL>(dxb + dst * p.E, dxv, bw);
+        }
+    }
+    for (int w = 0; w < bw; ++w) {
+        for (int64_t k = 0; k < K; ++k) dw_part[(b * p.E + e0 + w) * K + k] = dw_acc[k * W + w];
+        db_part[b * p.E + e0 + w] = db_acc[w];
+    }
+}
+
+template <typename T>
+void conv_forward(const ConvProblem<T> &p, T *out, int n_threads) {
+    const int64_t blocks = p.blocks();
+    const bool full_tail = p.E % W == 0;
+    parallel_items<T>(p.batch * blocks, n_threads, p.K * W, [&](int64_t i, T *work) {
+        const int64_t b = i / blocks, blk = i % blocks;
+        if (full_tail || blk + 1 < blocks)
+            conv_forward_item<T, true>(p, b, blk, out, work);
+        else
+            conv_forward_item<T, false>(p, b, blk, out, work);
+    });
+}
+
+template <typename T>
+void conv_backward(const ConvProblem<T> &p, const T *dout, T *dx, T *dw, T *db, T *scratch, int n_threads) {
+    // scratch: dw partials (batch, E, K), db partials (batch, E), summed over the batch in order
+    const int64_t blocks = p.blocks();
+    T *dw_part = scratch, *db_part = scratch + p.batch * p.E * p.K;
+    const bool full_tail = p.E % W == 0;
+    parallel_items<T>(p.batch * blocks, n_threads, 2 * p.K * W, [&](int64_t i, T *work) {
+        const int64_t b = i / blocks, blk = i % blocks;
+        if (full_tail || blk + 1 < blocks)
+            conv_backward_item<T, true>(p, b, blk, dout, dx, dw_part, db_part, work);
+        else
+            conv_backward_item<T, false>(p, b, blk, dout, dx, dw_part, db_part, work);
+    });
+    for (int64_t j = 0; j < p.E * p.K; ++j) {
+        T s = T(0);
+        for (int64_t b = 0; b < p.batch; ++b) s += dw_part[b * p.E * p.K + j];
+        dw[j] = s;
+    }
+    for (int64_t e = 0; e < p.E; ++e) {
+        T s = T(0);
+        for (int64_t b = 0; b < p.batch; ++b) s += db_part[b * p.E + e];
+        db[e] = s;
+    }
+}
+
 }  // namespace
 
 // The C ABI that model/cpu_kernel.py binds. Tensors are contiguous, of one dtype, shaped as in
@@ -361,7 +524,27 @@ void backward(const Problem<T> &p, const T *ckpt, const T *dy, const T *dh_last,
         return 0;                                                                                     \
     }
 
+#define CONV_DEFINE(SUFFIX, T)                                                                        \
+    SS_EXPORT int conv_silu_forward_##SUFFIX(const T *x, const T *weight, const T *bias, T *out,       \
+                                             int64_t batch, int64_t L, int64_t E, int64_t K,           \
+                                             int64_t x_row, int n_threads) {                           \
+        if (batch < 1 || L < 1 || E < 1 || K < 1 || x_row < E) return 1;                              \
+        conv_forward<T>(ConvProblem<T>{x, weight, bias, batch, L, E, K, x_row}, out, n_threads);      \
+        return 0;                                                                                     \
+    }                                                                                                 \
+    SS_EXPORT int conv_silu_backward_##SUFFIX(const T *x, const T *weight, const T *bias,            \
+                                              const T *dout, T *dx, T *dw, T *db, T *scratch,         \
+                                              int64_t batch, int64_t L, int64_t E, int64_t K,          \
+                                              int64_t x_row, int n_threads) {                          \
+        if (batch < 1 || L < 1 || E < 1 || K < 1 || x_row < E) return 1;                              \
+        conv_backward<T>(ConvProblem<T>{x, weight, bias, batch, L, E, K, x_row}, dout, dx, dw, db,    \
+                         scratch, n_threads);                                                         \
+        return 0;                                                                                     \
+    }
+
 SS_DEFINE(f32, float)
 SS_DEFINE(f64, double)
+CONV_DEFINE(f32, float)
+CONV_DEFINE(f64, double)
 
-SS_EXPORT int ss_abi_version() { return 1; }
+SS_EXPORT int ss_abi_version() { return 2; }
