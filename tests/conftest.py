@@ -1,9 +1,15 @@
 """Shared test helpers: where ../shared lives, small image folders."""
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Triton reads this when model.scan_triton is imported: without a GPU its tests run in the
+# interpreter on the CPU (tests/test_scan_triton.py)
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 from servers import mlflow_server
 
