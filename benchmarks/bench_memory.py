@@ -1,7 +1,7 @@
-"""Peak resident memory and time of one training step of a preset, with and without recomputing
-the scan in the backward pass.
+"""Peak resident memory and time of one training step of a preset, by scan form; for the chunked
+form, with and without recomputing the scan in the backward pass.
 
-    python -m benchmarks.bench_memory --preset student --batch 8 [--no-checkpoint]
+    python -m benchmarks.bench_memory --preset student --batch 8 [--scan auto] [--no-checkpoint]
 
 Run each variant in its own process: peak RSS only grows.
 """
@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.common import machine
 from model import build_model
-from model.scan import SelectiveScan
+from model.scan import SCAN_FORMS, SelectiveScan, resolve_scan
 
 
 def peak_gb() -> float:
@@ -28,10 +28,13 @@ def main() -> None:
     p.add_argument("--preset", default="student")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--patch", type=int, default=64)
-    p.add_argument("--no-checkpoint", action="store_true", help="keep the scan's intermediates instead")
+    p.add_argument("--scan", default="auto", choices=SCAN_FORMS)
+    p.add_argument(
+        "--no-checkpoint", action="store_true", help="chunked: keep the scan's intermediates instead"
+    )
     args = p.parse_args()
     torch.manual_seed(0)
-    net = build_model(args.preset).train()
+    net = build_model(args.preset, scan=args.scan).train()
     if args.no_checkpoint:
         for m in net.modules():
             if isinstance(m, SelectiveScan):
@@ -42,12 +45,13 @@ def main() -> None:
     fwd_s, fwd_gb = time.perf_counter() - t0, peak_gb()
     y.square().mean().backward()
     step_s = time.perf_counter() - t0
-    mode = "kept" if args.no_checkpoint else "recomputed"
+    form = resolve_scan(args.scan, "cpu")
+    mode = "kernel" if form == "fused" else ("kept" if args.no_checkpoint else "recomputed")
     print(machine())
     print(
-        f"{args.preset} batch {args.batch} x {args.patch}x{args.patch}, scan intermediates {mode}: "
-        f"forward {fwd_s:.1f} s, peak {fwd_gb:.1f} GB; "
-        f"forward+backward {step_s:.1f} s, peak {peak_gb():.1f} GB"
+        f"{args.preset} batch {args.batch} x {args.patch}x{args.patch}, {form} scan ({mode}): "
+        f"forward {fwd_s:.2f} s, peak {fwd_gb:.2f} GB; "
+        f"forward+backward {step_s:.2f} s, peak {peak_gb():.2f} GB"
     )
 
 

@@ -46,6 +46,9 @@ FLAGS = ("-O3", "-std=c++20", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
 NATIVE_FLAGS = ("-march=native",) + (
     ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()
 )
+# Threads from PyTorch's OpenMP pool (see parallel_items in the source); dropped where the compiler
+# has no OpenMP (Apple clang without libomp), and the kernel then starts its own threads.
+OPENMP_FLAGS = ("-fopenmp",)
 COMPILERS = ("g++", "c++", "clang++")
 INSTALL_HINT = (
     "install a C++20 compiler (Debian/Ubuntu: `apt-get install g++`; macOS: `xcode-select --install`) "
@@ -155,7 +158,7 @@ def build(cxx: str | None = None, directory: Path | None = None) -> Build:
         raise KernelBuildError(f"the C++ compiler {cxx!r} was not found; {INSTALL_HINT}")
     directory = directory or cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    attempts = [FLAGS + NATIVE_FLAGS, FLAGS]
+    attempts = [FLAGS + NATIVE_FLAGS + OPENMP_FLAGS, FLAGS + OPENMP_FLAGS, FLAGS]
     error: KernelBuildError | None = None
     for flags in attempts:
         key = build_key(cxx, flags)

@@ -19,8 +19,8 @@
 // dB and dC sum over channels, and dA and dD over the batch: each item writes its own partial sums
 // and a final pass adds them in a fixed order, so the result does not depend on the thread count.
 //
-// Threads: items are dealt round-robin to n_threads std::threads; the caller (ctypes) has released
-// the GIL. Tail lanes of a block past E are computed on zeros and never stored.
+// Threads: items are dealt round-robin to n_threads threads (see parallel_items); the caller
+// (ctypes) has released the GIL. Tail lanes of a block past E are computed on zeros and never stored.
 
 #include <algorithm>
 #include <bit>
@@ -30,6 +30,10 @@
 #include <limits>
 #include <thread>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -266,6 +270,10 @@ void backward_item(const Problem<T> &p, int64_t b, int64_t blk, const T *ckpt, c
 }
 
 // Run fn(item, work) for items 0..n_items-1 on up to n_threads threads, each with its own scratch.
+// Built with OpenMP (the default), the threads are PyTorch's own: the library links libgomp.so.1,
+// which the loader resolves to the copy torch has loaded, so no second pool competes for the cores
+// with torch's spinning workers (a private std::thread pool ran the backward at half speed inside
+// a training step on 2 cores). Without OpenMP, std::thread.
 template <typename T, typename Fn>
 void parallel_items(int64_t n_items, int n_threads, int64_t work_size, Fn fn) {
     const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_items)));
@@ -273,10 +281,15 @@ void parallel_items(int64_t n_items, int n_threads, int64_t work_size, Fn fn) {
         std::vector<T> work(static_cast<size_t>(work_size));
         for (int64_t i = tid; i < n_items; i += nt) fn(i, work.data());
     };
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+    run(omp_get_thread_num());
+#else
     std::vector<std::thread> pool;
     for (int tid = 1; tid < nt; ++tid) pool.emplace_back(run, tid);
     run(0);
     for (auto &th : pool) th.join();
+#endif
 }
 
 template <typename T>
