@@ -199,10 +199,17 @@ def export_onnx(
     fp16_err = _max_abs_err(_session(proto16.SerializeToString()), feeds, expected)
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    onnx.save(proto, str(partial))
-    os.replace(partial, out)  # a reader never sees a half-written file at `out`
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(proto, str(partial))
+        os.replace(partial, out)  # a reader never sees a half-written file at `out`
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}; choose a writable file path") from exc
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
     census = op_census(proto)
     _, _, h, w = input_shape

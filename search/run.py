@@ -32,6 +32,7 @@ import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 
 from edge_agent import contract  # noqa: E402
+from edge_agent.fileio import atomic_write_bytes  # noqa: E402
 from search import study  # noqa: E402
 from search.config import CONFIG_DIR, ConfigError, SearchConfig, load_config  # noqa: E402
 
@@ -163,6 +164,11 @@ def _study_state(storage: Path, name: str) -> Path:
     return storage / name / "study.json"
 
 
+def _write_state(storage: Path, name: str, state: dict) -> None:
+    """study.json, replaced atomically: a crash mid-write never leaves half a state for --resume."""
+    atomic_write_bytes(_study_state(storage, name), json.dumps(state).encode())
+
+
 def start_or_resume(
     cfg: SearchConfig, resume: bool, tracking_uri: str, experiment_id: str
 ) -> tuple[str, dict]:
@@ -189,10 +195,8 @@ def start_or_resume(
 
     MLflowTracker(tracking_uri, run_id=run.info.run_id).log_params(cfg.to_dict())
     state = {"study_run_id": run.info.run_id, "teacher_uri": None}
-    path = _study_state(storage, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state))
-    (storage / LATEST).write_text(name)
+    _write_state(storage, name, state)
+    atomic_write_bytes(storage / LATEST, name.encode())
     return name, state
 
 
@@ -222,7 +226,7 @@ def ensure_teacher(cfg: SearchConfig, ctx_base: dict, state: dict, storage: Path
         teacher_uri = ray.get(task.remote(ctx, str(storage / name / "teacher")))
     state["teacher_uri"] = teacher_uri
     study.client(uri).set_tag(run_id, study.TAG_TEACHER_URI, teacher_uri)
-    _study_state(storage, name).write_text(json.dumps(state))
+    _write_state(storage, name, state)
     return teacher_uri
 
 
@@ -521,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {k}: cost model after this round's measurements: {json.dumps(errors)}")
             state["rows"] = [asdict(r) for r in rows]
             state["rounds_done"], state["summary"] = k, summary
-            _study_state(storage, name).write_text(json.dumps(state))
+            _write_state(storage, name, state)
         rescore(rows, cfg, tracking_uri, experiment_id)  # the last round's measurements, for the JSON
         print(json.dumps(summary))
         champion = None

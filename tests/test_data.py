@@ -101,3 +101,22 @@ def test_bad_data_errors_name_the_file(tmp_path):
         load_pairs(missing)
     with pytest.raises(DataError, match="smaller patch"):
         PatchSampler(load_pairs(paired_folder(tmp_path / "small")), patch_size=64, scale=4)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from trainers.data import load_image
+
+    values = np.array([[0, 257, 32896], [65535, 1000, 60000]], dtype=np.uint16)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    got = load_image(path)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.round(values / 257).astype(np.uint8))  # 1000 -> 4, not 255
+
+    wide = tmp_path / "int32.tif"
+    Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)).save(wide)
+    with pytest.raises(DataError, match="int32.tif.*32-bit integer"):
+        load_image(wide)

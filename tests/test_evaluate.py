@@ -90,3 +90,28 @@ def test_bad_model_is_a_clear_error(small_set, tmp_path, capsys):
     assert "cannot read checkpoint" in capsys.readouterr().err
     assert main(["--model", "bicubic", "--data", str(tmp_path / "nothing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_model_that_is_not_x2_x3_or_x4_is_refused(small_set, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "x1.onnx")
+    assert main(["--model", str(tmp_path / "x1.onnx"), "--data", str(small_set)]) == 1
+    err = capsys.readouterr().err
+    assert "not a x2, x3 or x4" in err and "Traceback" not in err
+
+
+def test_scale_must_match_the_data_and_hr_only_is_announced(small_set, tmp_path, capsys, caplog):
+    paired = tmp_path / "Paired"
+    rng = np.random.default_rng(1)
+    write_png(paired / "HR" / "a.png", (rng.random((32, 32, 3)) * 255).astype(np.uint8))
+    write_png(paired / "LR_bicubic" / "X4" / "ax4.png", (rng.random((8, 8, 3)) * 255).astype(np.uint8))
+    assert main(["--model", "bicubic", "--scale", "2", "--data", str(paired)]) == 1
+    assert "LR images for X4 but not X2" in capsys.readouterr().err
+    with caplog.at_level("WARNING"):
+        assert main(["--model", "bicubic", "--data", str(small_set)]) == 0
+    assert any("no LR images" in r.getMessage() for r in caplog.records)

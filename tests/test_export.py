@@ -1,6 +1,7 @@
 """ONNX export: round trip through ONNX Runtime, op census, bounded graph size, failures."""
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -112,3 +113,23 @@ def test_the_exported_graph_is_the_same_for_every_scan_form(tmp_path):
     assert first[0] and first[1]
     for scan, graph in graphs.items():
         assert graph == first, f"scan={scan!r} exported another graph"
+
+
+@pytest.mark.parametrize("where", ["directory", "proc"])
+def test_an_unwritable_destination_is_an_error_and_leaves_no_partial_file(tmp_path, capsys, where):
+    net = build_model("tiny")
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"model_config": net.cfg.__dict__, "model": net.state_dict()}, ckpt)
+    if where == "directory":
+        out = tmp_path / "taken.onnx"
+        out.mkdir()  # an existing directory under the output's name
+    else:
+        out = Path("/proc/mambalitesr-test.onnx")  # a file system that refuses new files
+    rc = main(
+        ["--checkpoint", str(ckpt), "--out", str(out), "--height", "16", "--width", "16", "--seed", "0"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and f"cannot write {out}" in err and "Traceback" not in err
+    assert not out.with_name(out.name + ".partial").exists()
+    if where == "directory":
+        assert out.is_dir() and not any(out.iterdir())

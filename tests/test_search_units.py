@@ -221,3 +221,22 @@ def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path, monkeyp
         "never-started": False,
     }
     assert [(r["step"], r["val_psnr_y"]) for r in reported] == [(8, 28.0), (4, 24.0)]
+
+
+def test_study_state_is_replaced_atomically(tmp_path, monkeypatch):
+    # --resume reads study.json: a crash or a full disk mid-write must leave the previous state
+    import json
+    import os
+
+    import search.run as run
+
+    run._write_state(tmp_path, "s1", {"rounds_done": 1})
+
+    def refuse(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError):
+        run._write_state(tmp_path, "s1", {"rounds_done": 2})
+    assert json.loads((tmp_path / "s1" / "study.json").read_text()) == {"rounds_done": 1}
+    assert not [p for p in (tmp_path / "s1").iterdir() if p.name != "study.json"]

@@ -55,18 +55,37 @@ class ImagePair:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """An image as uint8 (H, W, 3), or (H, W) when it has a single channel."""
+    """An image as uint8 (H, W, 3), or (H, W) when it has a single channel.
+
+    16-bit images are scaled to 8 bits (v / 257, rounded: 65535 -> 255); Pillow already reads 16-bit
+    RGB PNGs as 8-bit RGB. 32-bit integer or float pixels (modes "I", "F") have no defined range and
+    are refused, naming the file, rather than clipped.
+
+    Raises:
+        DataError: the file cannot be read as an image, or its pixel format is refused.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("L", "I;16", "I", "F", "1"):
+            mode = im.mode
+            if mode.startswith("I;16"):
+                wide = np.asarray(im).astype(np.float64)  # I;16B reads big-endian: astype fixes the order
+                arr = np.round(wide / 257.0).astype(np.uint8)
+            elif mode in ("I", "F"):
+                arr = None
+            elif mode in ("L", "1"):
                 arr = np.asarray(im.convert("L"))
             else:
                 arr = np.asarray(im.convert("RGB"))
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
+    if arr is None:
+        raise DataError(
+            f"{path} has {'32-bit integer' if mode == 'I' else 'floating-point'} pixels (mode {mode}), whose "
+            "range is not defined; save it as an 8- or 16-bit PNG"
+        )
     return np.array(arr, copy=True)  # writable: torch.from_numpy needs it
 
 
@@ -98,10 +117,22 @@ def load_pairs(folder: str | Path, scale: int = 4, limit: int | None = None) -> 
         raise DataError(
             f"data folder {root} does not exist; pass a folder of images or omit it for the built-in set"
         )
+    if scale not in (2, 3, 4):
+        raise DataError(
+            f"scale {scale} is not an SR scale of the protocol (2, 3 or 4); check the model or --scale"
+        )
     hr_dir, lr_dir = _layout(root, scale)
     paths = _images_in(hr_dir)[:limit]
     if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {hr_dir}")
+    if lr_dir is None:
+        other = sorted(d.name for d in root.glob("*LR_bicubic/X*") if d.is_dir())
+        if other:
+            raise DataError(
+                f"{root} has LR images for {', '.join(other)} but not X{scale}: the model's scale does not "
+                "match the data; use a model of that scale, or data with LR images for this one"
+            )
+        log.warning("%s has no LR images: making them by bicubic downscaling of HR by %d", root, scale)
     pairs = []
     for path in paths:
         hr = load_image(path)

@@ -68,7 +68,13 @@ def onnx_upscaler(path: str, overlap: int = 16) -> tuple[Upscaler, int]:
     n, c, tile_h, tile_w = inp.shape
     if not all(isinstance(v, int) for v in (n, c, tile_h, tile_w)) or tile_h != tile_w or c != 3:
         raise ValueError(f"{path}: expected a static (n, 3, P, P) input, got {inp.shape}")
-    scale = out.shape[2] // tile_h
+    out_shape = tuple(out.shape)
+    scale = out_shape[2] // tile_h if isinstance(out_shape[2], int) else 0
+    if scale not in (2, 3, 4) or out_shape != (n, 3, scale * tile_h, scale * tile_w):
+        raise ValueError(
+            f"{path}: output {list(out_shape)} for input {list(inp.shape)} is not a x2, x3 or x4 "
+            "super-resolution of it; export an SR model (python -m model.export)"
+        )
     dtype = np.float16 if "float16" in inp.type else np.float32
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
