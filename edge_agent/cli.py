@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from edge_agent import backends, power
+from edge_agent import backends, contract, power
 from edge_agent.agent import STATE_DIR, Agent, AgentConfig, measure_file, setup_logging
 from edge_agent.fileio import sha256_file
 from edge_agent.measure import MeasureConfig, MeasurementError
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "run" and not args.tracking_uri:
         print("error: give --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    problem = contract.uri_credential_problem(getattr(args, "tracking_uri", None))
+    if problem and args.command != "deploy":  # deploy says where the credential goes on the device
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         return args.func(args)

@@ -8,6 +8,8 @@ trial run. This module imports nothing beyond the standard library: it must load
 
 from __future__ import annotations
 
+import urllib.parse
+
 EXPERIMENT = "mambalitesr"
 REGISTERED_MODEL = "mambalitesr-student"
 CHAMPION_ALIAS = "champion"
@@ -64,3 +66,23 @@ def error_tag(device: str) -> str:
 def _check_device(device: str) -> None:
     if not device or not all(c.isalnum() or c in "-_" for c in device):
         raise ValueError(f"device name {device!r} must be letters, digits, '-' or '_' (e.g. orin-nano)")
+
+
+def uri_credential_problem(tracking_uri: str | None) -> str | None:
+    """Why ``tracking_uri`` must not be used as given (it carries a password or token), or None.
+
+    A URI is printed, logged, stored as an MLflow param and pickled by Ray: credentials belong in
+    MLflow's own variables, which nothing here records.
+    """
+    if not tracking_uri:
+        return None
+    parsed = urllib.parse.urlsplit(tracking_uri)
+    query = parsed.query.lower()
+    in_query = "token=" in query or "password=" in query
+    if "@" not in parsed.netloc and not in_query:  # no user:password@ (or token@) part, no ?token=
+        return None
+    return (
+        "the tracking URI carries a credential, which would end up in logs, MLflow params and Ray's "
+        "files; give it without one (e.g. http://host:5000) and set MLFLOW_TRACKING_USERNAME / "
+        "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN instead"
+    )

@@ -29,12 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from edge_agent import contract
 
 if TYPE_CHECKING:
     import paramiko
@@ -502,8 +503,7 @@ def deploy(
         command_timeout_s: for each remote command (pip on a Jetson can take minutes).
         **connect_kw: for :func:`connect`.
     """
-    parsed = urllib.parse.urlsplit(tracking_uri)
-    if parsed.password or "token=" in parsed.query.lower():
+    if contract.uri_credential_problem(tracking_uri):
         raise SshError(
             "The tracking URI carries a credential, which would end up in the unit file and in `ps`. "
             f"Give it without one and put MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "

@@ -178,6 +178,9 @@ class SearchConfig:
             raise ConfigError(f"base_model must be one of {sorted(PRESETS)}, got {self.base_model!r}")
         if not self.experiment:
             raise ConfigError("experiment must not be empty")
+        problem = contract.uri_credential_problem(self.tracking_uri)
+        if problem:
+            raise ConfigError(f"tracking_uri: {problem}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

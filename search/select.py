@@ -572,6 +572,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = contract.uri_credential_problem(args.tracking_uri)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         limits = Limits(args.max_power_mw, args.max_latency_ms, args.min_psnr)
         selection = select_champion(

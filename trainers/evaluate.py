@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_agent.contract import uri_credential_problem
 from model.runtime import keep_freed_memory
 from model.tiling import upscale_tiled
 from trainers.checkpoint import CheckpointError
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
     p.add_argument("--json", help="write per-set and per-image results here")
     args = p.parse_args(argv)
+    problem = uri_credential_problem(args.tracking_uri)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     keep_freed_memory()
     try:
         upscale, scale = resolve_model(args.model, args.scale, args.device, args.tracking_uri)

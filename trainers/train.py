@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_agent.contract import uri_credential_problem
 from model import ModelConfig, build_model, count_flops, count_params, preset
 from model.mambalitesr import PRESETS, MambaLiteSR, config_from_dict, load_model
 from model.runtime import keep_freed_memory
@@ -468,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = uri_credential_problem(args.tracking_uri)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     keep_freed_memory()
     tracker: Tracker = ConsoleTracker()
