@@ -35,27 +35,20 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 class _FusedConvSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        from model.cpu_kernel import kernel
+        from model.cpu_kernel import call
 
-        lib = kernel()
         x, row = _rows(x)
         batch, length, inner = x.shape
         out = x.new_empty(batch, length, inner)
-        fn = lib.conv_silu_forward_f64 if x.dtype == torch.float64 else lib.conv_silu_forward_f32
-        dims = (batch, length, inner, weight.shape[1], row, torch.get_num_threads())
-        if fn(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), *dims) != 0:
-            raise RuntimeError(
-                f"fused conv kernel refused shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}"
-            )
+        call("conv_silu_forward", x, weight, bias, out, batch, length, inner, weight.shape[1], row)
         ctx.save_for_backward(x, weight, bias)
         ctx.row = row
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from model.cpu_kernel import kernel
+        from model.cpu_kernel import call
 
-        lib = kernel()
         x, weight, bias = ctx.saved_tensors
         batch, length, inner = x.shape
         k = weight.shape[1]
@@ -63,13 +56,9 @@ class _FusedConvSilu(torch.autograd.Function):
         dx = x.new_empty(batch, length, inner)
         dw, db = torch.empty_like(weight), torch.empty_like(bias)
         scratch = x.new_empty(batch * inner * (k + 1))
-        fn = lib.conv_silu_backward_f64 if x.dtype == torch.float64 else lib.conv_silu_backward_f32
-        ptrs = (x, weight, bias, dout, dx, dw, db, scratch)
-        dims = (batch, length, inner, k, ctx.row, torch.get_num_threads())
-        if fn(*(t.data_ptr() for t in ptrs), *dims) != 0:
-            raise RuntimeError(
-                f"fused conv kernel refused shapes x {tuple(x.shape)}, weight {tuple(weight.shape)}"
-            )
+        call(
+            "conv_silu_backward", x, weight, bias, dout, dx, dw, db, scratch, batch, length, inner, k, ctx.row
+        )
         return dx, dw, db
 
 

@@ -159,9 +159,13 @@ def build(cxx: str | None = None, directory: Path | None = None) -> Build:
     directory = directory or cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     attempts = [FLAGS + NATIVE_FLAGS + OPENMP_FLAGS, FLAGS + OPENMP_FLAGS, FLAGS]
+    keys = [build_key(cxx, flags) for flags in attempts]
+    for key in keys:  # a build cached by an earlier process, even a fallback one: no compiling again
+        path = directory / f"selective_scan_cpu-{key}.so"
+        if path.exists():
+            return Build(path, 0.0, True)
     error: KernelBuildError | None = None
-    for flags in attempts:
-        key = build_key(cxx, flags)
+    for flags, key in zip(attempts, keys):
         path = directory / f"selective_scan_cpu-{key}.so"
         with _locked(directory / f"selective_scan_cpu-{key}.lock"):
             if path.exists():
@@ -229,6 +233,23 @@ def load(path: Path) -> ctypes.CDLL:
         conv_bwd.argtypes = [p] * 8 + [i64] * 5 + [i32]
         conv_bwd.restype = i32
     return lib
+
+
+def call(name: str, *args) -> None:
+    """Call kernel function ``name`` (without its _f32/_f64 suffix, chosen by the first argument's
+    dtype) with tensors passed as pointers (None as NULL), then the other arguments, then PyTorch's
+    thread count. The kernel must be loaded (``kernel()`` is not None).
+
+    Raises:
+        RuntimeError: the kernel refused the sizes it was given (an internal error).
+    """
+    import torch
+
+    suffix = "f64" if args[0].dtype == torch.float64 else "f32"
+    values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    if getattr(kernel(), f"{name}_{suffix}")(*values, torch.get_num_threads()) != 0:
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        raise RuntimeError(f"the fused CPU kernel {name} refused tensors of shapes {shapes}")
 
 
 @functools.cache

@@ -24,7 +24,6 @@ from torch import nn
 from model.causal_conv import causal_conv1d_silu_fused, causal_conv1d_silu_ref
 from model.scan import MAX_CHUNK, SCAN_FORMS, SelectiveScan
 
-SCANS = SCAN_FORMS
 SCALES = (2, 3, 4)
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted at the input and added back (EDSR/DVMSR)
 
@@ -65,8 +64,8 @@ class ModelConfig:
             )
         if self.scale not in SCALES:
             raise ValueError(f"ModelConfig.scale must be one of {SCALES}, got {self.scale!r}")
-        if self.scan not in SCANS:
-            raise ValueError(f"ModelConfig.scan must be one of {SCANS}, got {self.scan!r}")
+        if self.scan not in SCAN_FORMS:
+            raise ValueError(f"ModelConfig.scan must be one of {SCAN_FORMS}, got {self.scan!r}")
         if self.chunk_size > MAX_CHUNK:
             raise ValueError(
                 f"ModelConfig.chunk_size must be at most {MAX_CHUNK} (got {self.chunk_size}): "

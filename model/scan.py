@@ -187,23 +187,17 @@ def _chunked_one(u, delta, A, B, C, D, chunk_size: int) -> tuple[torch.Tensor, t
 FUSED_SEGMENT = 32  # K: the fused CPU kernel saves the state entering every K tokens for backward
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _fused_forward(lib, u, delta, A, B, C, D, save_states: bool):
+def _fused_forward(u, delta, A, B, C, D, save_states: bool):
     """Run the CPU kernel's forward on contiguous tensors of one dtype (float32 or float64)."""
+    from model.cpu_kernel import call
+
     batch, length, inner = u.shape
     n_state = A.shape[1]
     y = torch.empty_like(u)
     h_last = u.new_empty(batch, inner, n_state)
     n_seg = -(-length // FUSED_SEGMENT)
     ckpt = u.new_empty(batch, n_seg, n_state, inner) if save_states else None
-    fn = lib.ss_forward_f64 if u.dtype == torch.float64 else lib.ss_forward_f32
-    dims = (batch, length, inner, n_state, FUSED_SEGMENT, torch.get_num_threads())
-    rc = fn(*map(_ptr, (u, delta, A, B, C, D, y, h_last, ckpt)), *dims)
-    if rc != 0:
-        raise RuntimeError(f"fused scan kernel refused shapes u {tuple(u.shape)}, A {tuple(A.shape)}")
+    call("ss_forward", u, delta, A, B, C, D, y, h_last, ckpt, batch, length, inner, n_state, FUSED_SEGMENT)
     return y, h_last, ckpt
 
 
@@ -212,18 +206,15 @@ class _FusedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D):
-        from model.cpu_kernel import kernel
-
-        y, h_last, ckpt = _fused_forward(kernel(), u, delta, A, B, C, D, save_states=True)
+        y, h_last, ckpt = _fused_forward(u, delta, A, B, C, D, save_states=True)
         ctx.save_for_backward(u, delta, A, B, C, D, ckpt)
         ctx.has_D = D is not None
         return y, h_last
 
     @staticmethod
     def backward(ctx, dy, dh_last):
-        from model.cpu_kernel import kernel
+        from model.cpu_kernel import call, kernel
 
-        lib = kernel()
         u, delta, A, B, C, D, ckpt = ctx.saved_tensors
         batch, length, inner = u.shape
         n_state = A.shape[1]
@@ -232,18 +223,13 @@ class _FusedScan(torch.autograd.Function):
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dA, dB, dC = torch.empty_like(A), torch.empty_like(B), torch.empty_like(C)
         dD = torch.empty_like(D) if ctx.has_D else None
-        f64 = u.dtype == torch.float64
-        scratch_len = (lib.ss_backward_scratch_f64 if f64 else lib.ss_backward_scratch_f32)(
-            batch, length, inner, n_state
-        )
-        scratch = u.new_empty(scratch_len)
-        fn = lib.ss_backward_f64 if f64 else lib.ss_backward_f32
-        tensors = (u, delta, A, B, C, D, ckpt, dy, dh_last, du, ddelta, dA, dB, dC, dD, scratch)
-        dims = (batch, length, inner, n_state, FUSED_SEGMENT, torch.get_num_threads())
-        rc = fn(*map(_ptr, tensors), *dims)
-        if rc != 0:
-            raise RuntimeError(f"fused scan kernel refused shapes u {tuple(u.shape)}, A {tuple(A.shape)}")
-        return du, ddelta, dA, dB, dC, dD
+        lib = kernel()
+        scratch_fn = lib.ss_backward_scratch_f64 if u.dtype == torch.float64 else lib.ss_backward_scratch_f32
+        scratch = u.new_empty(scratch_fn(batch, length, inner, n_state))
+        grads = (du, ddelta, dA, dB, dC, dD)
+        tensors = (u, delta, A, B, C, D, ckpt, dy, dh_last, *grads, scratch)
+        call("ss_backward", *tensors, batch, length, inner, n_state, FUSED_SEGMENT)
+        return grads
 
 
 def fused_available() -> bool:
@@ -282,7 +268,7 @@ def selective_scan_fused(
     if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
         y, h_last = _FusedScan.apply(*args, Dc)
     else:
-        y, h_last, _ = _fused_forward(lib, *args, Dc, save_states=False)
+        y, h_last, _ = _fused_forward(*args, Dc, save_states=False)
     y = y.to(out_dtype)
     return (y, h_last.to(out_dtype)) if return_final_state else y
 
@@ -396,10 +382,9 @@ class SelectiveScan(torch.nn.Module):
 
     The kernels (fused, triton, mamba_ssm) save only chunk-boundary states and recompute the rest in
     their own backward pass. In training, the chunked and reference forms are recomputed in the
-    backward pass instead of
-    keeping their (B, L, E, N) intermediates (activation checkpointing): about ten tensors of
-    B x 4096 x E x N floats per layer would otherwise stay alive, which ran a 2-core, 24 GiB
-    machine out of memory for the teacher at batch 8. The mamba-ssm kernel recomputes by itself.
+    backward pass instead of keeping their (B, L, E, N) intermediates (activation checkpointing):
+    about ten tensors of B x 4096 x E x N floats per layer would otherwise stay alive, which ran a
+    2-core, 24 GiB machine out of memory for the teacher at batch 8.
     Reentrant checkpointing: the non-reentrant variant left the student's forward at 13 GB of
     resident memory at batch 8 here, against 1.6 GB reentrant (docs/benchmarks.md).
     """

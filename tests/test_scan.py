@@ -283,6 +283,20 @@ def test_build_is_cached_per_cpu_feature_set(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp")), "a temporary build file was left behind"
 
 
+def test_a_cached_fallback_build_is_used_without_compiling_again(tmp_path, monkeypatch):
+    # where the tuned flags fail, each new process must not retry (4-5 s) before the fallback it built
+    cxx = cpu_kernel.find_compiler()
+    fallback = tmp_path / f"selective_scan_cpu-{cpu_kernel.build_key(cxx, cpu_kernel.FLAGS)}.so"
+    fallback.write_bytes(b"a plain build")
+
+    def must_not_compile(*args):
+        raise AssertionError("compiled although a usable build was cached")
+
+    monkeypatch.setattr(cpu_kernel, "_compile", must_not_compile)
+    found = cpu_kernel.build(directory=tmp_path)
+    assert found.cached and found.path == fallback
+
+
 def test_failed_build_leaves_no_file_and_says_why(tmp_path):
     fake = tmp_path / "fake-c++"
     fake.write_text(
