@@ -2,11 +2,12 @@
 
 import argparse
 
+from edge_agent.argtypes import positive_int
 from model import PRESETS, build_model, count_flops, count_params
 
 p = argparse.ArgumentParser(prog="python -m model", description=__doc__)
-p.add_argument("--height", type=int, default=64, help="LR input height for FLOPs (default 64)")
-p.add_argument("--width", type=int, default=64, help="LR input width for FLOPs (default 64)")
+p.add_argument("--height", type=positive_int, default=64, help="LR input height for FLOPs (default 64)")
+p.add_argument("--width", type=positive_int, default=64, help="LR input width for FLOPs (default 64)")
 args = p.parse_args()
 header = f"{'preset':8s} {'C':>3s} {'GxK':>5s} {'rank':>4s} {'params':>9s} {'GFLOPs':>8s}"
 print(f"{header}  (at {args.height}x{args.width})")

@@ -5,6 +5,7 @@ errors that name the key. ``search/configs/default.yaml`` and ``smoke.yaml`` hol
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 import yaml
 
 from edge_agent import contract
-from model.mambalitesr import PRESETS
+from model.mambalitesr import PRESETS, preset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SEARCHERS = ("tpe", "nsga2", "random")
@@ -25,31 +26,70 @@ COSTS = ("flops_g", "params", "edge_energy", "edge_latency", "edge_power")
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key."""
 
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key, self.detail = key, message
 
-@dataclass(frozen=True)
-class IntRange:
-    low: int
-    high: int
-    step: int = 1
+    def under(self, prefix: str) -> ConfigError:
+        """The same error seen one level up: ``iterations`` becomes ``training.iterations``."""
+        return ConfigError(self.detail, f"{prefix}.{self.key}" if self.key else prefix)
+
+
+def num(default: float, *, ge: float | None = None, gt: float | None = None, le: float | None = None):
+    """A numeric field with its bounds; every number is also checked for being finite."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+class Checked:
+    """Base of the config dataclasses: numbers are finite and inside the bounds given by ``num``;
+    subclasses add the rules that tie fields together in ``check()``."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.low <= self.high or self.step <= 0:
-            raise ConfigError(f"needs 0 < low <= high and step > 0, got {self}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"must be a finite number, got {value}", f.name)
+            bounds = f.metadata
+            if not bounds or value is None:
+                continue
+            if bounds["ge"] is not None and value < bounds["ge"]:
+                raise ConfigError(f"must be at least {bounds['ge']}, got {value}", f.name)
+            if bounds["gt"] is not None and value <= bounds["gt"]:
+                raise ConfigError(f"must be greater than {bounds['gt']}, got {value}", f.name)
+            if bounds["le"] is not None and value > bounds["le"]:
+                raise ConfigError(f"must be at most {bounds['le']}, got {value}", f.name)
+        self.check()
+
+    def check(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
-class FloatRange:
-    low: float
-    high: float
+class IntRange(Checked):
+    low: int = num(1, ge=1)
+    high: int = num(1, ge=1)
+    step: int = num(1, ge=1)
+
+    def check(self) -> None:
+        if self.low > self.high:
+            raise ConfigError(f"needs low <= high, got low {self.low}, high {self.high}")
+
+
+@dataclass(frozen=True)
+class FloatRange(Checked):
+    low: float = 0.0
+    high: float = 1.0
     log: bool = False
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not self.low <= self.high or (self.log and self.low <= 0):
-            raise ConfigError(f"needs low <= high (and low > 0 on a log scale), got {self}")
+            raise ConfigError(
+                f"needs low <= high (and low > 0 on a log scale), got low {self.low}, high {self.high}"
+            )
 
 
 @dataclass(frozen=True)
-class SpaceConfig:
+class SpaceConfig(Checked):
     embed_dim: IntRange = IntRange(16, 48, 8)  # C
     rank: IntRange = IntRange(1, 32)  # r, further bounded by expand * C for each trial
     alpha: FloatRange = FloatRange(0.0, 1.0)  # distillation weight
@@ -57,101 +97,106 @@ class SpaceConfig:
     blocks_per_group: IntRange | None = None
     lr: FloatRange | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not 0.0 <= self.alpha.low <= self.alpha.high <= 1.0:
-            raise ConfigError(f"space.alpha must lie in [0, 1], got {self.alpha}")
+            raise ConfigError(f"must lie in [0, 1], got {self.alpha}", "alpha")
+        if self.lr is not None and self.lr.low <= 0:
+            raise ConfigError(f"must be positive, got low {self.lr.low}", "lr")
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
-    iterations: int = 600  # steps per fully trained trial
-    val_every: int = 100  # a validation is a rung of the early-stopping rule
-    batch_size: int = 16
-    patch_size: int = 64
-    lr: float = 2e-4
+class TrainingConfig(Checked):
+    iterations: int = num(600, ge=1)  # steps per fully trained trial
+    val_every: int = num(100, ge=1)  # a validation is a rung of the early-stopping rule
+    batch_size: int = num(16, ge=1)
+    patch_size: int = num(64, ge=1)
+    lr: float = num(2e-4, gt=0)
     train_data: tuple[str, ...] = ()  # folders reachable from every worker; empty: built-in images
     val_data: tuple[str, ...] = ()
-    val_max_images: int = 0
+    val_max_images: int = num(0, ge=0)  # 0: all
 
-    def __post_init__(self) -> None:
-        for name in ("iterations", "val_every", "batch_size", "patch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"training.{name} must be positive, got {getattr(self, name)}")
+    def check(self) -> None:
         if self.val_every > self.iterations:
-            raise ConfigError("training.val_every must not exceed training.iterations")
+            raise ConfigError(
+                f"must not exceed iterations ({self.iterations}), got {self.val_every}", "val_every"
+            )
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(Checked):
     checkpoint: str | None = None  # path or MLflow URI of a trained teacher; None: train one per study
     preset: str = "teacher"
-    iterations: int = 1000
-    batch_size: int = 16
-    patch_size: int = 64
+    iterations: int = num(1000, ge=1)
+    batch_size: int = num(16, ge=1)
+    patch_size: int = num(64, ge=1)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.preset not in PRESETS:
-            raise ConfigError(f"teacher.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.iterations <= 0 or self.batch_size <= 0 or self.patch_size <= 0:
-            raise ConfigError("teacher.iterations, batch_size and patch_size must be positive")
+            raise ConfigError(f"must be one of {sorted(PRESETS)}, got {self.preset!r}", "preset")
 
 
 @dataclass(frozen=True)
-class EarlyStoppingConfig:
+class EarlyStoppingConfig(Checked):
     enabled: bool = True
-    min_rung: int = 1  # never stop a trial before this many validations
-    margin_db: float = 0.0  # a peer must be better by more than this to count
+    min_rung: int = num(1, ge=1)  # never stop a trial before this many validations
+    margin_db: float = num(0.0, ge=0)  # a peer must be better by more than this to count
 
 
 @dataclass(frozen=True)
-class RegistryConfig:
+class RegistryConfig(Checked):
     model_name: str = contract.REGISTERED_MODEL
     devices: tuple[str, ...] = ("orin-nano",)  # edge.<device>.status=pending is set for each
-    input_size: int = 64  # static ONNX input (1, 3, n, n)
+    input_size: int = num(64, ge=1)  # static ONNX input (1, 3, n, n)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        if not self.model_name:
+            raise ConfigError("must not be empty", "model_name")
         for d in self.devices:
             try:
                 contract.status_tag(d)
             except ValueError as exc:
-                raise ConfigError(f"registry.devices: {exc}") from exc
+                raise ConfigError(str(exc), "devices") from exc
 
 
 @dataclass(frozen=True)
-class LoopConfig:
+class LoopConfig(Checked):
     """Rounds of search -> registration -> measurement on the device -> refit of the cost model."""
 
-    rounds: int = 1
+    rounds: int = num(1, ge=1)
     device: str = "orin-nano"  # the device type whose measurements steer the search and selection
-    wait_timeout_s: float = 1800.0  # how long each round waits for the agent's measurements
+    wait_timeout_s: float = num(1800.0, ge=0)  # how long each round waits for the agent's measurements
     local_agent: bool = False  # start `edge-agent run` here (ONNX Runtime on this machine's CPU)
     agent_args: tuple[str, ...] = ()  # extra `edge-agent run` arguments, e.g. ["--duration-s", "3"]
     select: bool = False  # pick the champion at the end (search/select.py)
     select_rule: str = "knee"
 
-    def __post_init__(self) -> None:
-        if self.rounds < 1 or self.wait_timeout_s < 0:
-            raise ConfigError("loop.rounds must be at least 1 and loop.wait_timeout_s non-negative")
+    def check(self) -> None:
         try:
             contract.status_tag(self.device)
         except ValueError as exc:
-            raise ConfigError(f"loop.device: {exc}") from exc
+            raise ConfigError(str(exc), "device") from exc
         if self.select_rule not in ("knee", "best-psnr"):
-            raise ConfigError(f"loop.select_rule must be knee or best-psnr, got {self.select_rule!r}")
+            raise ConfigError(f"must be knee or best-psnr, got {self.select_rule!r}", "select_rule")
+        if self.agent_args and not self.local_agent:
+            raise ConfigError(
+                "are only used with loop.local_agent: true (set it, or drop them)", "agent_args"
+            )
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(Checked):
     experiment: str = contract.EXPERIMENT
     tracking_uri: str = "sqlite:///mlflow.db"
     address: str | None = None  # Ray cluster address; None starts a local Ray
-    num_samples: int = 16  # trials
-    max_concurrent: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    num_samples: int = num(16, ge=1)  # trials
+    max_concurrent: int = num(2, ge=1)
+    cpus_per_trial: float = num(1.0, gt=0)
+    gpus_per_trial: float = num(0.0, ge=0)
     searcher: str = "tpe"
-    startup_trials: int = 10  # random trials before TPE models (Optuna's default); NSGA-II's population
-    seed: int = 0
+    startup_trials: int = num(
+        10, ge=2
+    )  # random trials before TPE models (Optuna's default); NSGA-II's population
+    seed: int = num(0, ge=0, le=2**32 - 1)  # NumPy's seed range
     storage_dir: str = "outputs/search"  # the driver's files: study state, the Optuna database, reports
     ray_storage: str | None = None  # Ray Tune's results; on a multi-machine cluster an s3:// or NFS path
     base_model: str = "student"  # preset supplying every model field the space does not set
@@ -163,24 +208,20 @@ class SearchConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
-    def __post_init__(self) -> None:
-        if self.startup_trials < 2:
-            raise ConfigError(f"startup_trials must be at least 2, got {self.startup_trials}")
-        if self.num_samples <= 0 or self.max_concurrent <= 0:
-            raise ConfigError("num_samples and max_concurrent must be positive")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ConfigError("cpus_per_trial must be positive and gpus_per_trial non-negative")
+    def check(self) -> None:
         if self.searcher not in SEARCHERS:
-            raise ConfigError(f"searcher must be one of {SEARCHERS}, got {self.searcher!r}")
+            raise ConfigError(f"must be one of {SEARCHERS}, got {self.searcher!r}", "searcher")
         if self.cost not in COSTS:
-            raise ConfigError(f"cost must be one of {COSTS}, got {self.cost!r}")
+            raise ConfigError(f"must be one of {COSTS}, got {self.cost!r}", "cost")
         if self.base_model not in PRESETS:
-            raise ConfigError(f"base_model must be one of {sorted(PRESETS)}, got {self.base_model!r}")
-        if not self.experiment:
-            raise ConfigError("experiment must not be empty")
+            raise ConfigError(f"must be one of {sorted(PRESETS)}, got {self.base_model!r}", "base_model")
+        for key in ("experiment", "storage_dir"):
+            if not getattr(self, key):
+                raise ConfigError("must not be empty", key)
         problem = contract.uri_credential_problem(self.tracking_uri)
         if problem:
-            raise ConfigError(f"tracking_uri: {problem}")
+            raise ConfigError(problem, "tracking_uri")
+        unbuildable_space(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,11 +238,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return _convert(inner, value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+            raise ConfigError(f"must be a mapping, got {value!r}", key)
         return build(tp, value, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"must be a list, got {value!r}", key)
         (inner, _) = typing.get_args(tp)
         return tuple(_convert(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -212,7 +253,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         except ValueError:
             pass
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+        raise ConfigError(f"must be {tp.__name__}, got {value!r}", key)
     return value
 
 
@@ -222,13 +263,16 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown key(s) {unknown}{where}; known: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+        error = ConfigError(f"unknown key(s) {unknown}; known: {sorted(names)}")
+        raise error.under(prefix) if prefix else error
+    try:
+        kwargs = {k: _convert(hints[k], v, k) for k, v in data.items()}
+    except ConfigError as exc:
+        raise (exc.under(prefix) if prefix else exc) from None
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{prefix}: {exc}" if prefix else str(exc)) from None
+        raise (exc.under(prefix) if prefix else exc) from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SearchConfig:
@@ -249,3 +293,34 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             node = node.setdefault(p, {})
         node[leaf] = value
     return build(SearchConfig, data)
+
+
+def unbuildable_space(cfg: SearchConfig) -> None:
+    """Raise if some point of the space gives no network, before any trial is started.
+
+    The space draws rank in [rank.low, min(rank.high, expand * C)] for each embed_dim C, so the
+    smallest rank must fit the smallest C; the other knobs are checked by building the corners.
+    """
+    base, space = PRESETS[cfg.base_model], cfg.space
+    c_low = space.embed_dim.low
+    if space.rank.low > base.expand * c_low:
+        c_needed = -(-space.rank.low // base.expand)
+        raise ConfigError(
+            f"low {space.rank.low} exceeds the inner width expand * embed_dim = {base.expand * c_low} of "
+            f"embed_dim {c_low} ({cfg.base_model} has expand {base.expand}); lower space.rank.low or raise "
+            f"space.embed_dim.low to {c_needed}",
+            "space.rank",
+        )
+    for knob in ("n_groups", "blocks_per_group"):
+        r = getattr(space, knob)
+        for value in (r.low, r.high) if r else ():
+            try:
+                preset(cfg.base_model, **{knob: value})
+            except ValueError as exc:
+                raise ConfigError(str(exc), f"space.{knob}") from None
+    teacher = PRESETS[cfg.teacher.preset]
+    if cfg.space.alpha.high > 0 and not cfg.teacher.checkpoint and teacher.scale != base.scale:
+        raise ConfigError(
+            f"{cfg.teacher.preset} is x{teacher.scale} but base_model {cfg.base_model} is x{base.scale}",
+            "teacher.preset",
+        )

@@ -31,7 +31,7 @@ import os  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 
-from edge_agent import contract  # noqa: E402
+from edge_agent import argtypes, contract  # noqa: E402
 from edge_agent.fileio import atomic_write_bytes  # noqa: E402
 from search import study  # noqa: E402
 from search.config import CONFIG_DIR, ConfigError, SearchConfig, load_config  # noqa: E402
@@ -65,26 +65,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment name")
-    p.add_argument("--num-samples", type=int, help="number of trials")
-    p.add_argument("--max-concurrent", type=int, help="trials running at once")
-    p.add_argument("--gpus-per-trial", type=float)
-    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--num-samples", type=argtypes.positive_int, help="number of trials")
+    p.add_argument("--max-concurrent", type=argtypes.positive_int, help="trials running at once")
+    p.add_argument("--gpus-per-trial", type=argtypes.nonnegative_float)
+    p.add_argument("--cpus-per-trial", type=argtypes.positive_float)
     p.add_argument("--searcher", help="tpe, nsga2 or random")
     p.add_argument(
-        "--startup-trials", type=int, help="random trials before TPE models / NSGA-II population size"
+        "--startup-trials",
+        type=argtypes.positive_int,
+        help="random trials before TPE models / NSGA-II population size",
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=argtypes.nonnegative_int)
     p.add_argument("--storage-dir", help="where Ray's experiment state and the Optuna database live")
     p.add_argument("--resume", action="store_true", help="continue the latest study in --storage-dir")
-    p.add_argument("--json", help="write the summary (trials, front, registered versions) here")
-    p.add_argument("--rounds", type=int, help="search -> register -> measure -> refit rounds (loop.rounds)")
+    p.add_argument(
+        "--json",
+        type=argtypes.writable_file,
+        help="write the summary (trials, front, registered versions) here",
+    )
+    p.add_argument(
+        "--rounds",
+        type=argtypes.positive_int,
+        help="search -> register -> measure -> refit rounds (loop.rounds)",
+    )
     p.add_argument(
         "--objective",
         help="cost beside PSNR: flops_g, params, or edge_energy / edge_latency / edge_power (predicted "
         "from the device's measurements)",
     )
     p.add_argument("--device", help="device type whose measurements steer edge_* costs and selection")
-    p.add_argument("--wait-timeout-s", type=float, help="per round, for the agent's measurements")
+    p.add_argument(
+        "--wait-timeout-s", type=argtypes.nonnegative_float, help="per round, for the agent's measurements"
+    )
     p.add_argument("--local-agent", action="store_true", default=None, help="run the edge agent here")
     p.add_argument("--select", action="store_true", default=None, help="pick the champion at the end")
     return p.parse_args(argv)
@@ -114,8 +126,112 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         )
         if getattr(args, attr) is not None
     }
+    if args.config and args.smoke_test:
+        raise ConfigError(
+            "--smoke-test selects search/configs/smoke.yaml; it cannot be combined with --config"
+        )
     path = args.config or (CONFIG_DIR / "smoke.yaml" if args.smoke_test else None)
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    _refuse_ignored_flags(args, cfg)
+    _check_local_paths(cfg)
+    if args.resume:
+        _check_resume(cfg)
+    return cfg
+
+
+def _refuse_ignored_flags(args: argparse.Namespace, cfg: SearchConfig) -> None:
+    """A flag the run would not use is an error: the user meant something by it."""
+    uses_device = cfg.cost.startswith("edge_") or cfg.loop.local_agent or cfg.loop.select
+    for flag, value in (("--device", args.device), ("--wait-timeout-s", args.wait_timeout_s)):
+        if value is not None and not uses_device:
+            raise ConfigError(
+                f"{flag} is only used with an edge_* --objective, --local-agent or --select; "
+                "add one or drop it"
+            )
+    if args.startup_trials is not None and cfg.searcher == "random":
+        raise ConfigError("--startup-trials has no effect on the random searcher; drop it or pick tpe/nsga2")
+
+
+def _check_local_paths(cfg: SearchConfig) -> None:
+    """Files the driver itself reads, and on a local Ray the data folders, exist before Ray starts.
+    (On a cluster the data folders are the workers' paths, which the driver may not see.)"""
+    given = cfg.teacher.checkpoint
+    if (
+        given
+        and "://" not in given
+        and not given.startswith(("runs:/", "models:/"))
+        and not Path(given).is_file()
+    ):
+        raise ConfigError(
+            f"{given} does not exist (a .pt file, or a runs:/ or models:/ URI)", "teacher.checkpoint"
+        )
+    problem = argtypes.dir_problem(cfg.storage_dir)
+    if problem:
+        raise ConfigError(problem, "storage_dir")
+    if cfg.address is None:
+        for key in ("train_data", "val_data"):
+            for folder in getattr(cfg.training, key):
+                if not Path(folder).is_dir():
+                    raise ConfigError(f"{folder} is not a folder on this machine", f"training.{key}")
+
+
+# May differ between a study and its --resume; everything else is the study's and must not change.
+RESUMABLE = {
+    "address",
+    "loop.rounds",
+    "loop.wait_timeout_s",
+    "loop.local_agent",
+    "loop.agent_args",
+    "loop.select",
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _read_latest(storage: Path) -> tuple[str, dict]:
+    """(name, state) of the newest study in ``storage``; a missing, empty or damaged file is a
+    ConfigError saying which one."""
+    latest = storage / LATEST
+    if not latest.exists():
+        raise ConfigError(f"nothing to resume in {storage}: no study has been started there")
+    name = latest.read_text().strip()
+    if not name or "/" in name:
+        raise ConfigError(f"{latest} does not name a study; start a new one (without --resume)")
+    path = _study_state(storage, name)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing: study {name} cannot be resumed; start a new one") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(
+            f"{path} is damaged (not JSON): study {name} cannot be resumed; start a new one"
+        ) from None
+    if not isinstance(state, dict) or "study_run_id" not in state:
+        raise ConfigError(f"{path} has no study_run_id: study {name} cannot be resumed; start a new one")
+    return name, state
+
+
+def _check_resume(cfg: SearchConfig) -> None:
+    name, state = _read_latest(Path(cfg.storage_dir).resolve())
+    saved = state.get("config")
+    if saved is None:  # a study started before the configuration was kept in study.json
+        return
+    now, then = _flat(json.loads(json.dumps(cfg.to_dict()))), _flat(saved)
+    changed = sorted(k for k in set(now) | set(then) if k not in RESUMABLE and now.get(k) != then.get(k))
+    if changed:
+        diff = ", ".join(f"{k} ({then.get(k)!r} -> {now.get(k)!r})" for k in changed)
+        raise ConfigError(
+            f"--resume continues study {name} with the configuration it started with, but these "
+            f"differ: {diff}; give the original config and flags, or start a new study without --resume"
+        )
 
 
 class _MlflowStatus:
@@ -173,15 +289,19 @@ def start_or_resume(
     cfg: SearchConfig, resume: bool, tracking_uri: str, experiment_id: str
 ) -> tuple[str, dict]:
     """(study name, state) for a new study, or the latest one when resuming."""
+    from mlflow.exceptions import MlflowException
+
     storage = Path(cfg.storage_dir).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     if resume:
-        latest = storage / LATEST
-        if not latest.exists():
-            raise ConfigError(f"nothing to resume in {storage}: no study has been started there")
-        name = latest.read_text().strip()
-        state = json.loads(_study_state(storage, name).read_text())
-        study.client(tracking_uri).update_run(state["study_run_id"], status="RUNNING")
+        name, state = _read_latest(storage)
+        try:
+            study.client(tracking_uri).update_run(state["study_run_id"], status="RUNNING")
+        except MlflowException as exc:
+            raise ConfigError(
+                f"study {name}'s run {state['study_run_id']} is not on the tracking server {tracking_uri} "
+                f"({exc.message}); resume with the tracking URI the study started with"
+            ) from None
         closed = study.close_running_children(tracking_uri, experiment_id, state["study_run_id"], "KILLED")
         if closed:
             log.info("marked %d trial runs of the interrupted study KILLED; their trials rerun", closed)
@@ -194,7 +314,7 @@ def start_or_resume(
     from trainers.tracking import MLflowTracker
 
     MLflowTracker(tracking_uri, run_id=run.info.run_id).log_params(cfg.to_dict())
-    state = {"study_run_id": run.info.run_id, "teacher_uri": None}
+    state = {"study_run_id": run.info.run_id, "teacher_uri": None, "config": cfg.to_dict()}
     _write_state(storage, name, state)
     atomic_write_bytes(storage / LATEST, name.encode())
     return name, state
@@ -447,18 +567,33 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from edge_agent import preflight
     from model.runtime import keep_freed_memory
-    from search import loop
+    from search import loop, resources
     from search.costmodel import TARGETS
     from search.trainable import StudyContext
 
     keep_freed_memory()
     tracking_uri = study.absolute_tracking_uri(cfg.tracking_uri)
+    preflight.limit_mlflow_retries()  # before ray.init: a local Ray's workers inherit it
+    problem = preflight.tracking_server_problem(tracking_uri)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    # Ray first: a request no node can hold fails before a study run or LATEST is written
+    ray.init(address=cfg.address, include_dashboard=False)
+    local = cfg.address in (None, "local")  # a Ray this process starts cannot grow
+    problem = resources.trial_fit_problem(cfg.cpus_per_trial, cfg.gpus_per_trial, local=local)
+    if problem:  # Ray would queue the teacher and every trial forever
+        print(f"error: {problem}", file=sys.stderr)
+        ray.shutdown()
+        return 1
     try:
         experiment_id = study.ensure_experiment(tracking_uri, cfg.experiment)
         name, state = start_or_resume(cfg, args.resume, tracking_uri, experiment_id)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        ray.shutdown()
         return 2
     storage = Path(cfg.storage_dir).resolve()
     study_run_id = state["study_run_id"]
@@ -466,7 +601,6 @@ def main(argv: list[str] | None = None) -> int:
     edge_cost = cfg.cost in TARGETS
     wait = edge_cost or cfg.loop.local_agent or cfg.loop.select
 
-    ray.init(address=cfg.address, include_dashboard=False)
     status, agent, timings = "FAILED", None, {}
     try:
         ctx_base = {"config": cfg.to_dict(), "tracking_uri": tracking_uri, "experiment_id": experiment_id}
@@ -500,7 +634,10 @@ def main(argv: list[str] | None = None) -> int:
             if _interrupted(results, cfg.num_samples):  # Ctrl-C: Tune saved its state and returned
                 raise KeyboardInterrupt
             timings[f"round{k}_search_s"] = time.monotonic() - t0
-            rows += collect(results, cfg, tracking_uri, experiment_id, study_run_id, k)
+            new_rows = collect(results, cfg, tracking_uri, experiment_id, study_run_id, k)
+            rows += new_rows
+            if all(r.status == "failed" for r in new_rows):
+                raise StudyFailed(_all_failed_message(results, k, ray_storage))
             rescore(rows, cfg, tracking_uri, experiment_id)
             registered = {r.version for r in rows if r.version}
             t0 = time.monotonic()
@@ -554,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         status = "FINISHED"
         return 0
+    except StudyFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         status = "KILLED"
         print(
@@ -567,6 +707,20 @@ def main(argv: list[str] | None = None) -> int:
         study.close_running_children(tracking_uri, experiment_id, study_run_id, "KILLED")
         study.client(tracking_uri).set_terminated(study_run_id, status=status)
         ray.shutdown()
+
+
+class StudyFailed(RuntimeError):
+    """Every trial of a round failed: there is nothing to register, and the exit code says so."""
+
+
+def _all_failed_message(results, k: int, ray_storage: str) -> str:
+    errors = [r.error for r in results if r.error]
+    cause = getattr(errors[0], "cause", None) or errors[0] if errors else None  # Ray wraps the trial's
+    first = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}" if cause else "none recorded"
+    return (
+        f"all {len(errors)} trials of round {k} failed, so nothing was registered; the first error: "
+        f"{first[:300]} (full tracebacks: error.txt in the trial folders under {ray_storage})"
+    )
 
 
 def _select(cfg: SearchConfig, tracking_uri: str, study_run_id: str) -> dict | None:

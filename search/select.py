@@ -25,6 +25,8 @@ Rules, applied to that front:
 The chosen version gets the alias ``champion``; the study run gets ``selection.*`` tags and a report
 under ``selection/`` (Pareto plot as PNG and HTML, table as Markdown and JSON). When nothing is
 within the limits or nothing is measured yet, the exit code is 1 and the alias stays where it was.
+A tracking server that does not answer, or an MLflow error, also exits 1, with one line on stderr;
+a wrong flag, experiment or study run exits 2.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import math  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 
-from edge_agent import contract  # noqa: E402
+from edge_agent import argtypes, contract, preflight  # noqa: E402
 from search import study  # noqa: E402
 from search.config import SearchConfig  # noqa: E402
 from search.trainable import QUALITY  # noqa: E402
@@ -179,10 +181,14 @@ def find_study(client, tracking_uri: str, experiment: str, study_run_id: str | N
                 "run the search first"
             )
         return exp.experiment_id, run.info.run_id
+    from mlflow.exceptions import MlflowException
+
     try:
         run = client.get_run(study_run_id)
-    except Exception as exc:  # MlflowException: RESOURCE_DOES_NOT_EXIST
-        raise ValueError(f"there is no run {study_run_id} at {tracking_uri}: {exc}") from None
+    except MlflowException as exc:  # anything else (a dead server) is not the user's run id
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ValueError(f"there is no run {study_run_id!r} at {tracking_uri}; check --study") from None
     if run.info.experiment_id != exp.experiment_id or run.data.tags.get(contract.ROLE) != contract.ROLE_STUDY:
         raise ValueError(
             f"run {study_run_id} is not a study run ({contract.ROLE}={contract.ROLE_STUDY}) "
@@ -562,9 +568,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--study", help="study run id (default: the experiment's latest study run)")
     p.add_argument("--device", help="device type (default: the one with the most done measurements)")
-    p.add_argument("--max-power-mw", type=float, help="limit on the mean power while running, mW")
-    p.add_argument("--max-latency-ms", type=float, help="limit on latency p50, ms")
-    p.add_argument("--min-psnr", type=float, help=f"limit on {QUALITY}, dB")
+    p.add_argument(
+        "--max-power-mw", type=argtypes.positive_float, help="limit on the mean power while running, mW"
+    )
+    p.add_argument("--max-latency-ms", type=argtypes.positive_float, help="limit on latency p50, ms")
+    p.add_argument("--min-psnr", type=argtypes.finite_float, help=f"limit on {QUALITY}, dB")
     p.add_argument("--rule", choices=RULES, default="knee", help="how to choose on the front (default knee)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     return p.parse_args(argv)
@@ -576,6 +584,13 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    preflight.limit_mlflow_retries()
+    problem = preflight.tracking_server_problem(args.tracking_uri)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    from mlflow.exceptions import MlflowException
+
     try:
         limits = Limits(args.max_power_mw, args.max_latency_ms, args.min_psnr)
         selection = select_champion(
@@ -598,6 +613,10 @@ def main(argv: list[str] | None = None) -> int:
             if exc.selection:
                 print(table(exc.selection.rows))
             print(f"no champion: {exc}", file=sys.stderr)
+        return 1
+    except MlflowException as exc:  # e.g. the server went away mid-way, a name MLflow refuses
+        first = (exc.message or type(exc).__name__).strip().splitlines()[0]
+        print(f"error: MLflow at {args.tracking_uri} failed the request: {first}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(selection.to_dict(), indent=2))

@@ -7,8 +7,8 @@ The only module of the project that calls Ray's reporting API (``report_to_tune`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
+import tempfile
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -164,7 +164,7 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     cfg = ctx.search
     _threads(cfg.cpus_per_trial)
     tune_ctx = tune.get_context()
-    trial_id, trial_dir = tune_ctx.get_trial_id(), tune_ctx.get_trial_dir()
+    trial_id = tune_ctx.get_trial_id()
     model = model_config(params, cfg)
     alpha = float(params.get("alpha", 0.0))
     constants = {
@@ -220,10 +220,13 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
             train_data=cfg.training.train_data,
             val_data=cfg.training.val_data,
             val_max_images=cfg.training.val_max_images,
-            out_dir=str(Path(trial_dir) / "train"),
             seed=cfg.seed,
         )
-        train(train_cfg, tracker)
+        # Not in Ray's trial folder: for the first trial of each worker that folder is in the
+        # driver's staging area, which Ray's experiment syncer copies to storage in the background,
+        # catching (and keeping) checkpoints half-written. What the trial keeps goes to MLflow.
+        with tempfile.TemporaryDirectory(prefix=f"trial-{trial_id}-", ignore_cleanup_errors=True) as out:
+            train(replace(train_cfg, out_dir=out), tracker)
         status = "FINISHED"
     except Exception as exc:
         study.client(ctx.tracking_uri).set_tag(run_id, "search.error", f"{type(exc).__name__}: {exc}"[:500])

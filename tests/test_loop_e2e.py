@@ -3,25 +3,46 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pickle
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from edge_agent import contract
 from search.pareto import pareto_front
 
 from fakes import FakeIna3221
+from servers import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "local-cpu"  # search/configs/smoke.yaml's loop.device
 
 
-def search(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+@pytest.fixture(scope="module")
+def server_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture(scope="module")
+def server(server_root):
+    """conftest's server, with its root known here: its database and artifacts are grepped."""
+    with mlflow_server(server_root) as uri:
+        yield uri
+
+
+def search(
+    args: list[str], cwd: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     cmd = [sys.executable, str(ROOT / "search" / "run.py"), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
 
@@ -38,24 +59,84 @@ def measured(client, versions, metric):
     return out
 
 
-def test_smoke_run_measures_on_the_cpu_and_picks_a_champion(server, tmp_path):
+def files_holding(needles: list[bytes], roots: list[Path]) -> list[str]:
+    """Every regular file under ``roots`` whose bytes contain one of ``needles`` (pickles, SQLite
+    and logs alike: a string in them is stored as its bytes)."""
+    found = []
+    for root in roots:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(folder, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    data = Path(path).read_bytes()
+                    if any(n in data for n in needles):
+                        found.append(path)
+    return found
+
+
+def mlflow_holding(client, needle: str) -> list[str]:
+    """Every param and tag of every run, experiment, registered model and version holding ``needle``."""
+    from mlflow.entities import ViewType
+
+    found = []
+    for exp in client.search_experiments(view_type=ViewType.ALL):
+        found += [f"experiment {exp.name}: tag {k}" for k, v in exp.tags.items() if needle in k + v]
+        for run in client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=50000):
+            for kind, items in (("param", run.data.params), ("tag", run.data.tags)):
+                found += [f"run {run.info.run_id}: {kind} {k}" for k, v in items.items() if needle in k + v]
+    for model in client.search_registered_models():
+        found += [f"model {model.name}: tag {k}" for k, v in model.tags.items() if needle in k + v]
+        for v in client.search_model_versions(f"name='{model.name}'"):
+            found += [f"version {v.version}: tag {k}" for k, val in v.tags.items() if needle in k + val]
+    return found
+
+
+def assert_nothing_left_behind(secret: str, out, roots: list[Path], client, study_run_id: str) -> None:
+    """The planted secret is in no output, file, param or tag; no half-written file either."""
+    needles = [secret.encode(), base64.b64encode(f"someuser:{secret}".encode())]  # Basic auth too
+    assert not [n for n in needles if n.decode() in out.stdout + out.stderr]
+    assert files_holding(needles, roots) == []
+    assert mlflow_holding(client, secret) == []
+    assert not [p for root in roots for p in root.rglob("*.partial")]  # issue 11: Ray's syncer
+    assert "FileNotFoundError" not in out.stdout + out.stderr
+    # the greps can fail: a copy planted in a pickle in Ray's folder, and one in a run tag, are found
+    planted = roots[-1] / "planted" / "env.pkl"
+    planted.parent.mkdir()
+    planted.write_bytes(pickle.dumps({"MLFLOW_TRACKING_PASSWORD": secret}))
+    assert files_holding(needles, roots) == [str(planted)]
+    client.set_tag(study_run_id, "planted", secret)
+    assert mlflow_holding(client, secret) == [f"run {study_run_id}: tag planted"]
+    client.delete_tag(study_run_id, "planted")
+
+
+def test_smoke_run_measures_on_the_cpu_and_picks_a_champion(server, server_root, tmp_path):
+    """Also (issue 11): a password given the supported way (MLflow's own variable) is nowhere in
+    what the run leaves, and no half-written checkpoint reached Ray's storage."""
     from mlflow.tracking import MlflowClient
 
-    out = search(
-        [
-            "--smoke-test",
-            "--tracking-uri",
-            server,
-            "--experiment",
-            "loop-cpu",
-            "--storage-dir",
-            str(tmp_path / "s"),
-        ]
-        + ["--json", str(tmp_path / "r.json")],
-        tmp_path,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    report = json.loads((tmp_path / "r.json").read_text())
+    secret = "planted-" + secrets.token_hex(8)
+    # Ray's session folder (its logs, tuner.pkl, searcher state) where it can be grepped; a short
+    # path, for Ray's Unix sockets (about 107 characters at most)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    env = {
+        "MLFLOW_TRACKING_USERNAME": "someuser",  # the test server has no auth: it ignores them
+        "MLFLOW_TRACKING_PASSWORD": secret,
+        "RAY_TMPDIR": str(ray_tmp),
+    }
+    try:
+        out = search(
+            ["--smoke-test", "--tracking-uri", server, "--experiment", "loop-cpu"]
+            + ["--storage-dir", str(tmp_path / "s"), "--json", str(tmp_path / "r.json")],
+            tmp_path,
+            env,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        report = json.loads((tmp_path / "r.json").read_text())
+        # tmp_path: the working dir, the storage dir with Ray's storage and the agent's log and state
+        roots = [tmp_path, server_root, ray_tmp]
+        assert_nothing_left_behind(secret, out, roots, MlflowClient(server), report["study_run_id"])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "started the local edge agent" in out.stdout and "champion: v" in out.stdout
     client = MlflowClient(server)
     versions = [

@@ -1,10 +1,12 @@
 """Training: loss goes down, distillation loss, exact resume, NaN handling, MLflow logging."""
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,18 +183,49 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path):
         train(tiny_cfg(tmp_path / "fresh"), Recorder(), resume=True)
 
 
-def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+def partial_files(root) -> list:
+    return sorted(str(p) for p in Path(root).rglob("*.partial"))
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])  # while the data is written; at the rename
+def test_a_full_disk_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch, failing):
     path = save_checkpoint({"model_config": {}, "model": {}, "step": 1}, tmp_path / "c.pt")
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(os, failing, full)
+    with pytest.raises(CheckpointError, match=f"no space left to write the checkpoint {path};.*--out-dir"):
         save_checkpoint({"model_config": {}, "model": {}, "step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_full_disk_during_training_is_one_sentence(tmp_path, monkeypatch, capsys):
+    from trainers import train as train_module
+
+    out = tmp_path / "run"
+    real_replace = os.replace
+    calls = []
+
+    def full_on_the_second(src, dst):  # the first checkpoint lands, the second finds the disk full
+        calls.append(dst)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_on_the_second)
+    argv = ["--role", "teacher", "--preset", "tiny", "--batch-size", "2", "--patch-size", "16"]
+    argv += ["--iterations", "6", "--val-every", "6", "--checkpoint-every", "2", "--val-max-images", "1"]
+    assert train_module.main([*argv, "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"error: no space left to write the checkpoint {out / 'last.pt'}; "
+        "free some space on that disk or choose another --out-dir"
+    )
+    assert "Traceback" not in err
+    assert partial_files(tmp_path) == [] and load_checkpoint(out / "last.pt")["step"] == 2
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

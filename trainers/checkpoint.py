@@ -7,39 +7,45 @@ A checkpoint is a dict: ``format``, ``model_config`` (ModelConfig fields), ``mod
 
 from __future__ import annotations
 
-import os
-import tempfile
+import errno
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edge_agent.fileio import atomic_write_bytes
+
 FORMAT = "mambalitesr-checkpoint-v1"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which file and what to do."""
+    """A checkpoint that cannot be used or written; the message says which file and what to do."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    """Write ``state`` to ``path`` so that a reader sees either the old file or the whole new one.
+
+    The state is serialised in memory first, then written through ``atomic_write_bytes``: a failed
+    write (a full disk included) leaves the old file and no ``*.partial`` behind.
+
+    Raises:
+        CheckpointError: the file could not be written (no space, no permission), saying where.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"no space left to write the checkpoint {path}; free some space on that disk "
+                "or choose another --out-dir"
+            ) from exc
+        raise CheckpointError(
+            f"cannot write the checkpoint {path}: {exc.strerror or exc}; choose a writable --out-dir"
+        ) from exc
     return path
 
 

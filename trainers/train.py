@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_agent import argtypes
 from edge_agent.contract import uri_credential_problem
 from model import ModelConfig, build_model, count_flops, count_params, preset
-from model.mambalitesr import PRESETS, MambaLiteSR, config_from_dict, load_model
+from model.mambalitesr import PRESETS, SCALES, MambaLiteSR, config_from_dict, load_model
 from model.runtime import keep_freed_memory
 from model.scan import SCAN_FORMS, resolve_scan
 from trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -41,6 +42,7 @@ from trainers.tracking import ConsoleTracker, MLflowTracker, MultiTracker, Track
 
 log = logging.getLogger(__name__)
 ROLES = ("teacher", "student")
+EXPERIMENT = "mambalitesr"  # MLflow experiment of standalone training runs
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,8 +81,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if self.checkpoint_every < 0 or self.val_max_images < 0:
-            raise ValueError("TrainConfig.checkpoint_every and val_max_images must be >= 0")
+        if self.checkpoint_every < 0 or self.val_max_images < 0 or self.seed < 0:
+            raise ValueError("TrainConfig.checkpoint_every, val_max_images and seed must be >= 0")
         if not self.lr > 0 or not 0 < self.lr_gamma <= 1:
             raise ValueError(
                 f"TrainConfig.lr must be > 0 and lr_gamma in (0, 1], got {self.lr}, {self.lr_gamma}"
@@ -132,11 +134,22 @@ def distill_loss(
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch device that exists here; a ValueError
+    saying what to use instead otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
+        )
     return dev
 
 
@@ -389,45 +402,51 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p.add_argument("--role", choices=ROLES, default="student")
     p.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: the role's)")
-    p.add_argument("--embed-dim", type=int)
-    p.add_argument("--rank", type=int)
-    p.add_argument("--groups", type=int, dest="n_groups")
-    p.add_argument("--blocks", type=int, dest="blocks_per_group")
-    p.add_argument("--scale", type=int)
+    p.add_argument("--embed-dim", type=argtypes.positive_int)
+    p.add_argument("--rank", type=argtypes.positive_int)
+    p.add_argument("--groups", type=argtypes.positive_int, dest="n_groups")
+    p.add_argument("--blocks", type=argtypes.positive_int, dest="blocks_per_group")
+    p.add_argument("--scale", type=int, choices=SCALES)
     p.add_argument(
         "--scan",
         choices=SCAN_FORMS,
         help="selective scan form (default auto: triton on CUDA, the fused kernel on the CPU)",
     )
     p.add_argument("--teacher", help="teacher checkpoint (student role)")
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument(
+        "--alpha", type=argtypes.fraction, help=f"distillation weight (student role, default {d.alpha})"
+    )
+    p.add_argument("--lr", type=argtypes.positive_float, default=d.lr)
     p.add_argument(
         "--milestones",
-        type=float,
+        type=argtypes.finite_float,
         nargs="*",
         default=list(d.lr_milestones),
         help="fractions of the run where the learning rate is multiplied by --gamma",
     )
-    p.add_argument("--gamma", type=float, default=d.lr_gamma)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--patch-size", type=int, default=d.patch_size)
-    p.add_argument("--iterations", type=int, default=d.iterations)
-    p.add_argument("--val-every", type=int, default=d.val_every)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--val-max-images", type=int, default=0)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--gamma", type=argtypes.positive_float, default=d.lr_gamma)
+    p.add_argument("--batch-size", type=argtypes.positive_int, default=d.batch_size)
+    p.add_argument("--patch-size", type=argtypes.positive_int, default=d.patch_size)
+    p.add_argument("--iterations", type=argtypes.positive_int, default=d.iterations)
+    p.add_argument("--val-every", type=argtypes.positive_int, default=d.val_every)
+    p.add_argument("--checkpoint-every", type=argtypes.nonnegative_int, default=d.checkpoint_every)
+    p.add_argument("--log-every", type=argtypes.positive_int, default=d.log_every)
+    p.add_argument("--val-max-images", type=argtypes.nonnegative_int, default=0)
+    p.add_argument("--seed", type=argtypes.nonnegative_int, default=d.seed)
     p.add_argument("--train-data", nargs="*", default=[], help="training folders (default: built-in images)")
     p.add_argument("--val-data", nargs="*", default=[], help="validation folders (default: built-in images)")
-    p.add_argument("--out-dir", help="where last.pt and samples go (default outputs/train/ROLE)")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--out-dir",
+        type=argtypes.writable_dir,
+        help="where last.pt and samples go (default outputs/train/ROLE)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     p.add_argument("--tracking-uri", help="log to MLflow here (e.g. sqlite:///mlflow.db)")
-    p.add_argument("--experiment", default="mambalitesr")
+    p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--run-name")
-    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--json", type=argtypes.writable_file, help="write the result as JSON here")
     return p
 
 
@@ -442,7 +461,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         role=args.role,
         model=model_cfg,
         teacher=args.teacher,
-        alpha=args.alpha,
+        alpha=TrainConfig.alpha if args.alpha is None else args.alpha,
         lr=args.lr,
         lr_milestones=tuple(args.milestones),
         lr_gamma=args.gamma,
@@ -462,13 +481,29 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def ignored_flags(args: argparse.Namespace) -> str | None:
+    """Why a given flag would have no effect (None if every flag counts)."""
+    if args.role == "teacher" and (args.teacher or args.alpha is not None):
+        return "--teacher and --alpha are for --role student; a teacher trains on L1 to HR alone"
+    if args.teacher and args.alpha == 0:
+        return "--alpha 0 trains without the teacher; drop --teacher or give alpha > 0"
+    if not args.tracking_uri and (args.run_name or args.experiment != EXPERIMENT):
+        return "--experiment and --run-name name an MLflow run: add --tracking-uri or drop them"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        resolve_device(cfg.device)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = ignored_flags(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     problem = uri_credential_problem(args.tracking_uri)
     if problem:

@@ -1,0 +1,217 @@
+"""Bad config values and flags of the search and training CLIs: exit code 2, the key named, no
+traceback, and neither Ray nor training started. Each case is a value that was accepted before."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from search.config import CONFIG_DIR, ConfigError
+
+SMOKE = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+
+
+class Started(Exception):
+    """Raised by the stand-ins for ray.init and train(): the CLI got past its checks."""
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    import ray
+
+    import trainers.train
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(ray, "init", started)
+    monkeypatch.setattr(trainers.train, "train", started)
+
+
+def exit_code(main, argv) -> int:
+    """main(argv)'s exit code, whether it returns one or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def smoke_with(tmp_path, dotted: str, value) -> str:
+    """smoke.yaml with one key set (a dotted path), written to tmp_path; returns the path."""
+    cfg = json.loads(json.dumps(SMOKE))
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+CONFIG_CASES = [
+    ("registry.input_size", -32),
+    ("space.rank", {"low": 9, "high": 12}),  # tiny's expand * embed_dim is 8 at C = 4
+    ("space.embed_dim", {"low": 0, "high": 8, "step": 4}),
+    ("space.alpha", {"low": 0.0, "high": math.nan}),
+    ("cpus_per_trial", math.nan),
+    ("gpus_per_trial", -1),
+    ("num_samples", -1),
+    ("max_concurrent", 0),
+    ("seed", -1),
+    ("loop.wait_timeout_s", math.inf),
+    ("loop.rounds", 0),
+    ("early_stopping.margin_db", -1.0),
+    ("early_stopping.min_rung", 0),
+    ("training.lr", math.nan),
+    ("training.val_max_images", -1),
+    ("teacher.iterations", 0),
+    ("teacher.checkpoint", "no/such/teacher.pt"),
+    ("training.train_data", ["no/such/folder"]),
+    ("loop.local_agent", False),  # smoke.yaml's agent_args would be ignored
+    ("storage_dir", "/proc/search"),
+]
+
+
+@pytest.mark.usefixtures("no_work")
+@pytest.mark.parametrize("key,value", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_search_config_values_are_refused_up_front(tmp_path, capsys, key, value):
+    from search.run import main
+
+    code = exit_code(main, ["--config", smoke_with(tmp_path, key, value)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    named = "loop.agent_args" if key == "loop.local_agent" else key
+    assert named in err and "Traceback" not in err
+
+
+FLAG_CASES = [
+    (["--cpus-per-trial", "nan"], "--cpus-per-trial"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--max-concurrent", "two"], "--max-concurrent"),
+    (["--wait-timeout-s", "inf"], "--wait-timeout-s"),
+    (["--seed", "-3"], "--seed"),
+    (["--rounds", "0"], "--rounds"),
+    (["--json", "/proc/summary.json"], "--json"),
+    (["--config", str(CONFIG_DIR / "default.yaml")], "--smoke-test"),
+]
+
+
+@pytest.mark.usefixtures("no_work")
+@pytest.mark.parametrize("flags,named", FLAG_CASES, ids=[c[1] for c in FLAG_CASES])
+def test_search_flags_are_refused_up_front(tmp_path, capsys, flags, named):
+    from search.run import main
+
+    code = exit_code(main, ["--smoke-test", "--storage-dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert named in err and "Traceback" not in err
+
+
+IGNORED = [
+    (["--device", "orin-nano"], "--device"),  # default.yaml: FLOPs cost, no agent, no selection
+    (["--wait-timeout-s", "5"], "--wait-timeout-s"),
+    (["--searcher", "random", "--startup-trials", "4"], "--startup-trials"),
+]
+
+
+@pytest.mark.usefixtures("no_work")
+@pytest.mark.parametrize("flags,named", IGNORED, ids=[c[1] for c in IGNORED])
+def test_search_flags_that_would_be_ignored_are_errors(tmp_path, capsys, flags, named):
+    from search.run import main
+
+    assert exit_code(main, ["--storage-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def _study(storage, latest: str | None, state: str | None):
+    storage.mkdir()
+    if latest is not None:
+        (storage / "LATEST").write_text(latest)
+    if state is not None:
+        (storage / "s1").mkdir()
+        (storage / "s1" / "study.json").write_text(state)
+
+
+RESUME_CASES = [
+    ("", None, "does not name a study"),
+    ("s1", None, "study.json is missing"),
+    ("s1", '{"study_run_id": "ab', "damaged"),
+    ("s1", "[]", "no study_run_id"),
+]
+
+
+@pytest.mark.usefixtures("no_work")
+@pytest.mark.parametrize("latest,state,message", RESUME_CASES, ids=[c[2] for c in RESUME_CASES])
+def test_resume_of_a_damaged_study_is_refused(tmp_path, capsys, latest, state, message):
+    from search.run import main
+
+    _study(tmp_path / "s", latest, state)
+    assert exit_code(main, ["--smoke-test", "--resume", "--storage-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.usefixtures("no_work")
+def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
+    from search.run import config_from_args, main, parse_args
+
+    storage = tmp_path / "s"
+    resume = ["--smoke-test", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage-dir", str(storage)]
+    cfg = config_from_args(parse_args(resume))
+    _study(storage, "s1", json.dumps({"study_run_id": "abc", "config": cfg.to_dict()}))
+    resume.append("--resume")
+    assert exit_code(main, [*resume, "--num-samples", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "num_samples (4 -> 9)" in err and "Traceback" not in err
+    # what may change on resume passes the check
+    assert config_from_args(parse_args([*resume, "--rounds", "2"])).loop.rounds == 2
+    # the study's run is not on this tracking server (study.json from elsewhere): a sentence
+    from search import study
+    from search.run import start_or_resume
+
+    uri = study.absolute_tracking_uri(cfg.tracking_uri)
+    with pytest.raises(ConfigError, match="run abc is not on the tracking server"):
+        start_or_resume(cfg, True, uri, study.ensure_experiment(uri, cfg.experiment))
+
+
+TRAIN_CASES = [
+    (["--iterations", "0"], "--iterations"),
+    (["--iterations", "-5"], "--iterations"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--gamma", "-1"], "--gamma"),
+    (["--alpha", "1.5"], "--alpha"),
+    (["--batch-size", "x"], "--batch-size"),
+    (["--val-every", "0"], "--val-every"),
+    (["--seed", "-1"], "--seed"),
+    (["--rank", "0"], "--rank"),
+    (["--scale", "5"], "--scale"),
+    (["--milestones", "1.5"], "lr_milestones"),
+    (["--rank", "99"], "rank"),  # above the student's inner width
+    (["--device", "tpu"], "tpu"),
+    (["--device", "cuda:x"], "cuda:x"),
+    (["--json", "/proc/result.json"], "--json"),
+    (["--out-dir", "/proc/train"], "--out-dir"),
+    (["--role", "teacher", "--alpha", "0.5"], "--alpha"),
+    (["--teacher", "t.pt", "--alpha", "0"], "--alpha 0"),
+    (["--experiment", "mine"], "--tracking-uri"),
+]
+if not torch.cuda.is_available():
+    TRAIN_CASES.append((["--device", "cuda"], "CUDA is not available"))
+
+
+@pytest.mark.usefixtures("no_work")
+@pytest.mark.parametrize("flags,named", TRAIN_CASES, ids=[" ".join(c[0]) for c in TRAIN_CASES])
+def test_training_flags_are_refused_up_front(tmp_path, capsys, flags, named):
+    from trainers.train import main
+
+    code = exit_code(main, ["--out-dir", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert named in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
