@@ -262,8 +262,8 @@ class Agent:
         except Interrupted:
             self.hand_back(version)
             return None
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # whatever it is, it belongs to this candidate's report
+            reason = self._reason(exc)
             log.error("measurement failed", extra=_fields(version=version, error=reason[:500]))
             report = Report(
                 **report_base, status=contract.FAILED, timestamp_ms=int(self._clock() * 1000), error=reason
@@ -284,9 +284,25 @@ class Agent:
             )
             self.results[version] = result
             log.info("measured", extra=_fields(version=version, **result.metrics()))
-        self.outbox.put(report)
+        try:
+            self.outbox.put(report)
+        except OSError as exc:  # a full disk must not cost the report: send it without a local copy
+            log.error(
+                "could not keep the report in the outbox; sending it without a copy",
+                extra=_fields(version=version, error=self._reason(exc)),
+            )
         self._deliver(report)
         return report
+
+    def _reason(self, exc: Exception) -> str:
+        """What went wrong, for the report and the log: a file the agent could not write (a full
+        disk, a read-only state dir) says what to do; anything else keeps its type and message."""
+        if isinstance(exc, OSError) and exc.filename:
+            return (
+                f"OSError: {exc.strerror or exc} at {exc.filename}; free disk space on the device or make "
+                f"the agent's state dir {self.cfg.state_dir} writable"
+            )
+        return f"{type(exc).__name__}: {exc}"
 
     def _measure(self, v: Version) -> Measurement:
         expected = v.tags.get(contract.TAG_SHA256)

@@ -19,6 +19,7 @@ tensorrt, cuda runtime and onnxruntime are imported inside the functions that ne
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -79,48 +80,129 @@ def resolve_backend(name: str) -> str:
 # ----------------------------------------------------------------------------- ONNX Runtime
 
 
+SR_INPUT = "one float image input of shape (1, 3, H, W)"  # what every backend and evaluate expect
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed: ?)?")
+
+
+@functools.cache
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception types (InvalidProtobuf, InvalidGraph, NoSuchFile, Fail, ...).
+
+    They derive from Exception directly, not from one base of their own, so they are collected
+    from the module that defines them; a version that adds one is covered without a change here.
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    found = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+    return found or (RuntimeError,)
+
+
+def _ort_reason(exc: Exception) -> str:
+    """ORT's message without its ``[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from`` frame."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return _ORT_PREFIX.sub("", first).strip().rstrip(".") or type(exc).__name__
+
+
+def _signature_problem(inputs: Sequence[Any]) -> str | None:
+    """Why a graph's inputs are not one static float (1, 3, H, W) image (None if they are)."""
+    if len(inputs) != 1:
+        return f"has {len(inputs)} inputs ({', '.join(i.name for i in inputs)})"
+    (inp,) = inputs
+    shape = tuple(inp.shape)
+    if inp.type not in ("tensor(float)", "tensor(float16)"):
+        return f"takes {inp.type} {list(shape)}, not a float image"
+    if len(shape) != 4:
+        return f"takes a {len(shape)}-D input {list(shape)}"
+    if not all(isinstance(d, int) and d > 0 for d in shape):
+        return f"has a dynamic input shape {list(shape)} (export with a static shape)"
+    if shape[:2] != (1, 3):
+        return f"takes input {list(shape)}: batch {shape[0]} and {shape[1]} channels"
+    return None
+
+
+class OrtModel:
+    """An ONNX file opened in ONNX Runtime, checked to take one static (1, 3, H, W) float image.
+
+    The one place that opens a model file for ONNX Runtime (the agent's engine, trainers.evaluate):
+    a file ORT cannot load or run, or one with another input signature, is a ``BackendError`` that
+    names the file and says what to do.
+    """
+
+    def __init__(self, path: Path, providers: Sequence[str] | None = None, threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendError("onnxruntime is not installed: pip install onnxruntime") from exc
+        self.path = Path(path)
+        self.version = ort.__version__
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0 = ORT's default (one per physical core)
+        opts.log_severity_level = 3  # errors come back as exceptions; ORT's own log would repeat them
+        # CUDA when there is one, else the CPU. Not ORT's TensorRT EP: the tensorrt backend owns that,
+        # and a result must say which engine it measured
+        chosen = (
+            list(providers)
+            if providers
+            else [
+                p
+                for p in ort.get_available_providers()
+                if p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            ]
+        )
+        try:
+            self._session = ort.InferenceSession(str(self.path), opts, providers=chosen)
+        except _ort_errors() as exc:
+            raise BackendError(
+                f"ONNX Runtime could not load {self.path} ({_ort_reason(exc)}): check that it is a complete "
+                "ONNX file, or export it again with python -m model.export"
+            ) from exc
+        problem = _signature_problem(self._session.get_inputs())
+        if problem:
+            raise BackendError(
+                f"{self.path} {problem}; a super-resolution model takes {SR_INPUT}: export one with "
+                "python -m model.export"
+            )
+        inp = self._session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape: tuple[int, ...] = tuple(inp.shape)
+        self.input_dtype = np.dtype(np.float16 if inp.type == "tensor(float16)" else np.float32)
+        self.output_shape = tuple(self._session.get_outputs()[0].shape)
+        self.providers = self._session.get_providers()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The first output for input ``x`` (cast to the graph's input dtype)."""
+        try:
+            return self._session.run(None, {self.input_name: x.astype(self.input_dtype, copy=False)})[0]
+        except _ort_errors() as exc:
+            raise BackendError(
+                f"ONNX Runtime failed running {self.path} ({_ort_reason(exc)}); export the model again "
+                "with python -m model.export"
+            ) from exc
+
+    def close(self) -> None:
+        self._session = None
+
+
 class OrtEngine:
     """ONNX Runtime session with a fixed random input (SR latency does not depend on pixel values)."""
 
     backend = "onnxruntime"
 
     def __init__(self, model: Path, providers: Sequence[str] | None = None, threads: int = 0, seed: int = 0):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise BackendError("onnxruntime is not installed: pip install onnxruntime") from exc
-        self._ort = ort
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads  # 0 = ORT's default (one per physical core)
-        available = ort.get_available_providers()
-        # CUDA when there is one, else the CPU. Not ORT's TensorRT EP: the tensorrt backend owns that,
-        # and a result must say which engine it measured
-        chosen = (
-            list(providers)
-            if providers
-            else [p for p in available if p in ("CUDAExecutionProvider", "CPUExecutionProvider")]
-        )
-        try:
-            self._session = ort.InferenceSession(str(model), opts, providers=chosen)
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise BackendError(f"ONNX Runtime could not load {model.name}: {exc}") from exc
-        (inp,) = self._session.get_inputs()
-        shape = tuple(inp.shape)
-        if not all(isinstance(d, int) for d in shape):
-            raise BackendError(f"{model.name} has a dynamic input shape {shape}; export with a static shape")
-        self.input_shape = shape
-        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-        self._feed = {inp.name: np.random.default_rng(seed).random(shape, dtype=np.float32).astype(dtype)}
-        self.providers = self._session.get_providers()
+        self._model = OrtModel(model, providers, threads)
+        self.input_shape = self._model.input_shape
+        self.providers = self._model.providers
+        self._input = np.random.default_rng(seed).random(self.input_shape, dtype=np.float32)
+        self._input = self._input.astype(self._model.input_dtype)
 
     def infer(self) -> None:
-        self._session.run(None, self._feed)
+        self._model.run(self._input)
 
     def versions(self) -> dict[str, str]:
-        return {"onnxruntime_version": self._ort.__version__, "ort_providers": ",".join(self.providers)}
+        return {"onnxruntime_version": self._model.version, "ort_providers": ",".join(self.providers)}
 
     def close(self) -> None:
-        self._session = None
+        self._model.close()
 
 
 # ----------------------------------------------------------------------------- TensorRT
@@ -227,8 +309,22 @@ def build_trt_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"TensorRT failed to build an engine for {model.name}; see the log above")
-    atomic_write_bytes(timing_cache, bytes(cache.serialize()))
+    _save_cache(timing_cache, bytes(cache.serialize()))
     return bytes(serialized)
+
+
+def _save_cache(path: Path, data: bytes) -> None:
+    """Keep an engine or timing cache for next time; a full disk or a read-only folder costs a
+    rebuild later, not this measurement, so it is a warning."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        log.warning(
+            "could not write the cache file %s (%s); it will be built again next time: free disk space "
+            "or pass a writable --state-dir",
+            path,
+            exc.strerror or exc,
+        )
 
 
 class _CudaRuntime:
@@ -300,7 +396,7 @@ class TrtEngine:
             plan = path.read_bytes()
         else:
             plan = build_trt_engine(trt, model, precision, cache_dir / f"timing-trt{self._api.version}.cache")
-            atomic_write_bytes(path, plan)
+            _save_cache(path, plan)
         self.engine_path = path
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = runtime.deserialize_cuda_engine(plan)
@@ -425,7 +521,13 @@ def run_trtexec(
     run = runner or (lambda c: subprocess.run(c, capture_output=True, text=True, check=False))
     version = trtexec_version(run([exe, "--help"]).stdout)
     engine = cache_dir / EngineKey(model_sha256, version, precision).filename()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)  # trtexec saves its engine there
+    except OSError as exc:
+        raise BackendError(
+            f"cannot create the engine cache folder {cache_dir} ({exc.strerror or exc}); free disk space "
+            "or pass a writable --state-dir"
+        ) from exc
     layers = fp32_layer_names(model) if precision == "fp16" and not engine.is_file() else []
     cmd = trtexec_command(exe, model, engine, precision, duration_s, warmup_s, layers)
     started = time.monotonic()

@@ -17,10 +17,25 @@ import signal
 import sys
 from pathlib import Path
 
-from edge_agent import backends, contract, power
+from edge_agent import argtypes, backends, contract, power, preflight
 from edge_agent.agent import STATE_DIR, Agent, AgentConfig, measure_file, setup_logging
 from edge_agent.fileio import sha256_file
 from edge_agent.measure import MeasureConfig, MeasurementError
+from edge_agent.mlflow_io import RegistryError
+
+
+def device_name(text: str) -> str:
+    """argparse type: a device type the contract accepts as part of a tag key (orin-nano)."""
+    try:
+        contract.status_tag(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _state_dir(text: str) -> Path:
+    """argparse type: the state folder, checked writable (engine cache, outbox, downloads)."""
+    return Path(argtypes.writable_dir(text)).expanduser()
 
 
 def _add_measure_options(p: argparse.ArgumentParser) -> None:
@@ -28,11 +43,16 @@ def _add_measure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=backends.PRECISIONS, default="fp16")
     p.add_argument("--power", choices=("auto", *power.SOURCES, "none"), default="auto", help="power source")
     p.add_argument("--power-root", type=Path, default=Path("/"), help="root of /sys and /proc (tests)")
-    p.add_argument("--warmup-s", type=float, default=MeasureConfig.warmup_s)
-    p.add_argument("--idle-s", type=float, default=MeasureConfig.idle_s)
-    p.add_argument("--duration-s", type=float, default=MeasureConfig.duration_s)
-    p.add_argument("--rate-hz", type=float, default=MeasureConfig.rate_hz, help="power sampling rate")
-    p.add_argument("--state-dir", type=Path, default=STATE_DIR, help="engine cache, outbox, downloads")
+    p.add_argument("--warmup-s", type=argtypes.nonnegative_float, default=MeasureConfig.warmup_s)
+    p.add_argument("--idle-s", type=argtypes.nonnegative_float, default=MeasureConfig.idle_s)
+    p.add_argument("--duration-s", type=argtypes.positive_float, default=MeasureConfig.duration_s)
+    p.add_argument(
+        "--rate-hz", type=argtypes.positive_float, default=MeasureConfig.rate_hz, help="power sampling rate"
+    )
+    # a string default goes through the type check too
+    p.add_argument(
+        "--state-dir", type=_state_dir, default=str(STATE_DIR), help="engine cache, outbox, downloads"
+    )
 
 
 def _measure_config(args: argparse.Namespace) -> MeasureConfig:
@@ -44,16 +64,22 @@ def _measure_config(args: argparse.Namespace) -> MeasureConfig:
 def cmd_measure(args: argparse.Namespace) -> int:
     model = args.model
     if not model.is_file():
-        print(f"error: {model} does not exist", file=sys.stderr)
+        what = "is not a file" if model.exists() else "does not exist"
+        print(f"error: {model} {what}; give the path of an ONNX model", file=sys.stderr)
+        return 2
+    try:
+        digest = sha256_file(model)
+    except OSError as exc:
+        print(f"error: cannot read {model} ({exc.strerror or exc}); check its permissions", file=sys.stderr)
         return 2
     result = measure_file(
         model,
-        sha256_file(model),
+        digest,
         backend=args.backend,
         precision=args.precision,
         reader=power.discover(args.power_root, args.power),
         cfg=_measure_config(args),
-        cache_dir=args.state_dir.expanduser() / "engines",
+        cache_dir=args.state_dir / "engines",
         power_root=args.power_root,
     )
     json.dump(result.to_json(), sys.stdout, indent=1)
@@ -88,8 +114,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     # MLflow's client retries a dead server for minutes by default; the agent has its own
     # back-off and outbox, so fail fast (users can still override these in the environment)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    preflight.limit_mlflow_retries()
+    if args.once:  # one pass is a command, not a service: a dead server ends it at once
+        problem = preflight.tracking_server_problem(args.tracking_uri)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     cfg = AgentConfig(
         tracking_uri=args.tracking_uri,
         device=args.device,
@@ -104,12 +134,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         measure=_measure_config(args),
     )
     agent = Agent(cfg)
-    signal.signal(signal.SIGTERM, agent.request_stop)
-    signal.signal(signal.SIGINT, agent.request_stop)
-    if args.once:
-        agent.poll_once()
-    else:
-        agent.run_forever()
+    previous = {sig: signal.signal(sig, agent.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if args.once:
+            agent.poll_once()
+        else:
+            agent.run_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -122,10 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the daemon: measure every candidate registered for this device type")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), required=False)
-    p.add_argument("--device", required=True, help="device type, e.g. orin-nano (one measurement per type)")
+    p.add_argument(
+        "--device",
+        type=device_name,
+        required=True,
+        help="device type, e.g. orin-nano (one measurement per type)",
+    )
     p.add_argument("--model-name", default=contract.REGISTERED_MODEL)
-    p.add_argument("--poll-s", type=float, default=30.0)
-    p.add_argument("--takeover-s", type=float, default=1800.0, help="take over claims idle this long")
+    p.add_argument("--poll-s", type=argtypes.positive_float, default=AgentConfig.poll_s)
+    p.add_argument(
+        "--takeover-s",
+        type=argtypes.positive_float,
+        default=AgentConfig.takeover_s,
+        help="take over claims idle this long",
+    )
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     _add_measure_options(p)
     p.set_defaults(func=cmd_run)
@@ -163,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (backends.BackendError, MeasurementError, power.PowerReadError, ValueError) as exc:
+    except (backends.BackendError, MeasurementError, power.PowerReadError, RegistryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -5,11 +5,57 @@ Works with the full ``mlflow`` package or ``mlflow-skinny`` (what the device ins
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent import contract
 from edge_agent.outbox import Report
+
+
+class RegistryError(RuntimeError):
+    """The tracking server could not be reached or refused a call; the message names the server."""
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+|Read timed out|timed out")
+_HINTS = {  # what to do, by the error code the server sent back
+    "RESOURCE_DOES_NOT_EXIST": "check the name, version or run id, and that it was logged to this server",
+    "INVALID_PARAMETER_VALUE": "check the name, version or run id",
+    "PERMISSION_DENIED": "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN",
+    "UNAUTHENTICATED": "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN",
+}
+
+
+@contextmanager
+def server_errors(tracking_uri: str, what: str) -> Iterator[None]:
+    """Turn MLflow's exceptions inside the block into a ``RegistryError`` saying ``what`` failed.
+
+    The one place that words MLflow's failures (the agent's registry calls, trainers.evaluate's
+    downloads): a server that did not answer, an error it sent back (an unknown model, a refused
+    permission), or a request MLflow refused to make (a malformed ``runs:/`` URI).
+    """
+    from mlflow.exceptions import MlflowException, RestException
+
+    try:
+        yield
+    except MlflowException as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if isinstance(exc, RestException):
+            hint = _HINTS.get(exc.error_code, "")
+            raise RegistryError(
+                f"the MLflow server at {tracking_uri} refused to {what}: {detail}"
+                + (f"; {hint}" if hint else "")
+            ) from exc
+        if isinstance(exc.__context__, OSError):  # requests' connection errors: nothing answered
+            found = _ERRNO.search(str(exc))
+            raise RegistryError(
+                f"could not reach the MLflow server at {tracking_uri} to {what} "
+                f"({found.group(0).strip() if found else type(exc.__context__).__name__}): check that the "
+                "server is running and that the tracking URI is right"
+            ) from exc
+        raise RegistryError(f"MLflow could not {what} (tracking URI {tracking_uri}): {detail}") from exc
 
 
 @dataclass(frozen=True)
@@ -24,7 +70,10 @@ class Version:
 
 
 class Registry:
-    """Model versions, their tags, their ONNX artifact, and reports onto their trial runs."""
+    """Model versions, their tags, their ONNX artifact, and reports onto their trial runs.
+
+    Every method raises ``RegistryError`` (a sentence naming the server) where MLflow fails.
+    """
 
     def __init__(self, tracking_uri: str, model_name: str = contract.REGISTERED_MODEL):
         from mlflow.tracking import MlflowClient
@@ -41,25 +90,32 @@ class Registry:
     def versions(self) -> list[Version]:
         """Every version of the model, oldest first (all pages)."""
         out, token = [], None
-        while True:
-            page = self.client.search_model_versions(
-                f"name='{self.model_name}'", max_results=200, page_token=token
-            )
-            out += [self._version(v) for v in page]
-            token = page.token
-            if not token:
-                break
+        with self._calls(f"list the versions of {self.model_name}"):
+            while True:
+                page = self.client.search_model_versions(
+                    f"name='{self.model_name}'", max_results=200, page_token=token
+                )
+                out += [self._version(v) for v in page]
+                token = page.token
+                if not token:
+                    break
         return sorted(out, key=lambda v: int(v.version))
 
+    def _calls(self, what: str):
+        return server_errors(self.tracking_uri, what)
+
     def get(self, version: str) -> Version:
-        return self._version(self.client.get_model_version(self.model_name, version))
+        with self._calls(f"read version {version} of {self.model_name}"):
+            return self._version(self.client.get_model_version(self.model_name, version))
 
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_model_version_tag(self.model_name, version, k, v)
+        with self._calls(f"tag version {version} of {self.model_name}"):
+            for k, v in tags.items():
+                self.client.set_model_version_tag(self.model_name, version, k, v)
 
     def delete_tag(self, version: str, key: str) -> None:
-        self.client.delete_model_version_tag(self.model_name, version, key)
+        with self._calls(f"untag version {version} of {self.model_name}"):
+            self.client.delete_model_version_tag(self.model_name, version, key)
 
     def download_onnx(self, version: str, dest: Path) -> Path:
         """The version's ``model.onnx`` under ``dest`` (a fresh directory)."""
@@ -68,10 +124,11 @@ class Registry:
         dest.mkdir(parents=True, exist_ok=True)
         # the version's own artifact location: a models:/ URI would be resolved against the default
         # registry, not this tracking server
-        uri = self.client.get_model_version_download_uri(self.model_name, version)
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dest), tracking_uri=self.tracking_uri
-        )
+        with self._calls(f"download version {version} of {self.model_name}"):
+            uri = self.client.get_model_version_download_uri(self.model_name, version)
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dest), tracking_uri=self.tracking_uri
+            )
         hits = sorted(Path(local).rglob(contract.ONNX_FILE)) if Path(local).is_dir() else [Path(local)]
         if not hits:
             raise FileNotFoundError(f"version {version} of {self.model_name} has no {contract.ONNX_FILE}")
@@ -89,17 +146,18 @@ class Registry:
         d = report.device
         run_tag_id = contract.edge_key(d, contract.TAG_RESULT_ID)
         if report.run_id:
-            run = self.client.get_run(report.run_id)
-            if run.data.tags.get(run_tag_id) != report.result_id:
-                metrics = [
-                    Metric(contract.edge_key(d, k), float(v), report.timestamp_ms, 0)
-                    for k, v in report.metrics.items()
-                ]
-                tags = [RunTag(contract.edge_key(d, k), str(v)[:5000]) for k, v in report.tags.items()]
-                if report.error:
-                    tags.append(RunTag(contract.error_tag(d), report.error[:5000]))
-                tags.append(RunTag(run_tag_id, report.result_id))
-                self.client.log_batch(report.run_id, metrics=metrics, tags=tags)
+            with self._calls(f"log the {d} report for version {report.version} on run {report.run_id}"):
+                run = self.client.get_run(report.run_id)
+                if run.data.tags.get(run_tag_id) != report.result_id:
+                    metrics = [
+                        Metric(contract.edge_key(d, k), float(v), report.timestamp_ms, 0)
+                        for k, v in report.metrics.items()
+                    ]
+                    tags = [RunTag(contract.edge_key(d, k), str(v)[:5000]) for k, v in report.tags.items()]
+                    if report.error:
+                        tags.append(RunTag(contract.error_tag(d), report.error[:5000]))
+                    tags.append(RunTag(run_tag_id, report.result_id))
+                    self.client.log_batch(report.run_id, metrics=metrics, tags=tags)
         version_tags = {contract.edge_key(d, k): f"{v:.6g}" for k, v in report.metrics.items()}
         version_tags[contract.edge_key(d, contract.TAG_BACKEND)] = report.tags.get(contract.TAG_BACKEND, "")
         version_tags[contract.edge_key(d, contract.TAG_POWER_SOURCE)] = report.tags.get(

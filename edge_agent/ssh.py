@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_agent import contract
+from edge_agent import argtypes, contract
 
 if TYPE_CHECKING:
     import paramiko
@@ -696,8 +696,18 @@ def _ensure_env_file(sftp: paramiko.SFTPClient, label: str, path: str) -> None:
 # command line
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    port = argtypes.positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {text}")
+    return port
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``deploy`` and ``remote-measure`` to the edge-agent command line."""
+    from edge_agent.cli import device_name  # the device agent's own check of the name
+
     conn = argparse.ArgumentParser(add_help=False)
     group = conn.add_argument_group("SSH connection")
     group.add_argument(
@@ -715,7 +725,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="trust an unknown host key on first use and add it to known_hosts (OpenSSH's "
         "StrictHostKeyChecking=accept-new); a changed key is refused all the same",
     )
-    group.add_argument("--port", type=int, help="SSH port when TARGET names none (default 22)")
+    group.add_argument("--port", type=_port, help="SSH port when TARGET names none (default 22)")
 
     p = subparsers.add_parser(
         "deploy",
@@ -727,7 +737,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target", metavar="TARGET", help="user@host[:port]; the service runs as that user")
     p.add_argument("--tracking-uri", required=True, help="MLflow tracking server, without credentials")
-    p.add_argument("--device", required=True, help="device name the agent measures for (e.g. orin-nano-8gb)")
+    p.add_argument(
+        "--device",
+        type=device_name,
+        required=True,
+        help="device name the agent measures for (e.g. orin-nano-8gb)",
+    )
     p.add_argument(
         "--remote-dir", default=DEFAULT_REMOTE_DIR, help="folder on the device (default: %(default)s)"
     )

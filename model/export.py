@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_agent import argtypes
 from model.complexity import count_flops, count_params
 from model.mambalitesr import PRESETS, MambaLiteSR, build_model, load_model
 from model.runtime import keep_freed_memory
@@ -44,6 +45,7 @@ BANNED_OPS = frozenset({"Loop", "Scan", "If", "CumSum"})
 SCAN_PREFIX = "fp32_scan/"  # nodes a float16 engine must keep in float32
 SCAN_NAMESPACE = "model.scan.SelectiveScan"  # the exporter's module-scope metadata for them
 DEFAULT_OPSET = 18
+MIN_OPSET = 18  # torch.onnx's dynamo exporter cannot convert this graph to older opsets
 FP32_TOLERANCE = 1e-4
 
 log = logging.getLogger(__name__)
@@ -245,22 +247,51 @@ def format_report(report: ExportReport) -> str:
     )
 
 
+def _opset(text: str) -> int:
+    """argparse type: an opset the exporter produces (below 18 it silently writes 18) and the
+    installed onnx knows."""
+    import onnx
+
+    opset, newest = argtypes.positive_int(text), onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise argparse.ArgumentTypeError(
+            f"opset {opset} is outside what this torch and onnx export ({MIN_OPSET} to {newest})"
+        )
+    return opset
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="export a freshly initialised preset")
     src.add_argument("--checkpoint", help="export a trained checkpoint (trainers' .pt file)")
     p.add_argument("--out", required=True, help="where to write the .onnx file")
-    p.add_argument("--height", type=int, default=64, help="static LR input height (default 64)")
-    p.add_argument("--width", type=int, default=64, help="static LR input width (default 64)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--n-checks", type=int, default=3, help="random inputs compared with PyTorch")
-    p.add_argument("--tolerance", type=float, default=FP32_TOLERANCE, help="max fp32 abs error")
-    p.add_argument("--seed", type=int, default=None, help="seed for init and check inputs")
-    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument(
+        "--height", type=argtypes.positive_int, default=64, help="static LR input height (default 64)"
+    )
+    p.add_argument(
+        "--width", type=argtypes.positive_int, default=64, help="static LR input width (default 64)"
+    )
+    p.add_argument(
+        "--opset", type=_opset, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
+    )
+    p.add_argument(
+        "--n-checks", type=argtypes.positive_int, default=3, help="random inputs compared with PyTorch"
+    )
+    p.add_argument(
+        "--tolerance", type=argtypes.positive_float, default=FP32_TOLERANCE, help="max fp32 abs error"
+    )
+    p.add_argument(
+        "--seed", type=argtypes.nonnegative_int, default=None, help="seed for init and check inputs"
+    )
+    p.add_argument("--json", type=argtypes.writable_file, help="also write the report as JSON here")
     args = p.parse_args(argv)
-    if args.height <= 0 or args.width <= 0 or args.n_checks <= 0:
-        p.error("--height, --width and --n-checks must be positive")
+    # checked before the minutes of tracing, not after; exit 1 and the words export_onnx uses when
+    # the write itself fails (--json is checked by argparse, exit 2, as in every CLI)
+    problem = argtypes.writable_problem(args.out)
+    if problem:
+        print(f"error: cannot write {args.out}: {problem}", file=sys.stderr)
+        return 1
     if args.seed is not None:
         torch.manual_seed(args.seed)
     keep_freed_memory()

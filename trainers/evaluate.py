@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,7 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_agent import argtypes, preflight
+from edge_agent.backends import BackendError, OrtModel
 from edge_agent.contract import uri_credential_problem
+from edge_agent.mlflow_io import RegistryError, server_errors
+from model.mambalitesr import SCALES
 from model.runtime import keep_freed_memory
 from model.tiling import upscale_tiled
 from trainers.checkpoint import CheckpointError
@@ -61,25 +66,27 @@ def checkpoint_upscaler(path: str, device: str = "cpu") -> tuple[Upscaler, int]:
 
 
 def onnx_upscaler(path: str, overlap: int = 16) -> tuple[Upscaler, int]:
-    """Tiled inference with ONNX Runtime; the tile size and scale are read from the graph."""
-    import onnxruntime as ort
+    """Tiled inference with ONNX Runtime; the tile size and scale are read from the graph.
 
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
-    n, c, tile_h, tile_w = inp.shape
-    if not all(isinstance(v, int) for v in (n, c, tile_h, tile_w)) or tile_h != tile_w or c != 3:
-        raise ValueError(f"{path}: expected a static (n, 3, P, P) input, got {inp.shape}")
-    out_shape = tuple(out.shape)
-    scale = out_shape[2] // tile_h if isinstance(out_shape[2], int) else 0
-    if scale not in (2, 3, 4) or out_shape != (n, 3, scale * tile_h, scale * tile_w):
+    Raises:
+        BackendError: ONNX Runtime cannot load or run the file, or it does not take one float
+            (1, 3, H, W) image (edge_agent.backends.OrtModel, shared with the edge agent).
+        ValueError: the tiles are not square, or the output is not a x2, x3 or x4 upscaling.
+    """
+    model = OrtModel(Path(path), providers=["CPUExecutionProvider"])
+    n, c, tile_h, tile_w = model.input_shape
+    if tile_h != tile_w:
+        raise ValueError(f"{path}: expected square (1, 3, P, P) input tiles, got {list(model.input_shape)}")
+    out_shape = model.output_shape
+    scale = out_shape[2] // tile_h if len(out_shape) == 4 and isinstance(out_shape[2], int) else 0
+    if scale not in SCALES or out_shape != (n, 3, scale * tile_h, scale * tile_w):
         raise ValueError(
-            f"{path}: output {list(out_shape)} for input {list(inp.shape)} is not a x2, x3 or x4 "
+            f"{path}: output {list(out_shape)} for input {list(model.input_shape)} is not a x2, x3 or x4 "
             "super-resolution of it; export an SR model (python -m model.export)"
         )
-    dtype = np.float16 if "float16" in inp.type else np.float32
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
-        outs = [sess.run(None, {inp.name: t[None].numpy().astype(dtype)})[0] for t in batch]  # static batch 1
+        outs = [model.run(t[None].numpy()) for t in batch]  # static batch 1
         return torch.from_numpy(np.concatenate(outs)).float()
 
     def upscale(lr: np.ndarray) -> np.ndarray:
@@ -116,11 +123,24 @@ def resolve_model(
 
 
 def _download(uri: str, tracking_uri: str | None) -> str:
+    """A local copy of an MLflow artifact URI; a ``RegistryError`` naming the URI and the server."""
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    with server_errors(mlflow.get_tracking_uri(), f"download {uri}"):
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device that exists here (the same check as training's --device)."""
+    from trainers.train import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def evaluate_set(upscale: Upscaler, pairs: list[ImagePair], scale: int, name: str) -> SetResult:
@@ -151,22 +171,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data", nargs="+", required=True, help="test set folders (HR/ and LR_bicubic/X4/, or HR only)"
     )
-    p.add_argument("--scale", type=int, default=4, help="for bicubic (models carry their own)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--scale", type=int, choices=SCALES, default=4, help="for bicubic (models carry their own)"
+    )
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto (checkpoints)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
-    p.add_argument("--json", help="write per-set and per-image results here")
+    p.add_argument("--json", type=argtypes.writable_file, help="write per-set and per-image results here")
     args = p.parse_args(argv)
     problem = uri_credential_problem(args.tracking_uri)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.model.startswith(("models:/", "runs:/")) or "://" in args.model:
+        preflight.limit_mlflow_retries()  # a dead server is a sentence in seconds, not minutes of retries
+        server = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        problem = preflight.tracking_server_problem(server) if server else None
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     keep_freed_memory()
     try:
         upscale, scale = resolve_model(args.model, args.scale, args.device, args.tracking_uri)
         results = [
             evaluate_set(upscale, load_pairs(folder, scale), scale, Path(folder).name) for folder in args.data
         ]
-    except (DataError, CheckpointError, ValueError) as exc:
+    except (DataError, CheckpointError, BackendError, RegistryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_table(args.model, results))
