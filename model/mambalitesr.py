@@ -9,6 +9,10 @@ Structure (seed paper, and the DVMSR code it builds on):
        -> LayerNorm -> conv3x3, + f0 (global skip)
        -> conv3x3 (C -> 3 s^2) -> pixel shuffle(s) -> + mean
 Tokens are pixels in row-major order (patch size 1): a 64x64 LR patch is a 4,096-token sequence.
+
+DVMSR's published network (preset "dvmsr", weights imported by model/dvmsr.py) departs from this in
+two places, each behind a ModelConfig switch: `embed_norm` (the groups run on LayerNorm(f0), the
+global skip still adds f0) and `block_residual=False` (each block returns Mamba(LayerNorm(x))).
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ class ModelConfig:
     # fused CPU kernel on the CPU, chunked where neither is available. Export always traces "chunked".
     scan: str = "auto"
     chunk_size: int = MAX_CHUNK  # T of the chunked scan; at most MAX_CHUNK for float32 safety
+    # Two switches for DVMSR's published weights (preset "dvmsr", model/dvmsr.py); the defaults are
+    # the seed paper's network, and the published weights reproduce DVMSR's figures only with both.
+    # A LayerNorm over the channels right after the first conv (DVMSR's `patch_embed.norm`): the
+    # groups run on the normalised features, the global skip adds the conv's output before the norm.
+    embed_norm: bool = False
+    # x + Mamba(LayerNorm(x)) in every block (a pre-norm residual stack, as Vision Mamba). DVMSR's
+    # BasicLayer passes x_size into the block's `residual` argument, so its blocks return
+    # Mamba(LayerNorm(x)) with no skip; only the group and global skips remain.
+    block_residual: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -57,6 +70,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("embed_norm", "block_residual"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {value!r}")
         if self.rank > self.inner_dim:
             raise ValueError(
                 f"ModelConfig.rank ({self.rank}) must not exceed the inner width "
@@ -91,11 +108,16 @@ PRESETS: dict[str, ModelConfig] = {
     "student": ModelConfig(embed_dim=32, n_groups=4, blocks_per_group=2, rank=2),
     # small enough for unit tests on a CPU
     "tiny": ModelConfig(embed_dim=8, n_groups=2, blocks_per_group=1, d_state=4, rank=2),
+    # C = 60, 8 Mamba layers, r = ceil(60 / 16) = 4 (stock Mamba's dt_rank): DVMSR's published
+    # network (its models/team07_DVMSR.py defaults), which its weights need (model/dvmsr.py)
+    "dvmsr": ModelConfig(
+        embed_dim=60, n_groups=4, blocks_per_group=2, rank=4, embed_norm=True, block_residual=False
+    ),
 }
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """A named configuration ('teacher', 'student', 'tiny'), optionally with fields changed."""
+    """A named configuration ('teacher', 'student', 'tiny', 'dvmsr'), optionally with fields changed."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)
@@ -142,15 +164,18 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual Mamba layer: x + Mamba(LayerNorm(x))."""
+    """Pre-norm residual Mamba layer: x + Mamba(LayerNorm(x)); Mamba(LayerNorm(x)) alone without
+    `block_residual` (DVMSR's blocks, see ModelConfig)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.residual = cfg.block_residual
         self.norm = nn.LayerNorm(cfg.embed_dim)
         self.mixer = MambaMixer(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mixer(self.norm(x))  # (B, L, C)
+        y = self.mixer(self.norm(x))  # (B, L, C)
+        return x + y if self.residual else y
 
 
 class ResidualGroup(nn.Module):
@@ -169,6 +194,12 @@ class ResidualGroup(nn.Module):
         return self.conv(t.transpose(1, 2).reshape(b, c, h, w)) + x  # (B, C, H, W)
 
 
+def _norm_channels(norm: nn.LayerNorm, f: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm over the channels of each pixel of a (B, C, H, W) feature map."""
+    b, c, h, w = f.shape
+    return norm(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+
+
 class MambaLiteSR(nn.Module):
     """The full network: RGB LR image in [0, 1] -> RGB image `scale` times larger."""
 
@@ -178,6 +209,8 @@ class MambaLiteSR(nn.Module):
         C, s = cfg.embed_dim, cfg.scale
         self.register_buffer("mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(3, C, 3, padding=1)
+        # DVMSR's LayerNorm after the first conv (ModelConfig.embed_norm); absent by default
+        self.embed_norm = nn.LayerNorm(C) if cfg.embed_norm else None
         self.groups = nn.ModuleList(ResidualGroup(cfg) for _ in range(cfg.n_groups))
         self.norm = nn.LayerNorm(C)
         self.conv_after_body = nn.Conv2d(C, C, 3, padding=1)
@@ -185,19 +218,19 @@ class MambaLiteSR(nn.Module):
         self.upsample = nn.Sequential(nn.Conv2d(C, 3 * s * s, 3, padding=1), nn.PixelShuffle(s))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
         x = x - self.mean
         f0 = self.conv_first(x)  # (B, C, H, W)
-        f = f0
+        # DVMSR normalises the groups' input but keeps the raw f0 for the global skip below
+        f = f0 if self.embed_norm is None else _norm_channels(self.embed_norm, f0)
         for group in self.groups:
             f = group(f)
-        f = self.norm(f.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+        f = _norm_channels(self.norm, f)
         f = self.conv_after_body(f) + f0
         return self.upsample(f) + self.mean  # (B, 3, sH, sW)
 
 
 def build_model(cfg: ModelConfig | str, **overrides) -> MambaLiteSR:
-    """Build a network from a config or a preset name ('teacher', 'student', 'tiny')."""
+    """Build a network from a config or a preset name ('teacher', 'student', 'tiny', 'dvmsr')."""
     if isinstance(cfg, str):
         cfg = preset(cfg, **overrides)
     elif overrides:

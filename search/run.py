@@ -156,14 +156,21 @@ def _check_local_paths(cfg: SearchConfig) -> None:
     """Files the driver itself reads, and on a local Ray the data folders, exist before Ray starts.
     (On a cluster the data folders are the workers' paths, which the driver may not see.)"""
     given = cfg.teacher.checkpoint
+    local_copy = given[len("dvmsr:") :] if given and given.startswith("dvmsr:") else None
+    if local_copy is not None and not Path(local_copy).is_file():
+        raise ConfigError(
+            f"{local_copy} does not exist (dvmsr:PATH names a local copy)", "teacher.checkpoint"
+        )
     if (
         given
+        and given != "dvmsr"
+        and local_copy is None
         and "://" not in given
         and not given.startswith(("runs:/", "models:/"))
         and not Path(given).is_file()
     ):
         raise ConfigError(
-            f"{given} does not exist (a .pt file, or a runs:/ or models:/ URI)", "teacher.checkpoint"
+            f"{given} does not exist (a .pt file, a runs:/ or models:/ URI, or dvmsr)", "teacher.checkpoint"
         )
     problem = argtypes.dir_problem(cfg.storage_dir)
     if problem:
@@ -321,14 +328,27 @@ def start_or_resume(
 
 
 def ensure_teacher(cfg: SearchConfig, ctx_base: dict, state: dict, storage: Path, name: str) -> str | None:
-    """The runs:/ URI of the study's teacher: given, already trained, or trained now (once)."""
+    """The runs:/ URI of the study's teacher: given (a file, an MLflow URI, or ``dvmsr``),
+    already trained, or trained now (once)."""
+    import torch
+
+    from model import dvmsr
+
     if cfg.space.alpha.high == 0:
         return None  # no distillation in this space
     if state.get("teacher_uri"):
         return state["teacher_uri"]
     uri, run_id = ctx_base["tracking_uri"], state["study_run_id"]
     given = cfg.teacher.checkpoint
-    if given and (given.startswith(("runs:/", "models:/", "mlflow-artifacts:")) or "://" in given):
+    if given and dvmsr.is_spec(given):  # DVMSR's published weights, logged once for every trial
+        path = dvmsr.resolve(given)
+        study.client(uri).log_artifact(run_id, str(path), "teacher")
+        teacher_uri = f"runs:/{run_id}/teacher/{path.name}"
+        source = torch.load(path, map_location="cpu", weights_only=True).get("source", {})
+        for key in ("file", "sha256", "repository"):
+            if key in source:
+                study.client(uri).set_tag(run_id, f"{study.TAG_TEACHER}.{key}", str(source[key]))
+    elif given and (given.startswith(("runs:/", "models:/", "mlflow-artifacts:")) or "://" in given):
         teacher_uri = given
     elif given:
         if not Path(given).is_file():
@@ -556,6 +576,9 @@ def run_round(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # save Ray's experiment state at every step, so a crash loses as little as possible (here, not
+    # under __main__, so that the mambalitesr-search entry point gets it too)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     args = parse_args(argv)
@@ -745,6 +768,4 @@ def _select(cfg: SearchConfig, tracking_uri: str, study_run_id: str) -> dict | N
 
 
 if __name__ == "__main__":
-    # save Ray's experiment state at every step, so a crash loses as little as possible
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     sys.exit(main())

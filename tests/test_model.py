@@ -114,6 +114,7 @@ def test_param_count_matches_independent_formula(name):
     want = expected_params(
         c.embed_dim, c.n_groups, c.blocks_per_group, c.d_state, c.expand, c.d_conv, c.rank, c.scale
     )
+    want += 2 * c.embed_dim if c.embed_norm else 0  # DVMSR's LayerNorm after the first conv
     assert count_params(build_model(name)) == want
 
 
@@ -121,6 +122,7 @@ def test_known_counts():
     # Figures quoted in README; DESIGN.md's faithful count for the student is ~141k.
     assert count_params(build_model("student")) == 140_944
     assert count_params(build_model("teacher")) == 888_228
+    assert count_params(build_model("dvmsr")) == 424_428  # DVMSR's published weights hold as many
 
 
 @pytest.mark.parametrize("cfg", [preset("tiny"), preset("tiny", scale=3, rank=5, embed_dim=12)])

@@ -103,8 +103,12 @@ def resolve_model(
     spec: str, scale: int, device: str = "cpu", tracking_uri: str | None = None
 ) -> tuple[Upscaler, int]:
     """An upscaler and its scale from a MODEL spec (see the module docstring)."""
+    from model import dvmsr
+
     if spec == "bicubic":
         return bicubic_upscaler(scale), scale
+    if dvmsr.is_spec(spec):  # DVMSR's published weights, downloaded or a local copy
+        return checkpoint_upscaler(str(dvmsr.resolve(spec)), device)
     if "://" in spec or spec.startswith(("models:/", "runs:/")):
         spec = _download(spec, tracking_uri)
     path = Path(spec)
@@ -167,7 +171,11 @@ def format_table(model: str, results: list[SetResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainers.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="bicubic, CHECKPOINT.pt, MODEL.onnx or an MLflow URI")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="bicubic, CHECKPOINT.pt, MODEL.onnx, an MLflow URI, dvmsr or dvmsr:PATH",
+    )
     p.add_argument(
         "--data", nargs="+", required=True, help="test set folders (HR/ and LR_bicubic/X4/, or HR only)"
     )

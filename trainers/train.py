@@ -190,8 +190,10 @@ def _load_teacher(cfg: TrainConfig, device: torch.device) -> MambaLiteSR | None:
         raise ValueError(
             "a student with alpha > 0 needs a teacher checkpoint (--teacher PATH), or use --alpha 0"
         )
+    from model import dvmsr
+
     try:
-        teacher = load_model(cfg.teacher)
+        teacher = load_model(str(dvmsr.resolve(cfg.teacher)) if dvmsr.is_spec(cfg.teacher) else cfg.teacher)
     except ValueError as exc:
         raise CheckpointError(f"cannot load the teacher: {exc}") from exc
     if teacher.cfg.scale != cfg.model.scale:
@@ -412,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCAN_FORMS,
         help="selective scan form (default auto: triton on CUDA, the fused kernel on the CPU)",
     )
-    p.add_argument("--teacher", help="teacher checkpoint (student role)")
+    p.add_argument(
+        "--teacher", help="teacher checkpoint, or dvmsr / dvmsr:PATH for DVMSR's weights (student role)"
+    )
     p.add_argument(
         "--alpha", type=argtypes.fraction, help=f"distillation weight (student role, default {d.alpha})"
     )
