@@ -366,8 +366,26 @@ def ensure_teacher(cfg: SearchConfig, ctx_base: dict, state: dict, storage: Path
         teacher_uri = ray.get(task.remote(ctx, str(storage / name / "teacher")))
     state["teacher_uri"] = teacher_uri
     study.client(uri).set_tag(run_id, study.TAG_TEACHER_URI, teacher_uri)
+    psnr = teacher_val_psnr(cfg, study.single_file(study.download(teacher_uri, uri), ".pt"))
+    study.client(uri).log_metric(run_id, "teacher_val_psnr_y", psnr)
+    print(f"teacher {teacher_uri}: validation PSNR-Y {psnr:.2f} dB (the students' validation images)")
     _write_state(storage, name, state)
     return teacher_uri
+
+
+def teacher_val_psnr(cfg: SearchConfig, checkpoint: Path) -> float:
+    """The teacher's PSNR-Y on the trials' validation images, so its strength is on record."""
+    import torch
+
+    from model.mambalitesr import load_model
+    from trainers.data import load_sets
+    from trainers.train import validate
+
+    net = load_model(str(checkpoint))
+    pairs = load_sets(list(cfg.training.val_data), "val", net.cfg.scale)
+    if cfg.training.val_max_images:
+        pairs = pairs[: cfg.training.val_max_images]
+    return validate(net, pairs, torch.device("cpu"))["val_psnr_y"]
 
 
 def collect(

@@ -346,7 +346,9 @@ def test_a_search_takes_dvmsr_as_its_teacher(published, tmp_path):
     ctx = {"config": cfg.to_dict(), "tracking_uri": uri, "experiment_id": exp}
     teacher_uri = ensure_teacher(cfg, ctx, state, tmp_path, "s")
     assert teacher_uri.startswith(f"runs:/{run_id}/teacher/")
-    tags = study.client(uri).get_run(run_id).data.tags
+    data = study.client(uri).get_run(run_id).data
+    tags = data.tags
+    assert data.metrics["teacher_val_psnr_y"] > 25  # a strong teacher on the built-in images
     assert tags[f"{study.TAG_TEACHER}.sha256"] == dvmsr.SHA256["team07_DVMSR.pth"]
     folder = study.download(teacher_uri, uri, cache_dir=tmp_path / "cache")
     net = load_model(str(study.single_file(folder, ".pt")))
