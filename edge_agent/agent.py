@@ -318,13 +318,20 @@ class Agent:
                     f"sha256 mismatch: the registry says {expected[:16]}..., the downloaded file is "
                     f"{actual[:16]}...; the artifact was changed or corrupted after registration"
                 )
+            precision = self.cfg.precision
+            if v.tags.get(contract.TAG_PRECISION) == contract.FP32_ONLY and precision != "fp32":
+                # the export found float16 too coarse for this model's quality (model/export.py)
+                log.info(
+                    "fp32 engine: the export marked this model fp32-only", extra=_fields(version=v.version)
+                )
+                precision = "fp32"
             self.heartbeat(v.version)
             with self._beating(v.version):
                 return measure_file(
                     model,
                     actual,
                     backend=self.cfg.backend,
-                    precision=self.cfg.precision,
+                    precision=precision,
                     reader=self._reader_factory(),
                     cfg=self.cfg.measure,
                     cache_dir=self.cfg.state_dir / "engines",

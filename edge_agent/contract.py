@@ -24,6 +24,10 @@ ROLE_STUDY, ROLE_TRIAL, ROLE_TEACHER = "study", "trial", "teacher"
 TAG_SHA256 = "onnx_sha256"
 TAG_INPUT_SHAPE = "input_shape"  # e.g. "1x3x64x64"
 TAG_TRIAL_RUN = "trial_run_id"
+# The export's float16 gate (model/export.py): "fp16" where a float16 engine keeps the model's
+# quality, "fp32" where it does not; the agent then builds float32 whatever its --precision.
+TAG_PRECISION = "onnx_precision"
+FP16_OK, FP32_ONLY = "fp16", "fp32"
 
 # edge.<device>.status values
 PENDING, MEASURING, DONE, FAILED = "pending", "measuring", "done", "failed"

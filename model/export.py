@@ -47,6 +47,12 @@ SCAN_NAMESPACE = "model.scan.SelectiveScan"  # the exporter's module-scope metad
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # torch.onnx's dynamo exporter cannot convert this graph to older opsets
 FP32_TOLERANCE = 1e-4
+# The float16 gate. A float16 engine is fine when its own error is far below the model's error:
+# with the fp16-vs-fp32 PSNR at least FP16_MARGIN_DB above the model's PSNR, fp16 adds at most 1%
+# to the model's MSE (0.04 dB). The model's PSNR comes from its validation (the search passes it);
+# without one, DEFAULT_QUALITY_DB, about what x4 models reach on Set5, stands in.
+FP16_MARGIN_DB = 20.0
+DEFAULT_QUALITY_DB = 32.0
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,9 @@ class ExportReport:
     op_census: dict[str, int]
     fp32_max_abs_err: float  # ONNX Runtime vs PyTorch, float32, over n_checks random inputs
     fp16_max_abs_err: float  # float16 graph (scan in float32) in ONNX Runtime vs PyTorch float32
+    fp16_psnr_db: float  # the same float16 outputs against PyTorch float32, as a PSNR (peak 1)
+    fp16_ok: bool  # fp16_psnr_db >= quality_db + FP16_MARGIN_DB: else build fp32 engines only
+    quality_db: float  # the model's PSNR the gate compared with
     n_checks: int
 
     def to_json(self) -> str:
@@ -130,16 +139,19 @@ def _session(model_bytes: bytes):
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def _max_abs_err(session, inputs: list[np.ndarray], expected: list[np.ndarray]) -> float:
+def _errors(session, inputs: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, float]:
+    """(max abs error, PSNR in dB with peak 1) of the session's outputs against ``expected``."""
     name = session.get_inputs()[0].name
     dtype = np.float16 if "float16" in session.get_inputs()[0].type else np.float32
-    worst = 0.0
+    worst, sq, n = 0.0, 0.0, 0
     for x, ref in zip(inputs, expected):
         out = session.run(None, {name: x.astype(dtype)})[0].astype(np.float64)
         if not np.all(np.isfinite(out)):
-            return float("inf")
+            return float("inf"), float("-inf")
         worst = max(worst, float(np.abs(out - ref).max()))
-    return worst
+        sq, n = sq + float(((out - ref) ** 2).sum()), n + out.size
+    mse = sq / max(n, 1)
+    return worst, (float("inf") if mse == 0 else float(-10 * np.log10(mse)))
 
 
 def export_onnx(
@@ -150,8 +162,12 @@ def export_onnx(
     n_checks: int = 3,
     tolerance: float = FP32_TOLERANCE,
     seed: int | None = None,
+    quality_db: float | None = None,
 ) -> ExportReport:
     """Export ``model`` to ``out`` and verify it (see the module docstring).
+
+    ``quality_db`` is the model's PSNR (dB), for the float16 gate (``fp16_ok`` in the report);
+    None takes DEFAULT_QUALITY_DB.
 
     Raises:
         ExportError: tracing failed, the checker refused the graph, a banned op appeared, or ONNX
@@ -193,12 +209,13 @@ def export_onnx(
         expected = [net(x).double().numpy() for x in inputs]
     feeds = [x.numpy() for x in inputs]
 
-    fp32_err = _max_abs_err(_session(proto.SerializeToString()), feeds, expected)
+    fp32_err, _ = _errors(_session(proto.SerializeToString()), feeds, expected)
     if not fp32_err <= tolerance:
         raise ExportError(
             f"ONNX Runtime differs from PyTorch by {fp32_err:.3g} (tolerance {tolerance:g}) in float32"
         )
-    fp16_err = _max_abs_err(_session(proto16.SerializeToString()), feeds, expected)
+    fp16_err, fp16_psnr = _errors(_session(proto16.SerializeToString()), feeds, expected)
+    quality = DEFAULT_QUALITY_DB if quality_db is None else float(quality_db)
 
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
@@ -226,6 +243,9 @@ def export_onnx(
         op_census=dict(census.most_common()),
         fp32_max_abs_err=fp32_err,
         fp16_max_abs_err=fp16_err,
+        fp16_psnr_db=fp16_psnr,
+        fp16_ok=fp16_psnr >= quality + FP16_MARGIN_DB,
+        quality_db=quality,
         n_checks=n_checks,
     )
 
@@ -241,8 +261,11 @@ def format_report(report: ExportReport) -> str:
             f"graph      {report.node_count} nodes: {census}",
             f"fp32       max |ORT - PyTorch| = {report.fp32_max_abs_err:.2e} "
             f"over {report.n_checks} random inputs",
-            f"fp16       max |ORT fp16 - PyTorch fp32| = {report.fp16_max_abs_err:.2e} "
-            f"(scan in fp32; its nodes are named '{SCAN_PREFIX}*')",
+            f"fp16       max |ORT fp16 - PyTorch fp32| = {report.fp16_max_abs_err:.2e}, PSNR "
+            f"{report.fp16_psnr_db:.1f} dB (scan in fp32; its nodes are named '{SCAN_PREFIX}*')",
+            f"fp16 gate  {'ok' if report.fp16_ok else 'FAILED: build fp32 engines only'} (needs "
+            f"{report.quality_db + FP16_MARGIN_DB:.1f} dB: the model's {report.quality_db:.2f} + "
+            f"{FP16_MARGIN_DB:g})",
         ]
     )
 
@@ -285,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=argtypes.nonnegative_int, default=None, help="seed for init and check inputs"
     )
     p.add_argument("--json", type=argtypes.writable_file, help="also write the report as JSON here")
+    p.add_argument(
+        "--quality-db",
+        type=argtypes.positive_float,
+        help=f"the model's PSNR, for the fp16 gate (default {DEFAULT_QUALITY_DB:g})",
+    )
     args = p.parse_args(argv)
     # checked before the minutes of tracing, not after; exit 1 and the words export_onnx uses when
     # the write itself fails (--json is checked by argparse, exit 2, as in every CLI)
@@ -305,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             args.n_checks,
             args.tolerance,
             args.seed,
+            args.quality_db,
         )
     except (ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -35,11 +35,13 @@ def register_candidate(
         return Registered(run_id, v.version, v.tags.get(contract.TAG_SHA256, ""), float("nan"), -1)
     ckpt = study.single_file(study.download(f"runs:/{run_id}/checkpoint", tracking_uri), ".pt")
     net = load_model(str(ckpt))
+    quality = c.get_run(run_id).data.metrics.get("val_psnr_y")  # the fp16 gate compares with it
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / contract.ONNX_FILE
-        report = export_onnx(net, onnx_path, (1, 3, input_size, input_size))
+        report = export_onnx(net, onnx_path, (1, 3, input_size, input_size), quality_db=quality)
         c.log_artifact(run_id, str(onnx_path), contract.ONNX_ARTIFACT_DIR)
     c.log_metric(run_id, "onnx_fp16_max_abs_err", report.fp16_max_abs_err)
+    c.log_metric(run_id, "onnx_fp16_psnr_db", report.fp16_psnr_db)
     c.log_metric(run_id, "onnx_fp32_max_abs_err", report.fp32_max_abs_err)
     try:
         c.create_registered_model(model_name)
@@ -50,6 +52,7 @@ def register_candidate(
         contract.TAG_SHA256: report.sha256,
         contract.TAG_INPUT_SHAPE: "x".join(map(str, report.input_shape)),
         contract.TAG_TRIAL_RUN: run_id,
+        contract.TAG_PRECISION: contract.FP16_OK if report.fp16_ok else contract.FP32_ONLY,
         **{contract.status_tag(d): contract.PENDING for d in devices},
     }
     version = c.create_model_version(

@@ -422,3 +422,29 @@ def test_sampler_gap_rejects_the_window(tmp_path):
     cfg = replace(FAST, warmup_s=0.0, idle_s=0.5, duration_s=1.5, rate_hz=50.0)
     with pytest.raises(MeasurementError, match="gap"):
         measure_engine(Engine(), Stalling(), cfg)
+
+
+def test_a_version_marked_fp32_only_is_built_in_fp32(server, tmp_path, monkeypatch):
+    """The export's fp16 gate marks a version fp32-only; the agent then builds fp32 even when it
+    runs with --precision fp16 (its default), and fp16 for an unmarked one."""
+    from mlflow.tracking import MlflowClient
+
+    import edge_agent.agent as agent_module
+
+    client = MlflowClient(server)
+    _, marked = register(server, tmp_path, "m-prec")
+    _, plain = register(server, tmp_path, "m-prec")
+    assert client.get_model_version("m-prec", plain).tags[contract.TAG_PRECISION] == contract.FP16_OK
+    client.set_model_version_tag("m-prec", marked, contract.TAG_PRECISION, contract.FP32_ONLY)
+    seen = []
+    real = agent_module.measure_file
+
+    def recording(model, sha256, **kw):
+        seen.append((Path(model).parents[1].name, kw["precision"]))  # downloads/<name>-v<version>/onnx/
+        return real(model, sha256, **kw)
+
+    monkeypatch.setattr(agent_module, "measure_file", recording)
+    agent = make_agent(server, tmp_path, "m-prec")
+    assert agent.cfg.precision == "fp16"
+    agent.poll_once()
+    assert sorted(seen) == sorted([(f"m-prec-v{marked}", "fp32"), (f"m-prec-v{plain}", "fp16")])

@@ -133,3 +133,19 @@ def test_an_unwritable_destination_is_an_error_and_leaves_no_partial_file(tmp_pa
     assert not out.with_name(out.name + ".partial").exists()
     if where == "directory":
         assert out.is_dir() and not any(out.iterdir())
+
+
+def test_the_fp16_gate_compares_fp16_error_with_the_models_quality(tiny_export, tmp_path):
+    """fp16 passes when its PSNR against fp32 is FP16_MARGIN_DB above the model's own PSNR, and
+    fails (fp32 engines only) when the model is better than that."""
+    from model.export import DEFAULT_QUALITY_DB, FP16_MARGIN_DB
+
+    net, _, report = tiny_export
+    assert report.quality_db == DEFAULT_QUALITY_DB and 0 < report.fp16_max_abs_err
+    p = report.fp16_psnr_db
+    assert report.fp16_ok == (p >= DEFAULT_QUALITY_DB + FP16_MARGIN_DB)
+    shape = (1, 3, 32, 32)
+    good = export_onnx(net, tmp_path / "a.onnx", shape, seed=1, quality_db=p - FP16_MARGIN_DB - 1)
+    bad = export_onnx(net, tmp_path / "b.onnx", shape, seed=1, quality_db=p - FP16_MARGIN_DB + 1)
+    assert good.fp16_psnr_db == bad.fp16_psnr_db == p  # the same inputs: only the gate differs
+    assert good.fp16_ok and not bad.fp16_ok
