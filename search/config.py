@@ -184,6 +184,13 @@ class LoopConfig(Checked):
 
 
 @dataclass(frozen=True)
+class FinalizeConfig(Checked):
+    """Retraining of the front's candidates at full length before they are registered."""
+
+    iterations: int = num(0, ge=0)  # 0: register the trial's own (short) training
+
+
+@dataclass(frozen=True)
 class SearchConfig(Checked):
     experiment: str = contract.EXPERIMENT
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -207,6 +214,7 @@ class SearchConfig(Checked):
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    finalize: FinalizeConfig = field(default_factory=FinalizeConfig)
 
     def check(self) -> None:
         if self.searcher not in SEARCHERS:

@@ -51,9 +51,19 @@ def measured_points(tracking_uri: str, experiment_id: str, cfg: SearchConfig, me
         if value is None or not math.isfinite(value):
             continue
         params = {k: int(run.data.params[k]) for k in ("embed_dim", "rank", "n_groups", "blocks_per_group")}
-        predicted = run.data.metrics.get(study.prediction_key(device, metric))
+        # a finalized version's run is its retraining: the point belongs to the trial, which holds
+        # the search's prediction (the architecture, and so the cost, is the same)
+        trial_id = run.data.tags.get(study.TAG_FINALIZED_FROM)
+        trial = c.get_run(trial_id) if trial_id else run
+        predicted = trial.data.metrics.get(study.prediction_key(device, metric))
         points.append(
-            Point(v.run_id, str(v.version), costmodel.features(model_config(params, cfg)), value, predicted)
+            Point(
+                trial.info.run_id,
+                str(v.version),
+                costmodel.features(model_config(params, cfg)),
+                value,
+                predicted,
+            )
         )
     return points
 

@@ -449,11 +449,20 @@ def format_table(rows: list[TrialRow], cost: str) -> str:
 
 
 def finish(
-    rows: list[TrialRow], cfg: SearchConfig, tracking_uri: str, study_run_id: str, out_dir: Path
+    rows: list[TrialRow],
+    cfg: SearchConfig,
+    tracking_uri: str,
+    study_run_id: str,
+    out_dir: Path,
+    finalize=None,
 ) -> dict:
-    """Pareto front of fully trained trials, plots and table on the study run, registration."""
+    """Pareto front of fully trained trials, plots and table on the study run, registration.
+
+    ``finalize(row)``, when given, retrains a front candidate and returns the run holding its
+    final weights, which are then the ones registered (``finalize.iterations``).
+    """
     from search.pareto import hypervolume_2d, pareto_front, plot_front
-    from search.registry import register_candidate
+    from search.registry import register_candidate, version_of_trial
 
     complete = [r for r in rows if r.status == "complete" and math.isfinite(r.val_psnr_y)]
     for i in pareto_front([(r.val_psnr_y, r.cost) for r in complete], ("max", "min")):
@@ -480,8 +489,15 @@ def finish(
     for r in front:
         if r.run_id is None:
             continue
+        registered = version_of_trial(tracking_uri, cfg.registry.model_name, r.run_id)
+        weights = finalize(r) if finalize is not None and registered is None else None
         reg = register_candidate(
-            tracking_uri, r.run_id, cfg.registry.model_name, cfg.registry.devices, cfg.registry.input_size
+            tracking_uri,
+            r.run_id,
+            cfg.registry.model_name,
+            cfg.registry.devices,
+            cfg.registry.input_size,
+            weights_run_id=weights,
         )
         r.version = int(reg.version)
     table = format_table(rows, cfg.cost)
@@ -682,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
             rescore(rows, cfg, tracking_uri, experiment_id)
             registered = {r.version for r in rows if r.version}
             t0 = time.monotonic()
-            summary = finish(rows, cfg, tracking_uri, study_run_id, storage / name / "report")
+            finalize = _finalizer(cfg, ctx, storage / name / "finalize") if cfg.finalize.iterations else None
+            summary = finish(rows, cfg, tracking_uri, study_run_id, storage / name / "report", finalize)
             timings[f"round{k}_register_s"] = time.monotonic() - t0
             new = [str(r.version) for r in rows if r.version and r.version not in registered]
             if wait and new:
@@ -748,6 +765,28 @@ def main(argv: list[str] | None = None) -> int:
         study.close_running_children(tracking_uri, experiment_id, study_run_id, "KILLED")
         study.client(tracking_uri).set_terminated(study_run_id, status=status)
         ray.shutdown()
+
+
+def _finalizer(cfg: SearchConfig, ctx, root: Path):
+    """finalize(row): the row's knobs retrained for finalize.iterations steps as a Ray task (with a
+    trial's resources), into ``root/<trial id>`` so that --resume continues it; returns its run id."""
+    import ray
+
+    from search.trainable import FINAL_QUALITY, finalize_candidate
+
+    task = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(finalize_candidate)
+
+    def finalize(row: TrialRow) -> str:
+        print(f"finalizing {row.trial_id} (C{row.embed_dim} r{row.rank}): {cfg.finalize.iterations} steps")
+        run_id = ray.get(task.remote(ctx, row.config, row.run_id, str(root / row.trial_id)))
+        final = study.client(ctx.tracking_uri).get_run(row.run_id).data.metrics.get(FINAL_QUALITY)
+        print(
+            f"finalized {row.trial_id}: {FINAL_QUALITY} {final:.2f} dB "
+            f"(the trial reached {row.val_psnr_y:.2f})"
+        )
+        return run_id
+
+    return finalize
 
 
 class StudyFailed(RuntimeError):

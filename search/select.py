@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from edge_agent import argtypes, contract, preflight  # noqa: E402
 from search import study  # noqa: E402
 from search.config import SearchConfig  # noqa: E402
-from search.trainable import QUALITY  # noqa: E402
+from search.trainable import FINAL_QUALITY, QUALITY  # noqa: E402
 
 RULES = ("knee", "best-psnr")
 ENERGY, LATENCY = "energy_mj_per_image", "latency_ms_p50"  # the two possible costs
@@ -109,7 +109,7 @@ class Row:
     embed_dim: int | None
     rank: int | None
     alpha: float | None
-    psnr: float  # val_psnr_y of the trial run, dB; nan when the run has none
+    psnr: float  # val_psnr_y of the trial run (final_val_psnr_y if it was finalized), dB; nan if none
     status: str  # edge.<device>.status: pending | measuring | done | failed
     latency_ms_p50: float | None = None
     latency_ms_p99: float | None = None
@@ -249,7 +249,8 @@ def make_row(version, run, device: str) -> Row:
         embed_dim=param("embed_dim", lambda x: int(float(x))),
         rank=param("rank", lambda x: int(float(x))),
         alpha=param("alpha", float),
-        psnr=float(metrics.get(QUALITY, math.nan)),
+        # the registered weights' quality: a finalized candidate ships its retrained weights
+        psnr=float(metrics.get(FINAL_QUALITY, metrics.get(QUALITY, math.nan))),
         status=status,
     )
     if status == contract.FAILED:

@@ -17,6 +17,8 @@ from edge_agent import contract
 TAG_TRIAL_ID = "ray.trial_id"
 TAG_STUDY = "search.study"
 TAG_TEACHER_URI = "search.teacher_uri"
+ROLE_FINALIZE = "finalize"  # role tag of a front candidate's retraining (finalize.iterations)
+TAG_FINALIZED_FROM = "search.finalized_from"  # on a finalization run: its trial's run id
 TAG_TEACHER = "search.teacher"  # .file, .sha256, .repository of published weights (dvmsr)
 TAG_EARLY_STOPPED = "search.early_stopped"
 TAG_NODE_ID = "ray.node_id"  # the Ray node a trial ran on

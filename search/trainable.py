@@ -21,6 +21,8 @@ from trainers.tracking import MLflowTracker
 from trainers.train import TrainConfig, train
 
 QUALITY = "val_psnr_y"
+FINAL_QUALITY = "final_val_psnr_y"  # on a trial run: the PSNR of its finalized (retrained) weights
+KNOBS = ("embed_dim", "rank", "alpha", "n_groups", "blocks_per_group")  # logged as params of a trial
 NODE_LOCAL = ("teacher", "out_dir", "device")  # TrainConfig fields not logged as trial params
 
 
@@ -117,6 +119,64 @@ def train_teacher(ctx: StudyContext, out_dir: str) -> str:
     return f"runs:/{tracker.run_id}/checkpoint/last.pt"
 
 
+def student_config(ctx: StudyContext, params: dict[str, Any], iterations: int, val_every: int) -> TrainConfig:
+    """The training of a student with a trial's knobs (the trial's, or its finalization's)."""
+    cfg = ctx.search
+    alpha = float(params.get("alpha", 0.0))
+    teacher = None
+    if alpha > 0:
+        if not ctx.teacher_uri:
+            raise RuntimeError("alpha > 0 but the study has no teacher")
+        teacher = str(study.single_file(study.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
+    return TrainConfig(
+        role="student",
+        model=model_config(params, cfg),
+        teacher=teacher,
+        alpha=alpha,
+        lr=float(params.get("lr", cfg.training.lr)),
+        iterations=iterations,
+        val_every=val_every,
+        batch_size=cfg.training.batch_size,
+        patch_size=cfg.training.patch_size,
+        train_data=cfg.training.train_data,
+        val_data=cfg.training.val_data,
+        val_max_images=cfg.training.val_max_images,
+        seed=cfg.seed,
+    )
+
+
+def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: str, out_dir: str) -> str:
+    """Retrain a front candidate with its own knobs for ``finalize.iterations`` steps; returns the
+    id of the finalization's run (a child of the study, tagged with its trial's run).
+
+    Resumable: ``out_dir`` persists on the driver's node, so a study resumed after a crash continues
+    from the last checkpoint there instead of starting over.
+    """
+    from pathlib import Path
+
+    cfg = ctx.search
+    _threads(cfg.cpus_per_trial)
+    n = cfg.finalize.iterations
+    train_cfg = replace(student_config(ctx, params, n, min(cfg.training.val_every, n)), out_dir=out_dir)
+    tags = {
+        contract.ROLE: study.ROLE_FINALIZE,
+        study.PARENT: ctx.study_run_id,
+        study.TAG_FINALIZED_FROM: trial_run_id,
+    }
+    tracker = MLflowTracker(ctx.tracking_uri, cfg.experiment, run_name="finalize", tags=tags)
+    status = "FAILED"
+    try:
+        # the knobs as a trial logs them: selection and the cost model read them from the version's run
+        trial_params = study.client(ctx.tracking_uri).get_run(trial_run_id).data.params
+        tracker.log_params({k: trial_params[k] for k in KNOBS if k in trial_params})
+        result = train(train_cfg, tracker, resume=(Path(out_dir) / "last.pt").exists())
+        status = "FINISHED"
+    finally:
+        tracker.close(status)
+    study.client(ctx.tracking_uri).log_metric(trial_run_id, FINAL_QUALITY, result.val_psnr_y)
+    return tracker.run_id
+
+
 def _report_if_already_trained(ctx: StudyContext, trial_id: str, constants: dict[str, float]) -> bool:
     """A trial that finished or was stopped early before the driver died, rerun by Ray after
     --resume, is not trained again: its recorded result is reported instead (Ray's experiment state
@@ -202,26 +262,7 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
                 "blocks_per_group": model.blocks_per_group,
             }
         )
-        teacher = None
-        if alpha > 0:
-            if not ctx.teacher_uri:
-                raise RuntimeError("alpha > 0 but the study has no teacher")
-            teacher = str(study.single_file(study.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
-        train_cfg = TrainConfig(
-            role="student",
-            model=model,
-            teacher=teacher,
-            alpha=alpha,
-            lr=float(params.get("lr", cfg.training.lr)),
-            iterations=cfg.training.iterations,
-            val_every=cfg.training.val_every,
-            batch_size=cfg.training.batch_size,
-            patch_size=cfg.training.patch_size,
-            train_data=cfg.training.train_data,
-            val_data=cfg.training.val_data,
-            val_max_images=cfg.training.val_max_images,
-            seed=cfg.seed,
-        )
+        train_cfg = student_config(ctx, params, cfg.training.iterations, cfg.training.val_every)
         # Not in Ray's trial folder: for the first trial of each worker that folder is in the
         # driver's staging area, which Ray's experiment syncer copies to storage in the background,
         # catching (and keeping) checkpoints half-written. What the trial keeps goes to MLflow.

@@ -13,6 +13,8 @@ import numpy as np
 
 from edge_agent import contract
 from search import study
+from search.registry import TAG_WEIGHTS_RUN
+from search.trainable import FINAL_QUALITY
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test"]
@@ -29,8 +31,12 @@ def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
     import onnxruntime as ort
     from mlflow.tracking import MlflowClient
 
+    cfg = tmp_path / "finalize.yaml"  # the smoke config, the front retrained for 8 steps
+    cfg.write_text((ROOT / "search" / "configs" / "smoke.yaml").read_text() + "finalize:\n  iterations: 8\n")
     out = search(
         [
+            "--config",
+            str(cfg),
             "--tracking-uri",
             server,
             "--experiment",
@@ -77,6 +83,16 @@ def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         y = sess.run(None, {sess.get_inputs()[0].name: np.random.rand(1, 3, 32, 32).astype(np.float32)})[0]
         assert y.shape == (1, 3, 128, 128) and np.isfinite(y).all()
+        # finalized: the version is the trial's (measurements land there), its files the retraining's
+        final = client.get_run(v.tags[TAG_WEIGHTS_RUN])
+        assert final.data.tags[contract.ROLE] == study.ROLE_FINALIZE and final.info.status == "FINISHED"
+        assert (
+            final.data.tags[study.TAG_FINALIZED_FROM] == v.tags[contract.TAG_TRIAL_RUN]
+            and v.run_id == final.info.run_id
+        )
+        assert final.data.params["iterations"] == "8" and v.source.startswith(f"runs:/{final.info.run_id}/")
+        trial = client.get_run(v.tags[contract.TAG_TRIAL_RUN])
+        assert trial.data.metrics[FINAL_QUALITY] == final.data.metrics["val_psnr_y"]
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(server, tmp_path):
