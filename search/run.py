@@ -366,7 +366,16 @@ def ensure_teacher(cfg: SearchConfig, ctx_base: dict, state: dict, storage: Path
         teacher_uri = ray.get(task.remote(ctx, str(storage / name / "teacher")))
     state["teacher_uri"] = teacher_uri
     study.client(uri).set_tag(run_id, study.TAG_TEACHER_URI, teacher_uri)
-    psnr = teacher_val_psnr(cfg, study.single_file(study.download(teacher_uri, uri), ".pt"))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        checkpoint = study.single_file(study.download(teacher_uri, uri), ".pt")
+    except (MlflowException, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+        raise ConfigError(
+            f"{teacher_uri} cannot be fetched from {uri} ({first})", "teacher.checkpoint"
+        ) from None
+    psnr = teacher_val_psnr(cfg, checkpoint)
     study.client(uri).log_metric(run_id, "teacher_val_psnr_y", psnr)
     print(f"teacher {teacher_uri}: validation PSNR-Y {psnr:.2f} dB (the students' validation images)")
     _write_state(storage, name, state)
@@ -752,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     except StudyFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found once Ray is up: the teacher cannot be fetched
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         status = "KILLED"
         print(

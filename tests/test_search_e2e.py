@@ -96,12 +96,21 @@ def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(server, tmp_path):
+    import dataclasses
+
+    import torch
     from mlflow.tracking import MlflowClient
+
+    from model import build_model
 
     cfg = tmp_path / "fail.yaml"
     smoke = (ROOT / "search" / "configs" / "smoke.yaml").read_text()
-    # every trial needs this teacher (alpha > 0) and it does not exist: each trial raises
-    cfg.write_text(smoke.replace("teacher:\n", "teacher:\n  checkpoint: runs:/0123456789abcdef/none.pt\n", 1))
+    # every trial needs this teacher (alpha > 0), an x2 model for x4 students: each trial raises
+    teacher = build_model("tiny", scale=2)
+    torch.save(
+        {"model_config": dataclasses.asdict(teacher.cfg), "model": teacher.state_dict()}, tmp_path / "x2.pt"
+    )
+    cfg.write_text(smoke.replace("teacher:\n", f"teacher:\n  checkpoint: {tmp_path / 'x2.pt'}\n", 1))
     out = search(
         [
             "--config",
@@ -121,7 +130,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(server, tmp_path):
     )
     # both trials ran although the first failed; a study with no trial left is a failed study
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "all 2 trials of round 1 failed" in out.stderr and "0123456789abcdef" in out.stderr
+    assert "all 2 trials of round 1 failed" in out.stderr and "teacher scale x2" in out.stderr
     client = MlflowClient(server)
     exp = client.get_experiment_by_name("e2e-fail")
     runs = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'")

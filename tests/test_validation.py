@@ -215,3 +215,22 @@ def test_training_flags_are_refused_up_front(tmp_path, capsys, flags, named):
     assert code == 2, err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_uri_that_cannot_be_fetched_is_a_config_error(tmp_path):
+    """Found by the driver once Ray is up (it fetches the teacher to validate it): one sentence,
+    before any trial, instead of every trial failing on it."""
+    from search import study
+    from search.config import load_config
+    from search.run import ensure_teacher
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = load_config(None, {"teacher.checkpoint": "runs:/0123456789abcdef/t.pt", "tracking_uri": uri})
+    exp = study.ensure_experiment(uri, "t")
+    run_id = study.client(uri).create_run(exp).info.run_id
+    ctx = {"config": cfg.to_dict(), "tracking_uri": uri, "experiment_id": exp}
+    (tmp_path / "s").mkdir()
+    with pytest.raises(
+        ConfigError, match="teacher.checkpoint: runs:/0123456789abcdef/t.pt cannot be fetched"
+    ):
+        ensure_teacher(cfg, ctx, {"study_run_id": run_id, "teacher_uri": None}, tmp_path, "s")
