@@ -85,14 +85,6 @@ def writable_problem(path: str | Path) -> str | None:
     return _probe(folder)
 
 
-def writable_file(text: str) -> str:
-    """A file path that can be written (its folder exists or can be created)."""
-    problem = writable_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
-
-
 def dir_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be used as an output folder (None if it can)."""
     p = Path(path).expanduser()
@@ -104,9 +96,17 @@ def dir_problem(path: str | Path) -> str | None:
     return _probe(folder)
 
 
-def writable_dir(text: str) -> str:
-    """A folder that exists and is writable, or can be created."""
-    problem = dir_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
+def _path_type(problem: Callable[[str], str | None]):
+    """An argparse type refusing a path for which ``problem`` gives a reason."""
+
+    def check(text: str) -> str:
+        why = problem(text)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return text
+
+    return check
+
+
+writable_file = _path_type(writable_problem)  # a file that can be written (its folder may be created)
+writable_dir = _path_type(dir_problem)  # a folder that exists and is writable, or can be created
