@@ -7,8 +7,9 @@ One pass (``Agent.poll_once``):
    ``pending`` or missing (a device type added after registration measures old candidates too),
    or ``measuring`` with a heartbeat older than ``takeover_s`` (its agent died);
 3. claim it: re-read the version, set ``measuring`` + ``claimed_by`` + ``heartbeat``, wait
-   ``claim_settle_s``, re-read; if another agent's id is there, it won and we move on. The registry
-   has no compare-and-set, so this is a claim with a settle window, not a lock: two agents of one
+   ``claim_settle_s``, re-read; if another agent's id is there, it won and we move on; if a stop
+   came during the wait, the claim goes back at once, before any download. The registry has no
+   compare-and-set, so this is a claim with a settle window, not a lock: two agents of one
    device type would both measure only if one of them stalled longer than the settle window
    between its fresh read and its write (normally milliseconds). A tag write the store refuses
    because the other agent inserted the same tag at that instant is written again. Different
@@ -207,6 +208,9 @@ class Agent:
         if owner != self.cfg.agent_id:
             log.info("another agent claimed it", extra=_fields(version=version, owner=owner))
             return False
+        if self.stopping:  # stopped during the settle: give it back before any download or build
+            self.hand_back(version)
+            return False
         log.info("claimed", extra=_fields(version=version, device=self.cfg.device))
         return True
 
@@ -259,7 +263,8 @@ class Agent:
         )
         try:
             result = self._measure(v)
-        except Interrupted:
+        except Interrupted as exc:
+            log.info("measurement interrupted", extra=_fields(version=version, reason=str(exc)))
             self.hand_back(version)
             return None
         except Exception as exc:  # whatever it is, it belongs to this candidate's report
@@ -272,8 +277,8 @@ class Agent:
             tags = {
                 contract.TAG_BACKEND: result.backend,
                 contract.TAG_POWER_SOURCE: result.power_source,
-                "agent_id": self.cfg.agent_id,
-                **{k: v for k, v in result.info.items() if k != "power_source"},
+                contract.TAG_AGENT_ID: self.cfg.agent_id,
+                **{k: v for k, v in result.info.items() if k != contract.TAG_POWER_SOURCE},
             }
             report = Report(
                 **report_base,

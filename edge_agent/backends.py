@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edge_agent.contract import FP32_SCAN_PREFIX
 from edge_agent.fileio import atomic_write_bytes
 from edge_agent.parsers import TrtexecSummary, parse_trtexec
 
@@ -40,7 +41,6 @@ log = logging.getLogger("edge_agent.backends")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "trtexec")
 PRECISIONS = ("fp16", "fp32")
-FP32_SCOPE = "fp32_scan/"  # node-name prefix export gives the scan (model/export.py)
 
 
 class BackendError(RuntimeError):
@@ -243,7 +243,7 @@ class _TrtApi:
             return 0
         return 1 << int(self.trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
 
-    def pin_fp32(self, network: Any, prefix: str = FP32_SCOPE) -> int:
+    def pin_fp32(self, network: Any, prefix: str = FP32_SCAN_PREFIX) -> int:
         """Force layers whose names start with ``prefix`` (and their outputs) to fp32.
 
         Returns how many layers were pinned. TensorRT's ONNX parser names each layer after its
@@ -450,7 +450,7 @@ def fp32_layer_names(model: Path) -> list[str]:
             "(or use --precision fp32)"
         ) from exc
     graph = onnx.load(str(model), load_external_data=False).graph
-    return [n.name for n in graph.node if n.name.startswith(FP32_SCOPE)]
+    return [n.name for n in graph.node if n.name.startswith(FP32_SCAN_PREFIX)]
 
 
 def trtexec_command(

@@ -10,18 +10,23 @@ edge-agent remote-measure user@jetson model.onnx
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from edge_agent import argtypes, backends, contract, power, preflight
 from edge_agent.agent import STATE_DIR, Agent, AgentConfig, measure_file, setup_logging
+from edge_agent.deploy import DEFAULT_REMOTE_DIR, deploy
 from edge_agent.fileio import sha256_file
 from edge_agent.measure import MeasureConfig, MeasurementError
 from edge_agent.mlflow_io import RegistryError
+from edge_agent.remote_measure import DEFAULT_AGENT_CMD, remote_measure
+from edge_agent.ssh import SYSTEM_KNOWN_HOSTS, USER_KNOWN_HOSTS, SshError
 
 
 def device_name(text: str) -> str:
@@ -146,9 +151,154 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from edge_agent import contract
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    port = argtypes.positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {text}")
+    return port
 
+
+def _add_ssh_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``deploy`` and ``remote-measure``: the workstation's side, over SSH."""
+    conn = argparse.ArgumentParser(add_help=False)
+    group = conn.add_argument_group("SSH connection")
+    group.add_argument(
+        "--identity", type=Path, help="private key file (default: ssh-agent, then ~/.ssh/id_*)"
+    )
+    group.add_argument(
+        "--known-hosts",
+        type=Path,
+        help="the known_hosts file to check, and to add to with --accept-new-host-key "
+        f"(default: {SYSTEM_KNOWN_HOSTS} and {USER_KNOWN_HOSTS})",
+    )
+    group.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="trust an unknown host key on first use and add it to known_hosts (OpenSSH's "
+        "StrictHostKeyChecking=accept-new); a changed key is refused all the same",
+    )
+    group.add_argument("--port", type=_port, help="SSH port when TARGET names none (default 22)")
+
+    p = subparsers.add_parser(
+        "deploy",
+        parents=[conn],
+        help="install the agent on a device over SSH and start it as a systemd service",
+        description="Build the agent's wheel (edge_agent alone), copy it to the device, install it in a "
+        "venv there and start `edge-agent run` as the systemd service edge-agent. Secrets such as "
+        "MLFLOW_TRACKING_TOKEN go in REMOTE_DIR/agent.env on the device, never on this command line.",
+    )
+    p.add_argument("target", metavar="TARGET", help="user@host[:port]; the service runs as that user")
+    p.add_argument("--tracking-uri", required=True, help="MLflow tracking server, without credentials")
+    p.add_argument(
+        "--device",
+        type=device_name,
+        required=True,
+        help="device name the agent measures for (e.g. orin-nano-8gb)",
+    )
+    p.add_argument(
+        "--remote-dir", default=DEFAULT_REMOTE_DIR, help="folder on the device (default: %(default)s)"
+    )
+    p.add_argument(
+        "--python", default="python3", help="the device's Python for the venv (default: %(default)s)"
+    )
+    p.add_argument(
+        "--pip-arg",
+        action="append",
+        default=[],
+        dest="pip_args",
+        help="extra pip install argument; repeat; use --pip-arg=--flag",
+    )
+    p.add_argument(
+        "--service-cmd",
+        action="append",
+        dest="service_cmds",
+        help="remote command run last, with $unit, $remote_dir, $venv; repeat; replaces the systemd "
+        "defaults (install the unit, daemon-reload, enable, restart)",
+    )
+    p.add_argument(
+        "--agent-arg",
+        action="append",
+        default=[],
+        dest="agent_args",
+        help="extra `edge-agent run` argument; repeat; use --agent-arg=--poll-s --agent-arg=60",
+    )
+    p.set_defaults(func=cmd_deploy)
+
+    measure_opts = argparse.ArgumentParser(add_help=False, parents=[conn])
+    measure_opts.add_argument(
+        "--agent-cmd", default=DEFAULT_AGENT_CMD, help="the agent on the device (default: %(default)s)"
+    )
+    p = subparsers.add_parser(
+        "remote-measure",
+        parents=[measure_opts],
+        help="measure an ONNX model on a device over SSH and print the JSON",
+        description="Copy MODEL to a temporary folder on the device, run `edge-agent measure` there, "
+        "print its JSON and remove the folder. Arguments after -- go to `edge-agent measure`.",
+    )
+    p.add_argument("target", metavar="TARGET", help="user@host[:port]")
+    p.add_argument("model", metavar="MODEL.onnx", type=Path)
+    # REMAINDER, not "*": argparse (3.10, 3.11) leaves a "*" positional empty when options sit between
+    # MODEL and "--". The handler takes this command's own options back out of it.
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, metavar="-- MEASURE_ARGS", help="for `edge-agent measure`"
+    )
+    own = argparse.ArgumentParser(prog=p.prog, add_help=False, allow_abbrev=False, parents=[measure_opts])
+    p.set_defaults(func=functools.partial(cmd_remote_measure, options=own))
+
+
+def _connect_kw(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "port": args.port,
+        "identity": args.identity,
+        "known_hosts": args.known_hosts,
+        "accept_new_host_key": args.accept_new_host_key,
+    }
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    try:
+        report = deploy(
+            args.target,
+            tracking_uri=args.tracking_uri,
+            device=args.device,
+            remote_dir=args.remote_dir,
+            python=args.python,
+            pip_args=args.pip_args,
+            agent_args=args.agent_args,
+            service_cmds=args.service_cmds,
+            **_connect_kw(args),
+        )
+    except SshError as e:
+        print(f"edge-agent deploy: {e}", file=sys.stderr)
+        return 1
+    print(f"Installed {report.wheel} on {report.host} in {report.venv}; unit {report.unit}.")
+    if args.service_cmds is None:
+        print(
+            "The edge-agent service is running; follow its log on the device with: "
+            "journalctl -u edge-agent -f"
+        )
+    return 0
+
+
+def cmd_remote_measure(args: argparse.Namespace, *, options: argparse.ArgumentParser) -> int:
+    """``remote-measure``; ``options`` parses this command's options found after MODEL."""
+    rest = list(args.rest)
+    cut = rest.index("--") if "--" in rest else len(rest)
+    args, unknown = options.parse_known_args(rest[:cut], namespace=args)
+    measure_args = unknown + rest[cut + 1 :]
+    try:
+        result = remote_measure(
+            args.target, args.model, measure_args=measure_args, agent_cmd=args.agent_cmd, **_connect_kw(args)
+        )
+    except SshError as e:
+        print(f"edge-agent remote-measure: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,12 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--power-root", type=Path, default=Path("/"))
     p.set_defaults(func=cmd_info)
 
-    try:
-        from edge_agent import ssh
-    except ImportError:  # the device install has no SSH client side
-        ssh = None
-    if ssh is not None:
-        ssh.add_commands(sub)
+    _add_ssh_commands(sub)
     return parser
 
 

@@ -28,6 +28,9 @@ TAG_TRIAL_RUN = "trial_run_id"
 # quality, "fp32" where it does not; the agent then builds float32 whatever its --precision.
 TAG_PRECISION = "onnx_precision"
 FP16_OK, FP32_ONLY = "fp16", "fp32"
+# Node-name prefix the export gives the scan's nodes (model/export.py): a float16 engine keeps
+# them in float32 (edge_agent/backends.py).
+FP32_SCAN_PREFIX = "fp32_scan/"
 
 # edge.<device>.status values
 PENDING, MEASURING, DONE, FAILED = "pending", "measuring", "done", "failed"
@@ -48,6 +51,7 @@ EDGE_METRICS = (
 )
 # tags the agent sets on the run beside the metrics (values from the measurement's info)
 TAG_BACKEND, TAG_POWER_SOURCE, TAG_RESULT_ID = "backend", "power_source", "result_id"
+TAG_AGENT_ID = "agent_id"  # the agent that measured
 # claim bookkeeping on the version (the registry has no compare-and-set: see edge_agent/agent.py)
 TAG_CLAIMED_BY, TAG_HEARTBEAT = "claimed_by", "heartbeat"
 

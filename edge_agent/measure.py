@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edge_agent import power
+from edge_agent import contract, power
 from edge_agent.backends import Engine, TrtexecRun
 
 
@@ -74,15 +74,7 @@ class Measurement:
 
     def metrics(self) -> dict[str, float]:
         """The figures the contract logs (``contract.EDGE_METRICS``), skipping unavailable ones."""
-        out = {
-            "latency_ms_p50": self.latency_ms_p50,
-            "latency_ms_p90": self.latency_ms_p90,
-            "latency_ms_p99": self.latency_ms_p99,
-            "power_mw": self.power_mw,
-            "idle_power_mw": self.idle_power_mw,
-            "energy_mj_per_image": self.energy_mj_per_image,
-            "throughput_ips": self.throughput_ips,
-        }
+        out = {name: getattr(self, name) for name in contract.EDGE_METRICS}  # fields bear those names
         return {k: float(v) for k, v in out.items() if v is not None}
 
     def to_json(self) -> dict:

@@ -490,17 +490,22 @@ class Sampler:
                 next_t = now
             self._stop.wait(max(0.0, next_t - now))
 
-    def stop(self) -> list[PowerSample]:
+    def stop(self, *, raise_failure: bool = True) -> list[PowerSample]:
         """Stop polling and return every sample taken.
 
+        Args:
+            raise_failure: raise a failure of the reader; False returns the samples taken before it
+                (the failure is then in ``failure``).
+
         Raises:
-            PowerReadError: the reader failed on the sampling thread.
+            PowerReadError: the reader failed on the sampling thread (unless ``raise_failure`` is False).
         """
         self._stop.set()
         if self._thread is not None:
             # A self-paced reader may be blocked on its next line: give it a few of its periods.
             self._thread.join(timeout=max(5.0, 5 * self.period_s))
-        self._raise_if_failed()
+        if raise_failure:
+            self._raise_if_failed()
         with self._lock:
             return list(self._samples)
 
@@ -517,13 +522,20 @@ class Sampler:
         """Now, on the clock the samples' t_s use."""
         return time.monotonic()
 
-    def _raise_if_failed(self) -> None:
+    @property
+    def failure(self) -> PowerReadError | None:
+        """Why the reader stopped on the sampling thread, or None while it has not failed."""
         err = self._error
-        if err is None:
-            return
-        if isinstance(err, PowerReadError):
-            raise err
-        raise PowerReadError(f"the {self.reader.name} power reader failed while sampling: {err!r}") from err
+        if err is None or isinstance(err, PowerReadError):
+            return err
+        wrapped = PowerReadError(f"the {self.reader.name} power reader failed while sampling: {err!r}")
+        wrapped.__cause__ = err
+        return wrapped
+
+    def _raise_if_failed(self) -> None:
+        failure = self.failure
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> Sampler:
         return self.start()

@@ -30,10 +30,11 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from edge_agent.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -170,18 +171,13 @@ def build(cxx: str | None = None, directory: Path | None = None) -> Build:
         with _locked(directory / f"selective_scan_cpu-{key}.lock"):
             if path.exists():
                 return Build(path, 0.0, True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
-            os.close(fd)
             start = time.perf_counter()
             try:
-                _compile(cxx, flags, Path(tmp))
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    _compile(cxx, flags, tmp)
                 return Build(path, time.perf_counter() - start, False)
             except KernelBuildError as exc:
                 error = error or exc
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
     assert error is not None
     raise error
 

@@ -37,12 +37,13 @@ import numpy as np
 import torch
 
 from edge_agent import argtypes
+from edge_agent.contract import FP32_SCAN_PREFIX  # nodes a float16 engine must keep in float32
+from edge_agent.fileio import atomic_path
 from model.complexity import count_flops, count_params
 from model.mambalitesr import PRESETS, MambaLiteSR, build_model, load_model
 from model.runtime import keep_freed_memory
 
 BANNED_OPS = frozenset({"Loop", "Scan", "If", "CumSum"})
-SCAN_PREFIX = "fp32_scan/"  # nodes a float16 engine must keep in float32
 SCAN_NAMESPACE = "model.scan.SelectiveScan"  # the exporter's module-scope metadata for them
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # torch.onnx's dynamo exporter cannot convert this graph to older opsets
@@ -103,8 +104,8 @@ def _mark_scan_nodes(onnx_model) -> int:
     marked = 0
     for node in onnx_model.graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
-        if SCAN_NAMESPACE in meta.get("namespace", "") and not node.name.startswith(SCAN_PREFIX):
-            node.name = SCAN_PREFIX + node.name
+        if SCAN_NAMESPACE in meta.get("namespace", "") and not node.name.startswith(FP32_SCAN_PREFIX):
+            node.name = FP32_SCAN_PREFIX + node.name
             marked += 1
     return marked
 
@@ -218,17 +219,11 @@ def export_onnx(
     quality = DEFAULT_QUALITY_DB if quality_db is None else float(quality_db)
 
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, str(partial))
-        os.replace(partial, out)  # a reader never sees a half-written file at `out`
+        with atomic_path(out) as partial:  # a reader never sees a half-written file at `out`
+            onnx.save(proto, str(partial))
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise ExportError(f"cannot write {out}: {exc.strerror or exc}; choose a writable file path") from exc
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
     census = op_census(proto)
     _, _, h, w = input_shape
@@ -262,7 +257,7 @@ def format_report(report: ExportReport) -> str:
             f"fp32       max |ORT - PyTorch| = {report.fp32_max_abs_err:.2e} "
             f"over {report.n_checks} random inputs",
             f"fp16       max |ORT fp16 - PyTorch fp32| = {report.fp16_max_abs_err:.2e}, PSNR "
-            f"{report.fp16_psnr_db:.1f} dB (scan in fp32; its nodes are named '{SCAN_PREFIX}*')",
+            f"{report.fp16_psnr_db:.1f} dB (scan in fp32; its nodes are named '{FP32_SCAN_PREFIX}*')",
             f"fp16 gate  {'ok' if report.fp16_ok else 'FAILED: build fp32 engines only'} (needs "
             f"{report.quality_db + FP16_MARGIN_DB:.1f} dB: the model's {report.quality_db:.2f} + "
             f"{FP16_MARGIN_DB:g})",

@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
 # Create .venv and install the project with its test tools. Safe to run again.
+#   bash scripts/setup.sh           the project (what the smoke search needs)
+#   bash scripts/setup.sh --tests   and the system packages the tests need (scripts/test_deps.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tests=0
+for arg in "$@"; do
+    case "$arg" in
+        --tests) tests=1 ;;
+        *) echo "usage: bash scripts/setup.sh [--tests]  (unknown argument: $arg)" >&2; exit 2 ;;
+    esac
+done
+if [ "$tests" -eq 1 ]; then
+    bash scripts/test_deps.sh  # first: a missing package fails in seconds, not after the pip installs
+fi
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv

@@ -300,6 +300,7 @@ def _agent(server: str, tmp: Path, model_name: str) -> Agent:
     return Agent(cfg)
 
 
+@pytest.mark.e2e
 @pytest.mark.usefixtures("mlflow_fail_fast")
 def test_the_daemon_reports_each_bad_model_as_failed_and_measures_the_rest(server, registered, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -319,6 +320,7 @@ def test_the_daemon_reports_each_bad_model_as_failed_and_measures_the_rest(serve
         assert "python -m model.export" in error and "Traceback" not in error
 
 
+@pytest.mark.e2e
 @pytest.mark.usefixtures("mlflow_fail_fast")
 def test_a_full_disk_under_the_outbox_does_not_stop_the_daemon(server, registered, tmp_path, monkeypatch):
     """The report cannot be kept locally: the pass goes on and the server still gets it."""
@@ -341,6 +343,7 @@ def test_a_full_disk_under_the_outbox_does_not_stop_the_daemon(server, registere
     assert statuses == {k: contract.DONE if k == "good" else contract.FAILED for k in versions}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "uri",
     [

@@ -8,6 +8,7 @@ from trainers.data import (
     BUILTIN_TRAIN,
     BUILTIN_VAL,
     DataError,
+    ImagePair,
     PatchSampler,
     builtin_pairs,
     load_pairs,
@@ -120,3 +121,23 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)).save(wide)
     with pytest.raises(DataError, match="int32.tif.*32-bit integer"):
         load_image(wide)
+
+
+def test_images_that_share_a_name_are_all_used(caplog):
+    """Two folders may hold files of one name (0001.png of two sets): the sampler keeps both, and
+    skips a small one by its own size, not by comparing pairs (ImagePair == ImagePair compared the
+    arrays and raised "truth value of an array is ambiguous")."""
+    rng = np.random.default_rng(0)
+
+    def pair(side: int) -> ImagePair:
+        lr, hr = nearest_pair(rng, side, side, 4)
+        return ImagePair("0001", hr, lr)
+
+    first, second, small = pair(12), pair(12), pair(6)
+    with caplog.at_level("WARNING"):
+        sampler = PatchSampler([first, second, small], patch_size=8, scale=4)
+    assert len(sampler) == 2
+    assert torch.equal(sampler.lr[1], torch.from_numpy(second.lr).permute(2, 0, 1))
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipping 0001: its LR image (6, 6) is smaller than a 8 px patch"
+    ]

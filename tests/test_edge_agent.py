@@ -35,7 +35,7 @@ DEVICE = "orin-nano"
 FAST = MeasureConfig(warmup_s=0.2, idle_s=0.8, duration_s=1.5, rate_hz=50.0)
 
 
-pytestmark = pytest.mark.usefixtures("mlflow_fail_fast")
+pytestmark = [pytest.mark.usefixtures("mlflow_fail_fast"), pytest.mark.e2e]  # real MLflow servers
 
 
 def register(uri: str, tmp: Path, model_name: str, devices=(DEVICE,)) -> tuple[str, str]:
@@ -336,18 +336,59 @@ def test_sigterm_hands_the_claim_back(server, tmp_path):
         "60",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    reg = Registry(server, "m-term")
+    lines, claimed = [], threading.Event()
+
+    def read_log():
+        for line in proc.stdout:
+            lines.append(line)
+            if '"msg": "claimed"' in line:  # the settle is over: the claim is the agent's
+                claimed.set()
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
     deadline = time.monotonic() + 60
-    while reg.get(version).status(DEVICE) != contract.MEASURING:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.2)
-    time.sleep(1.5)  # past the claim's settle window, into the 60 s loaded window
+    while not claimed.wait(0.2):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+    time.sleep(3.0)  # past the download and the session's start, into the 60 s loaded window
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    reader.join(timeout=10)
+    out = "".join(lines)
     assert proc.returncode == 0, out
+    assert "stopped during the loaded window" in out
     assert '"msg": "handed the claim back"' in out
+    reg = Registry(server, "m-term")
     tags = reg.get(version).tags
     assert tags[contract.status_tag(DEVICE)] == contract.PENDING
+    assert contract.edge_key(DEVICE, contract.TAG_CLAIMED_BY) not in tags
+
+
+def test_a_stop_during_the_claims_settle_hands_it_back_before_any_download(server, tmp_path):
+    """SIGTERM while the claim settles: the claim goes back at once, without downloading the ONNX
+    and building an engine (minutes on a Jetson) only to throw them away."""
+    _, version = register(server, tmp_path, "m-settle")
+    agent = make_agent(server, tmp_path, "m-settle", claim_settle_s=30.0)
+    status = contract.status_tag(DEVICE)
+    real_set_tags, real_download = agent.registry.set_tags, agent.registry.download_onnx
+    downloads, timers = [], []
+
+    def set_tags(v, tags):
+        real_set_tags(v, tags)
+        if tags.get(status) == contract.MEASURING:  # the claim's last write: the settle begins
+            timers.append(threading.Timer(0.3, agent.request_stop))
+            timers[-1].start()
+
+    def download_onnx(*args, **kwargs):
+        downloads.append(args)
+        return real_download(*args, **kwargs)
+
+    agent.registry.set_tags, agent.registry.download_onnx = set_tags, download_onnx
+    start = time.monotonic()
+    assert agent.poll_once() == []
+    assert time.monotonic() - start < 20  # the stop cut the 30 s settle short
+    assert len(timers) == 1 and downloads == []
+    tags = agent.registry.get(version).tags
+    assert tags[status] == contract.PENDING
     assert contract.edge_key(DEVICE, contract.TAG_CLAIMED_BY) not in tags
 
 

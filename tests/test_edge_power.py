@@ -384,6 +384,8 @@ def test_sampler_reraises_a_reader_failure():
         sampler.samples_between(0.0, sampler.mark())
     with pytest.raises(PowerReadError, match="linear power reader failed"):
         sampler.stop()
+    kept = sampler.stop(raise_failure=False)  # what was taken before the failure, for who can use it
+    assert len(kept) == 2 and "i2c bus timeout" in str(sampler.failure)
 
 
 def test_sampler_with_unavailable_reader_returns_nothing():
@@ -405,3 +407,5 @@ def test_integrals_on_uneven_samples():
     assert mean_power_mw(samples[:1]) == 0.0
     with pytest.raises(ValueError, match="no power samples"):
         mean_power_mw([])
+    by_hand = [PowerSample(0, 10), PowerSample(1, 20), PowerSample(3, 20)]  # mW over s: 15 + 40 mJ
+    assert trapezoid_mj(by_hand) == pytest.approx(15 + 40)

@@ -1,4 +1,5 @@
-"""edge_agent.ssh against a real OpenSSH server on 127.0.0.1: host keys, key auth, deploy, remote-measure."""
+"""edge_agent.ssh, deploy and remote_measure against a real OpenSSH server on 127.0.0.1: host keys,
+key auth, deploy, remote-measure and their command line."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ import shlex
 import stat
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
-from edge_agent import ssh
+from edge_agent import cli, ssh
+from edge_agent.deploy import deploy, render_unit
+from edge_agent.remote_measure import remote_measure
 from edge_agent.ssh import SshError
 
 from servers import sshd_server
 
 pytest.importorskip("paramiko")
+pytestmark = pytest.mark.e2e  # a real sshd
 
 BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)  # a venv made from a venv python fails
 
@@ -204,44 +207,11 @@ def test_large_output_on_both_streams_does_not_block(server):
 
 
 # ------------------------------------------------------------------------------------------------
-# the wheel and the unit
-
-
-def test_build_agent_wheel_holds_the_agent_alone(tmp_path):
-    wheel = ssh.build_agent_wheel(tmp_path)
-    assert wheel.parent == tmp_path and wheel.name.startswith("mambalitesr_edge_agent-0.1.0-")
-    with zipfile.ZipFile(wheel) as zf:
-        names = zf.namelist()
-        meta = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
-        entry_points = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert {"edge_agent/contract.py", "edge_agent/ssh.py", "edge_agent/systemd/edge-agent.service.in"} <= set(
-        names
-    )
-    tops = {n.split("/")[0] for n in names}
-    assert not tops & {"model", "search", "trainers", "tests"}, tops
-    assert not [n for n in names if "__pycache__" in n or "packaging/" in n]
-    assert "Requires-Python: >=3.10" in meta
-    for dep in ("numpy>=1.24", "onnxruntime>=1.18", "mlflow-skinny>=2.12"):
-        assert f"Requires-Dist: {dep}" in meta
-    assert "torch" not in meta and "ray" not in meta.lower().replace("array", "")
-    assert "edge-agent = edge_agent.cli:main" in entry_points
-
-
-def test_wheel_check_refuses_torch(tmp_path):
-    bad = tmp_path / "bad-0.1-py3-none-any.whl"
-    with zipfile.ZipFile(bad, "w") as zf:
-        zf.writestr("edge_agent/contract.py", "X = 1\n")
-        zf.writestr("edge_agent/systemd/edge-agent.service.in", "")
-        zf.writestr("edge_agent/helper.py", "def f():\n    from torch import nn\n")
-        zf.writestr("model/net.py", "")
-    with pytest.raises(SshError, match="not fit for a device") as info:
-        ssh._check_wheel(bad)
-    assert "imports torch in edge_agent/helper.py" in str(info.value)
-    assert "more than edge_agent: model" in str(info.value)
+# the unit (the wheel: test_edge_wheel.py)
 
 
 def test_render_unit_quotes_for_systemd():
-    unit = ssh.render_unit(
+    unit = render_unit(
         venv="/home/nvidia/edge-agent/venv",
         user="nvidia",
         workdir="/home/nvidia/edge-agent",
@@ -271,12 +241,12 @@ def test_render_unit_quotes_for_systemd():
         assert line in unit.splitlines()
     assert "$" not in unit.replace("$$", "")  # every placeholder filled
     with pytest.raises(SshError, match="control character"):
-        ssh.render_unit(venv="/v", user="u", workdir="/w", agent_args=["a\nExecStartPre=/bin/sh"])
+        render_unit(venv="/v", user="u", workdir="/w", agent_args=["a\nExecStartPre=/bin/sh"])
 
 
 def test_deploy_refuses_credentials_in_the_uri():
     with pytest.raises(SshError, match="agent.env"):
-        ssh.deploy("me@host", tracking_uri="https://me:hunter2@mlflow.lan", device="orin-nano")
+        deploy("me@host", tracking_uri="https://me:hunter2@mlflow.lan", device="orin-nano")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,7 +270,7 @@ def test_deploy_installs_the_agent_and_renders_the_unit(server, tmp_path, monkey
         "test -x $venv/bin/edge-agent",
         "$venv/bin/python -c 'import edge_agent.contract' && touch $remote_dir/started",
     ]
-    report = ssh.deploy(server.target, service_cmds=service_cmds, **kw)
+    report = deploy(server.target, service_cmds=service_cmds, **kw)
 
     venv = remote_dir / "venv"
     assert report.host == f"{server.user}@127.0.0.1:{server.port}"
@@ -328,7 +298,7 @@ def test_deploy_installs_the_agent_and_renders_the_unit(server, tmp_path, monkey
     env_file.write_text("MLFLOW_TRACKING_TOKEN=kept\n")
     venv_python = (venv / "bin" / "python").stat().st_ino
     with pytest.raises(SshError) as info:
-        ssh.deploy(server.target, service_cmds=["echo 'systemctl: not here' >&2; exit 4"], **kw)
+        deploy(server.target, service_cmds=["echo 'systemctl: not here' >&2; exit 4"], **kw)
     message = str(info.value)
     assert (
         "status 4" in message
@@ -342,7 +312,7 @@ def test_deploy_installs_the_agent_and_renders_the_unit(server, tmp_path, monkey
 def test_remote_measure_round_trip(server, tmp_path):
     model = tiny_onnx(tmp_path / "tiny.onnx")
     before = remote_temp_dirs()
-    result = ssh.remote_measure(
+    result = remote_measure(
         server.target,
         model,
         measure_args=["--backend", "onnxruntime", "--power", "none", "--warmup-s", "0.2", "--idle-s", "0"]
@@ -361,7 +331,7 @@ def test_remote_measure_rejects_output_that_is_not_json(server, tmp_path):
     with pytest.raises(
         SshError, match="did not print a JSON object; its output began: 'measure /tmp/edge-agent"
     ):
-        ssh.remote_measure(
+        remote_measure(
             server.target, model, agent_cmd="echo", identity=server.client_key, known_hosts=server.known_hosts
         )
     assert remote_temp_dirs() == before
@@ -372,9 +342,7 @@ def test_remote_measure_rejects_output_that_is_not_json(server, tmp_path):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-agent")
-    ssh.add_commands(p.add_subparsers(dest="command"))
-    return p
+    return cli.build_parser()
 
 
 def test_deploy_options_parse():
@@ -383,7 +351,7 @@ def test_deploy_options_parse():
         + ["--pip-arg=--no-index", "--pip-arg=--find-links=/w", "--agent-arg=--poll-s", "--agent-arg=60"]
         + ["--service-cmd", "echo $unit", "--known-hosts", "kh", "--accept-new-host-key"]
     )
-    assert args.func is ssh._deploy_command
+    assert args.func is cli.cmd_deploy
     assert (args.pip_args, args.agent_args, args.service_cmds) == (
         ["--no-index", "--find-links=/w"],
         ["--poll-s", "60"],

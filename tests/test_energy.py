@@ -1,17 +1,20 @@
-"""The NVML energy meter, against a fake NVML whose power follows a known curve."""
+"""The NVML energy meter, against a fake NVML whose power follows a known curve.
+
+The meter samples and integrates with edge_agent.power (its trapezoid rule: test_edge_power.py)."""
 
 import time
 
 import pytest
 
-from trainers.energy import EnergyMeter, trapezoid_j
+from trainers.energy import EnergyMeter
 
 
 class FakeNVML:
     """Power ramps linearly from 100 W at start, +50 W per second (mW through the NVML API)."""
 
-    def __init__(self, fail_power=False):
+    def __init__(self, fail_power=False, fail_after=None):
         self.fail_power, self.t0, self.calls, self.shutdown = fail_power, None, 0, False
+        self.fail_after = fail_after  # calls that answer before the sensor stops
         self.served = []  # times (s since init) at which power was read
 
     def nvmlInit(self):
@@ -26,6 +29,8 @@ class FakeNVML:
     def nvmlDeviceGetPowerUsage(self, handle):
         if self.fail_power:
             raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
         self.calls += 1
         t = time.monotonic() - self.t0
         self.served.append(t)
@@ -33,11 +38,6 @@ class FakeNVML:
 
     def nvmlShutdown(self):
         self.shutdown = True
-
-
-def test_trapezoid_by_hand():
-    assert trapezoid_j([0, 1, 3], [10, 20, 20]) == pytest.approx(15 + 40)
-    assert trapezoid_j([0], [5]) == 0
 
 
 def test_integrates_the_served_power():
@@ -54,6 +54,17 @@ def test_integrates_the_served_power():
     assert r.energy_j == pytest.approx(exact, rel=0.01)
     assert r.mean_power_w == pytest.approx(exact / (b - a), rel=0.01)
     assert r.metrics() == {"train_energy_j": r.energy_j, "train_mean_power_w": r.mean_power_w}
+
+
+def test_a_sensor_that_stops_ends_the_series_not_the_training():
+    nvml = FakeNVML(fail_after=6)  # the probe and five samples
+    with EnergyMeter(interval_s=0.01, nvml=nvml) as meter:
+        time.sleep(0.3)
+    r = meter.reading
+    assert r.available and r.n_samples == 5 and nvml.shutdown
+    assert "sampling stopped" in r.reason and "GPU_IS_LOST" in r.reason
+    a, b = nvml.served[1], nvml.served[5]
+    assert r.energy_j == pytest.approx(100 * (b - a) + 25 * (b**2 - a**2), rel=0.05)
 
 
 def test_unavailable_sensor_reports_no_number():

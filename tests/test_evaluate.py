@@ -115,3 +115,20 @@ def test_scale_must_match_the_data_and_hr_only_is_announced(small_set, tmp_path,
     with caplog.at_level("WARNING"):
         assert main(["--model", "bicubic", "--data", str(small_set)]) == 0
     assert any("no LR images" in r.getMessage() for r in caplog.records)
+
+
+def test_the_means_count_every_image_when_two_share_a_name():
+    """Folders with one file name twice (a.png and a.jpg; 0001.png of two sets in a validation
+    list): each image counts once in the means, none replaces another."""
+    from trainers.data import ImagePair
+    from trainers.evaluate import bicubic_upscaler, evaluate_set
+    from trainers.metrics import psnr
+
+    rng = np.random.default_rng(0)
+    smooth = np.repeat(np.repeat(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 4, 0), 4, 1)
+    noisy = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pairs = [ImagePair("a", hr, hr[::4, ::4].copy()) for hr in (smooth, noisy)]
+    result = evaluate_set(bicubic_upscaler(4), pairs, 4, "twice")
+    each = [psnr(bicubic_upscaler(4)(p.lr), p.hr, 4) for p in pairs]
+    assert each[0] != each[1]
+    assert result.n_images == 2 and result.psnr_y == pytest.approx(np.mean(each), abs=1e-12)

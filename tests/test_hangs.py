@@ -57,6 +57,7 @@ def assert_one_sentence(proc: subprocess.CompletedProcess, *needles: str, rc: in
 # ---------------------------------------------------------------------------------- dead server
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "script, args",
     [
@@ -97,6 +98,7 @@ def test_the_probe_names_what_it_found():
 # ---------------------------------------------------------------------------------- Ray resources
 
 
+@pytest.mark.e2e
 def test_a_trial_no_node_can_hold_fails_before_any_trial(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--smoke-test", "--tracking-uri", uri, "--storage-dir", "s", "--experiment", "hang"]
@@ -166,6 +168,7 @@ def test_a_cluster_gets_time_for_the_autoscaler(fake_cluster, monkeypatch):
 # ---------------------------------------------------------------------------------- select.py
 
 
+@pytest.mark.e2e
 def test_select_names_unknown_experiment_study_and_model(server, mlflow_fail_fast, capsys):
     # in-process (a traceback would be an exception here); the CLI path is the one above
     c = study.client(server)

@@ -24,6 +24,7 @@ from fakes import FakeIna3221
 from servers import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e  # the whole loop: an MLflow server, Ray, the agent
 DEVICE = "local-cpu"  # search/configs/smoke.yaml's loop.device
 
 

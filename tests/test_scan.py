@@ -280,7 +280,7 @@ def test_build_is_cached_per_cpu_feature_set(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_compile", lambda cxx, flags, out: out.write_bytes(b"other build"))
     other = cpu_kernel.build(directory=tmp_path)
     assert other.path != first.path and not other.cached
-    assert not list(tmp_path.glob("*.tmp")), "a temporary build file was left behind"
+    assert not list(tmp_path.glob(".*.partial")), "a temporary build folder was left behind"
 
 
 def test_a_cached_fallback_build_is_used_without_compiling_again(tmp_path, monkeypatch):
@@ -305,7 +305,7 @@ def test_failed_build_leaves_no_file_and_says_why(tmp_path):
     fake.chmod(0o755)
     with pytest.raises(cpu_kernel.KernelBuildError, match="failed to build"):
         cpu_kernel.build(cxx=str(fake), directory=tmp_path / "cache")
-    assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("*.tmp"))
+    assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob(".*.partial"))
 
 
 FALLBACK_SCRIPT = """

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edge_agent import contract
 from search import study
@@ -17,6 +18,7 @@ from search.registry import TAG_WEIGHTS_RUN
 from search.trainable import FINAL_QUALITY
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e  # search/run.py in a subprocess: Ray, MLflow
 RUN = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test"]
 
 

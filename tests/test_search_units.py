@@ -59,6 +59,24 @@ def test_cli_config_error_exits_2(tmp_path, capsys):
     assert exc.value.code == 2 and "--num-samples" in capsys.readouterr().err
 
 
+def test_main_saves_rays_state_at_every_step_under_the_entry_point_too(tmp_path, monkeypatch):
+    """mambalitesr-search calls main() without running search/run.py as __main__: main() itself sets
+    TUNE_GLOBAL_CHECKPOINT_S (before the config is read, so a config error here shows it), and keeps
+    a value the user set."""
+    import os
+
+    from search.run import main
+
+    bad = str(write(tmp_path, "searcher: grid\n"))
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "set by the test")  # undone after the test
+    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S")
+    assert main(["--config", bad]) == 2
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "0"
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "30")
+    assert main(["--config", bad]) == 2
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "30"
+
+
 def test_space_bounds_rank_by_inner_width():
     cfg = load_config(
         overrides={"space": {"embed_dim": {"low": 2, "high": 4, "step": 2}, "rank": {"low": 1, "high": 64}}}

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ORIN, CPU = "orin-nano", "cpu-x"
 
 
-pytestmark = pytest.mark.usefixtures("mlflow_fail_fast")
+pytestmark = [pytest.mark.usefixtures("mlflow_fail_fast"), pytest.mark.e2e]  # real MLflow servers
 
 
 def client(uri: str):

@@ -1,6 +1,8 @@
 """Training: loss goes down, distillation loss, exact resume, NaN handling, MLflow logging."""
 
 import errno
+import json
+import math
 import os
 import signal
 import subprocess
@@ -270,3 +272,64 @@ def test_mlflow_tracker_logs_params_metrics_and_artifacts(tmp_path):
     assert run.data.params["model.scan"] == "auto" and run.data.params["scan_form"] == "fused"
     names = {f.path for f in MlflowClient(uri).list_artifacts(tracker.run_id)}
     assert {"checkpoint", "samples"} <= names
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, which Python writes by default but JSON has not."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_the_json_report_is_json_when_a_figure_is_nan(tmp_path, capsys):
+    """Resumed with no steps left, a run has no throughput (NaN): --json and stdout say null."""
+    from trainers import train as train_module
+
+    argv = ["--role", "teacher", "--preset", "tiny", "--batch-size", "2", "--patch-size", "16"]
+    argv += ["--iterations", "2", "--val-every", "2", "--val-max-images", "1", "--out-dir", str(tmp_path)]
+    assert train_module.main(argv) == 0
+    capsys.readouterr()
+    out = tmp_path / "r.json"
+    assert train_module.main([*argv, "--resume", "--json", str(out)]) == 0
+    report = strict_json(out.read_text())
+    assert report["step"] == 2 and report["patches_per_s"] is None and report["teacher_share"] is None
+    assert report["val_psnr_y"] > 0 and report["energy"]["energy_j"] is None
+    stdout = capsys.readouterr().out
+    assert strict_json(stdout[stdout.rindex("\n{\n") + 1 :]) == report
+
+
+def test_finite_or_none_reaches_every_depth():
+    from trainers.train import finite_or_none
+
+    value = {"a": math.inf, "b": [1.5, -math.inf, {"c": math.nan}], "d": (2, "x"), "e": None, "f": True}
+    assert finite_or_none(value) == {
+        "a": None,
+        "b": [1.5, None, {"c": None}],
+        "d": [2, "x"],
+        "e": None,
+        "f": True,
+    }
+
+
+def test_validation_measures_what_the_evaluation_cli_measures(tmp_path):
+    """One inference and one metric loop: validate() is evaluate_set() of the checkpoint's upscaler."""
+    import numpy as np
+
+    from model import build_model
+    from trainers.data import load_sets
+    from trainers.evaluate import checkpoint_upscaler, evaluate_set
+    from trainers.train import validate
+
+    torch.manual_seed(0)
+    net = build_model("tiny")
+    torch.save({"model_config": net.cfg.__dict__, "model": net.state_dict()}, tmp_path / "tiny.pt")
+    pairs = load_sets([], "val", 4)  # RGB and grayscale (camera) images
+    net.train()
+    got = validate(net, pairs, torch.device("cpu"))
+    assert net.training  # put back as it was
+    upscale, scale = checkpoint_upscaler(str(tmp_path / "tiny.pt"))
+    want = evaluate_set(upscale, pairs, scale, "val")
+    assert got == {"val_psnr_y": want.psnr_y, "val_ssim_y": want.ssim_y}
+    assert np.isfinite(got["val_psnr_y"]) and 0 < got["val_ssim_y"] < 1

@@ -47,7 +47,7 @@ class DataError(ValueError):
     """A data set or image that cannot be used; the message names the file and the fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: == on the arrays has no single truth value
 class ImagePair:
     name: str
     hr: np.ndarray  # (H, W, 3) or (H, W) uint8
@@ -199,9 +199,11 @@ class PatchSampler:
     ):
         if patch_size <= 0:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
-        usable = [p for p in pairs if min(p.lr.shape[:2]) >= patch_size]
+        usable = []
         for p in pairs:
-            if p not in usable:
+            if min(p.lr.shape[:2]) >= patch_size:
+                usable.append(p)
+            else:
                 log.warning(
                     "skipping %s: its LR image %s is smaller than a %d px patch",
                     p.name,

@@ -1,17 +1,19 @@
 """Energy used by training, from the GPU's own power sensor through NVML.
 
-``EnergyMeter`` samples board power (``nvmlDeviceGetPowerUsage``, mW) in a background thread on a
-monotonic clock and integrates it with the trapezoid rule. Where NVML or a GPU is missing it
-reports ``available=False`` with the reason: never an invented number. Only the GPU is metered:
-CPU, memory and the rest of the machine are not in the figure.
+``EnergyMeter`` samples board power (``nvmlDeviceGetPowerUsage``) in a background thread on a
+monotonic clock and integrates it with the trapezoid rule: the edge agent's NVML reader, sampler
+and integral (``edge_agent.power``), so training and the device measure power one way. Where NVML
+or a GPU is missing it reports ``available=False`` with the reason: never an invented number. Only
+the GPU is metered: CPU, memory and the rest of the machine are not in the figure.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
+
+from edge_agent.power import NvmlReader, PowerSample, Sampler, mean_power_mw, trapezoid_mj
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,6 @@ class EnergyReading:
         return {"train_energy_j": self.energy_j, "train_mean_power_w": self.mean_power_w}
 
 
-def trapezoid_j(times_s: list[float], power_w: list[float]) -> float:
-    """Integral of power over time, trapezoid rule, in joules."""
-    return sum(
-        (t1 - t0) * (p0 + p1) / 2 for t0, t1, p0, p1 in zip(times_s, times_s[1:], power_w, power_w[1:])
-    )
-
-
 def _load_nvml():
     import pynvml  # from the nvidia-ml-py package
 
@@ -57,79 +52,65 @@ class EnergyMeter:
 
     def __init__(self, device_index: int = 0, interval_s: float = 0.1, nvml=None):
         self.device_index, self.interval_s = device_index, interval_s
-        self._nvml, self._handle, self._reason = nvml, None, ""
-        self._times: list[float] = []
-        self._power: list[float] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._nvml, self._reason = nvml, ""
+        self._reader: NvmlReader | None = None
+        self._sampler: Sampler | None = None
+        self._samples: list[PowerSample] = []
         self._start = self._end = 0.0
         self.source = "unavailable"
         self.reading: EnergyReading | None = None
 
-    def _open(self) -> bool:
+    def _open(self) -> NvmlReader | None:
         try:
             nvml = self._nvml or _load_nvml()
-            nvml.nvmlInit()
-            self._handle = nvml.nvmlDeviceGetHandleByIndex(self.device_index)
-            name = nvml.nvmlDeviceGetName(self._handle)
-            nvml.nvmlDeviceGetPowerUsage(self._handle)  # fails here when the board has no sensor
-        except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, NotSupported, ...
+        except Exception as exc:  # ImportError, or a pynvml that fails to load
             self._reason = f"no GPU power sensor readable through NVML ({type(exc).__name__}: {exc})"
-            log.info("training energy not metered: %s", self._reason)
-            return False
-        self._nvml = nvml
-        self.source = f"nvml:{name.decode() if isinstance(name, bytes) else name}"
-        return True
-
-    def _sample(self) -> None:
-        self._times.append(time.monotonic())
-        self._power.append(self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self._sample()
-            except Exception as exc:  # a sensor that stops answering ends the series, not the training
-                self._reason = f"sampling stopped: {exc}"
-                return
+        else:
+            reader = NvmlReader(self.device_index, nvml_module=nvml)
+            if reader.available:
+                self.source = f"nvml:{reader.gpu}"
+                return reader
+            self._reason = reader.reason  # NVML_ERROR_LIBRARY_NOT_FOUND, NOT_SUPPORTED, ...
+        log.info("training energy not metered: %s", self._reason)
+        return None
 
     def __enter__(self) -> EnergyMeter:
         self._start = time.monotonic()
-        if self._open():
-            self._sample()
-            self._thread = threading.Thread(target=self._run, name="energy-meter", daemon=True)
-            self._thread.start()
+        self._reader = self._open()
+        if self._reader is not None:
+            self._sampler = Sampler(self._reader, rate_hz=1.0 / self.interval_s).start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._end = time.monotonic()
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            try:
-                self._sample()
+        if self._sampler is not None:
+            # a sensor that stops answering ends the series, not the training
+            self._samples = self._sampler.stop(raise_failure=False)
+            if self._sampler.failure is not None:
+                self._reason = f"sampling stopped: {self._sampler.failure}"
+            try:  # the series reaches the end of the block
+                last = self._reader.read()
+                if last is not None:
+                    self._samples.append(last)
             except Exception:
                 pass
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:
-                pass
+            self._reader.close()
         self.reading = self._result()
 
     def _result(self) -> EnergyReading:
         duration = self._end - self._start
-        if self._thread is None or len(self._times) < 2:
+        samples = self._samples
+        if self._sampler is None or len(samples) < 2:
             return EnergyReading(
                 False,
                 "unavailable",
                 None,
                 None,
                 duration,
-                len(self._times),
+                len(samples),
                 self._reason or "fewer than two power samples",
             )
-        energy = trapezoid_j(self._times, self._power)
-        span = self._times[-1] - self._times[0]
+        energy_j = trapezoid_mj(samples) / 1000.0
         return EnergyReading(
-            True, self.source, energy, energy / span, duration, len(self._times), self._reason
+            True, self.source, energy_j, mean_power_mw(samples) / 1000.0, duration, len(samples), self._reason
         )

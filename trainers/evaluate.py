@@ -34,6 +34,7 @@ from model.tiling import upscale_tiled
 from trainers.checkpoint import CheckpointError
 from trainers.data import DataError, ImagePair, load_pairs
 from trainers.degrade import imresize
+from trainers.inference import resolve_device, super_resolve
 from trainers.metrics import psnr, ssim, to_uint8
 
 Upscaler = Callable[[np.ndarray], np.ndarray]  # uint8 LR (h, w[, 3]) -> uint8 SR (s h, s w[, 3])
@@ -54,7 +55,6 @@ def bicubic_upscaler(scale: int) -> Upscaler:
 
 def checkpoint_upscaler(path: str, device: str = "cpu") -> tuple[Upscaler, int]:
     from model.mambalitesr import load_model
-    from trainers.train import resolve_device, super_resolve
 
     try:
         net = load_model(path)
@@ -138,8 +138,6 @@ def _download(uri: str, tracking_uri: str | None) -> str:
 
 def _device(text: str) -> str:
     """argparse type: a torch device that exists here (the same check as training's --device)."""
-    from trainers.train import resolve_device
-
     try:
         resolve_device(text)
     except ValueError as exc:
@@ -148,17 +146,26 @@ def _device(text: str) -> str:
 
 
 def evaluate_set(upscale: Upscaler, pairs: list[ImagePair], scale: int, name: str) -> SetResult:
-    per_image = {}
+    """PSNR-Y and SSIM-Y (``scale`` border pixels cropped) of each image and their means over the set;
+    training's validation (trainers.train.validate) is this too.
+
+    Raises:
+        ValueError: an output whose shape is not its HR image's.
+    """
+    per_image, ps, ss = {}, [], []
     for pair in pairs:
         sr = upscale(pair.lr)
         if sr.shape != pair.hr.shape:
             raise ValueError(f"{name}/{pair.name}: output {sr.shape} does not match HR {pair.hr.shape}")
-        per_image[pair.name] = {"psnr_y": psnr(sr, pair.hr, scale), "ssim_y": ssim(sr, pair.hr, scale)}
+        ps.append(psnr(sr, pair.hr, scale))
+        ss.append(ssim(sr, pair.hr, scale))
+        per_image[pair.name] = {"psnr_y": ps[-1], "ssim_y": ss[-1]}
+    # the means are over every image: two images with one name (from two folders) share a key above
     return SetResult(
         name=name,
         n_images=len(pairs),
-        psnr_y=float(np.mean([v["psnr_y"] for v in per_image.values()])),
-        ssim_y=float(np.mean([v["ssim_y"] for v in per_image.values()])),
+        psnr_y=float(np.mean(ps)),
+        ssim_y=float(np.mean(ss)),
         per_image=per_image,
     )
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +36,8 @@ from model.scan import SCAN_FORMS, resolve_scan
 from trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainers.data import DataError, ImagePair, PatchSampler, load_sets
 from trainers.energy import EnergyMeter, EnergyReading
-from trainers.metrics import psnr, ssim, to_uint8
+from trainers.evaluate import evaluate_set
+from trainers.inference import resolve_device, super_resolve
 from trainers.tracking import ConsoleTracker, MLflowTracker, MultiTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -133,54 +133,21 @@ def distill_loss(
     return alpha * F.l1_loss(sr, teacher_sr) + (1 - alpha) * loss_hr
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch device that exists here; a ValueError
-    saying what to use instead otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
-        )
-    return dev
-
-
 def _step_lr(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
     milestones = sorted({max(1, round(m * cfg.iterations)) for m in cfg.lr_milestones})
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma)
 
 
-def super_resolve(net: MambaLiteSR, lr_image: np.ndarray, device: torch.device) -> np.ndarray:
-    """Whole-image inference: uint8 (h, w[, 3]) -> uint8 (s h, s w[, 3]); gray goes through RGB."""
-    x = torch.from_numpy(lr_image).to(device).float() / 255.0
-    gray = x.dim() == 2
-    x = (x[None].expand(3, -1, -1) if gray else x.permute(2, 0, 1))[None]
-    with torch.no_grad():
-        y = net(x)[0].clamp(0, 1)
-    y = y.mean(0) if gray else y.permute(1, 2, 0)
-    return to_uint8(y.float().cpu().numpy())
-
-
 def validate(net: MambaLiteSR, pairs: list[ImagePair], device: torch.device) -> dict[str, float]:
-    """Mean PSNR/SSIM (Y channel, border = scale) over whole validation images."""
+    """Mean PSNR/SSIM (Y channel, border = scale) over whole validation images, measured the way
+    ``python -m trainers.evaluate`` measures a checkpoint."""
     was_training = net.training
     net.eval()
-    scale = net.cfg.scale
-    ps, ss = [], []
-    for pair in pairs:
-        sr = super_resolve(net, pair.lr, device)
-        ps.append(psnr(sr, pair.hr, scale))
-        ss.append(ssim(sr, pair.hr, scale))
-    net.train(was_training)
-    return {"val_psnr_y": float(np.mean(ps)), "val_ssim_y": float(np.mean(ss))}
+    try:
+        result = evaluate_set(lambda lr: super_resolve(net, lr, device), pairs, net.cfg.scale, "val")
+    finally:
+        net.train(was_training)
+    return {"val_psnr_y": result.psnr_y, "val_ssim_y": result.ssim_y}
 
 
 def _load_teacher(cfg: TrainConfig, device: torch.device) -> MambaLiteSR | None:
@@ -399,6 +366,22 @@ def _save_samples(net: MambaLiteSR, pairs: list[ImagePair], device: torch.device
     return paths
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with each NaN or infinite float in it, at any depth, replaced by None.
+
+    NaN and Infinity are not JSON (``json.dumps`` writes them unless ``allow_nan=False``, and strict
+    readers such as jq refuse the file). A resumed run with no steps left has no throughput (NaN),
+    and a perfect reconstruction has an infinite PSNR.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainers.train", description=__doc__.split("\n")[0])
     d = TrainConfig()
@@ -536,13 +519,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         tracker.close(status)
-    summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "energy"}
-    summary["energy"] = dataclasses.asdict(result.energy)
-    print(
-        json.dumps(summary, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
-    )
+    text = json.dumps(finite_or_none(dataclasses.asdict(result)), indent=2, allow_nan=False)
+    print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        Path(args.json).write_text(text)
     return 0
 
 
