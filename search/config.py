@@ -167,7 +167,7 @@ class LoopConfig(Checked):
     wait_timeout_s: float = num(1800.0, ge=0)  # how long each round waits for the agent's measurements
     local_agent: bool = False  # start `edge-agent run` here (ONNX Runtime on this machine's CPU)
     agent_args: tuple[str, ...] = ()  # extra `edge-agent run` arguments, e.g. ["--duration-s", "3"]
-    select: bool = False  # pick the champion at the end (search/select.py)
+    select: bool = False  # pick the champion at the end (search/selection.py)
     select_rule: str = "knee"
 
     def check(self) -> None:

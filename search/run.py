@@ -13,28 +13,20 @@ candidate to a verified ONNX file and register it in the MLflow Model Registry f
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import math
+import os
 import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# `python search/run.py` puts search/ first on sys.path, where our module names could shadow
-# others; drop it and make the project root importable even without an install.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(_HERE.parent) not in sys.path:
-    sys.path.insert(0, str(_HERE.parent))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-
-from edge_agent import argtypes, contract  # noqa: E402
-from edge_agent.fileio import atomic_write_bytes  # noqa: E402
-from search import study  # noqa: E402
-from search.config import CONFIG_DIR, ConfigError, SearchConfig, load_config  # noqa: E402
+from edge_agent import argtypes, contract
+from edge_agent.fileio import atomic_write_bytes
+from search import study
+from search.config import CONFIG_DIR, ConfigError, SearchConfig, load_config
 
 log = logging.getLogger("search")
 LATEST = "LATEST"  # file in storage_dir naming the newest study, for --resume
@@ -817,7 +809,7 @@ def _all_failed_message(results, k: int, ray_storage: str) -> str:
 
 def _select(cfg: SearchConfig, tracking_uri: str, study_run_id: str) -> dict | None:
     """Selection at the end of the loop; a study with nothing measurable is reported, not fatal."""
-    from search.select import SelectionError, select_champion, table
+    from search.selection import SelectionError, select_champion, table
 
     try:
         sel = select_champion(

@@ -1,5 +1,5 @@
 """Errors instead of hangs: a tracking server where nothing listens, a trial no Ray node can hold,
-unknown names and bad numbers given to search/select.py. Each must end in one sentence on stderr,
+unknown names and bad numbers given to search.selection. Each must end in one sentence on stderr,
 a non-zero exit and no traceback (edge_agent/preflight.py, search/resources.py)."""
 
 import os
@@ -15,7 +15,7 @@ import pytest
 from edge_agent import contract
 from edge_agent.preflight import tracking_server_problem
 from search import resources, study
-from search.select import main as select_main
+from search.selection import main as select_main
 
 from servers import free_port
 
@@ -24,11 +24,13 @@ TIMEOUT_S = 60  # the old behaviour: about 250 s of MLflow retries, then a trace
 
 
 def cli(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``python search/<script> ARGS``; MLflow's retry settings are left at what the CLI makes them."""
+    """``python search/<script> ARGS``, or ``python -m <module> ARGS`` for a dotted name; MLflow's
+    retry settings are left at what the CLI makes them."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         env.pop(key, None)
-    cmd = [sys.executable, str(ROOT / "search" / script), *args]
+    run = [str(ROOT / "search" / script)] if script.endswith(".py") else ["-m", script]
+    cmd = [sys.executable, *run, *args]
     # own process group, so that a hang (TimeoutExpired: the test fails) also ends Ray's processes
     with subprocess.Popen(
         cmd,
@@ -62,7 +64,7 @@ def assert_one_sentence(proc: subprocess.CompletedProcess, *needles: str, rc: in
     "script, args",
     [
         ("run.py", ["--smoke-test", "--storage-dir", "s"]),
-        ("select.py", ["--experiment", "x"]),
+        ("search.selection", ["--experiment", "x"]),
     ],
 )
 def test_a_dead_tracking_server_is_named_at_once(script, args, tmp_path):
@@ -104,7 +106,7 @@ def test_a_trial_no_node_can_hold_fails_before_any_trial(tmp_path):
     args = ["--smoke-test", "--tracking-uri", uri, "--storage-dir", "s", "--experiment", "hang"]
     proc = cli("run.py", [*args, "--gpus-per-trial", "1", "--cpus-per-trial", "64"], tmp_path)
     assert_one_sentence(proc, "64 CPU and 1 GPU", "--gpus-per-trial", "--cpus-per-trial", rc=1)
-    # checked before the study starts: no study run, no LATEST for --resume or select.py to find
+    # checked before the study starts: no study run, no LATEST for --resume or selection to find
     assert study.client(uri).get_experiment_by_name("hang") is None
     assert not (tmp_path / "s" / "LATEST").exists()
 
@@ -165,7 +167,7 @@ def test_a_cluster_gets_time_for_the_autoscaler(fake_cluster, monkeypatch):
     assert resources.WAIT_ENV in resources.trial_fit_problem(1, 1, local=False)
 
 
-# ---------------------------------------------------------------------------------- select.py
+# ---------------------------------------------------------------------------- search.selection
 
 
 @pytest.mark.e2e

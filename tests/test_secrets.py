@@ -17,7 +17,7 @@ def run_search(uri):
 
 
 def run_select(uri):
-    from search.select import main
+    from search.selection import main
 
     return main(["--experiment", "mambalitesr", "--tracking-uri", uri])
 

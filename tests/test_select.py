@@ -18,7 +18,7 @@ import pytest
 from edge_agent import contract
 from edge_agent.mlflow_io import Registry
 from edge_agent.outbox import Report
-from search.select import ENERGY, LATENCY, Limits, SelectionError, main, select_champion
+from search.selection import ENERGY, LATENCY, Limits, SelectionError, main, select_champion
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIN, CPU = "orin-nano", "cpu-x"
@@ -280,8 +280,12 @@ def test_latency_only_knee_and_the_power_limit_that_cannot_be_checked(unpowered,
     assert champion(unpowered["uri"], unpowered["model"]) == unpowered["c"]["h"][1]
 
 
-def test_script_runs_from_the_command_line(unpowered):
-    cmd = [sys.executable, "search/select.py", "--experiment", unpowered["experiment"]]
+@pytest.mark.parametrize("how", ["module", "console script"])
+def test_selection_runs_from_the_command_line(unpowered, how):
+    start = [sys.executable, "-m", "search.selection"]
+    if how == "console script":
+        start = [str(Path(sys.executable).parent / "mambalitesr-select")]
+    cmd = [*start, "--experiment", unpowered["experiment"]]
     cmd += ["--tracking-uri", unpowered["uri"], "--model-name", unpowered["model"], "--rule", "best-psnr"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

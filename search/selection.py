@@ -1,8 +1,8 @@
 """Select the champion: the best measured Pareto candidate of a study, marked with a registry alias.
 
-    python search/select.py --experiment mambalitesr                      # the knee of the front
-    python search/select.py --experiment mambalitesr --max-power-mw 3000  # within a power budget
-    python search/select.py --experiment mambalitesr --rule best-psnr --json
+    python -m search.selection --experiment mambalitesr                      # the knee of the front
+    python -m search.selection --experiment mambalitesr --max-power-mw 3000  # within a power budget
+    python -m search.selection --experiment mambalitesr --rule best-psnr --json
 
 The candidates are the registered versions (``mambalitesr-student``) of the study's trial runs.
 Only those the edge agent measured on the device (status ``done``, figures on the trial run) are
@@ -31,26 +31,18 @@ a wrong flag, experiment or study run exits 2.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-# `python search/select.py` puts search/ first on sys.path, where this file would shadow the
-# standard library's `select`; drop it and make the project root importable without an install.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(_HERE.parent) not in sys.path:
-    sys.path.insert(0, str(_HERE.parent))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import tempfile  # noqa: E402
-from dataclasses import asdict, dataclass, field, replace  # noqa: E402
-
-from edge_agent import argtypes, contract, preflight  # noqa: E402
-from search import study  # noqa: E402
-from search.config import SearchConfig  # noqa: E402
-from search.trainable import FINAL_QUALITY, QUALITY  # noqa: E402
+from edge_agent import argtypes, contract, preflight
+from search import study
+from search.config import SearchConfig
+from search.trainable import FINAL_QUALITY, QUALITY
 
 RULES = ("knee", "best-psnr")
 ENERGY, LATENCY = "energy_mj_per_image", "latency_ms_p50"  # the two possible costs
@@ -560,7 +552,7 @@ def select_champion(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python search/select.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m search.selection", description=__doc__.split("\n")[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment of the search")
     default_uri = SearchConfig.tracking_uri
     p.add_argument("--tracking-uri", default=default_uri, help=f"MLflow tracking URI (default {default_uri})")
