@@ -25,7 +25,7 @@ from pathlib import Path
 
 from edge_agent import argtypes, contract
 from edge_agent.fileio import atomic_write_bytes
-from search import study
+from search import compat, study
 from search.config import CONFIG_DIR, ConfigError, SearchConfig, load_config
 
 log = logging.getLogger("search")
@@ -271,8 +271,8 @@ def _tune_callback(*args):
 
 def _interrupted(results, num_samples: int) -> bool:
     """True when Tune returned before every trial ended (it catches SIGINT itself)."""
-    trials = results._experiment_analysis.trials  # Ray 2.60 exposes trial states only here
-    return len(trials) < num_samples or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    statuses = compat.trial_statuses(results)
+    return len(statuses) < num_samples or any(s not in ("TERMINATED", "ERROR") for s in statuses)
 
 
 def _study_state(storage: Path, name: str) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from search import compat
 from search.config import SearchConfig
 from search.space import define_space
 
@@ -33,11 +34,8 @@ def fully_trained(result: dict | None) -> bool:
 class BudgetAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if error or not fully_trained(result):
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
             state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
-            self._ot_study.tell(self._ot_trials[trial_id], None, state=state)
-            self._completed_trials.add(trial_id)
+            compat.tell_unfinished(self, trial_id, state)
             return
         super().on_trial_complete(trial_id, result, error)
 

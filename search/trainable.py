@@ -1,7 +1,7 @@
 """What runs on Ray workers: the shared teacher task and one trial (a distilled student).
 
 Both log to MLflow themselves, so they work from any node that reaches the tracking URI.
-The only module of the project that calls Ray's reporting API (``report_to_tune``).
+Results go to Tune through ``report_to_tune`` (``search.compat.report``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from edge_agent import contract
-from search import study
+from search import compat, study
 from search.config import SearchConfig, build
 from search.space import model_config
 from trainers.tracking import MLflowTracker
@@ -44,10 +44,8 @@ class StudyContext:
 
 
 def report_to_tune(metrics: dict[str, float]) -> None:
-    """Ray's reporting call (one place to change when its API moves)."""
-    from ray import tune
-
-    tune.report(metrics)
+    """One result of this trial to Tune (tests replace this function to catch the reports)."""
+    compat.report(metrics)
 
 
 class TuneTracker:
@@ -217,14 +215,11 @@ def edge_cost(
 
 def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     """One trial: distil a student with the drawn knobs; report each validation to Tune."""
-    from ray import tune
-
     from model import build_model, count_flops, count_params
 
     cfg = ctx.search
     _threads(cfg.cpus_per_trial)
-    tune_ctx = tune.get_context()
-    trial_id = tune_ctx.get_trial_id()
+    trial_id, trial_name = compat.trial_identity()
     model = model_config(params, cfg)
     alpha = float(params.get("alpha", 0.0))
     constants = {
@@ -235,9 +230,7 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     prediction = edge_cost(cfg, ctx, model, constants)
     if _report_if_already_trained(ctx, trial_id, constants):
         return
-    run_id = study.trial_run_id(
-        ctx.tracking_uri, ctx.experiment_id, ctx.study_run_id, trial_id, tune_ctx.get_trial_name()
-    )
+    run_id = study.trial_run_id(ctx.tracking_uri, ctx.experiment_id, ctx.study_run_id, trial_id, trial_name)
     mlflow_tracker = MLflowTracker(ctx.tracking_uri, run_id=run_id)
     tracker = TuneTracker(mlflow_tracker, constants)
     status = "FAILED"

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from edge_agent import contract
-from search import study
+from search import compat, study
 from search.config import ConfigError, load_config
 from search.pareto import dominates, hypervolume_2d, pareto_front
 from search.scheduler import ParetoRungScheduler, RungPoint, dominated_at_rung
@@ -158,9 +158,9 @@ def test_searcher_counts_only_fully_trained_trials(tmp_path):
     searcher.on_trial_complete(
         "crashed", {"val_psnr_y": 26.0, "flops_g": 0.05, "step": 4, "iterations": iters}, error=True
     )
-    states = {t.number: t.state for t in searcher._ot_study.trials}
+    states = {t.number: t.state for t in compat.optuna_study(searcher).trials}
     assert sorted(s.name for s in states.values()) == ["COMPLETE", "FAIL", "PRUNED", "RUNNING"]
-    (complete,) = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
+    (complete,) = [t for t in compat.optuna_study(searcher).trials if t.state.name == "COMPLETE"]
     assert complete.values == [20.0, 0.1]
     assert fully_trained({"step": 8, "iterations": 8}) and not fully_trained({"step": 4, "iterations": 8})
     assert (tmp_path / "optuna.db").exists() and not math.isnan(complete.values[0])
@@ -260,3 +260,11 @@ def test_study_state_is_replaced_atomically(tmp_path, monkeypatch):
         run._write_state(tmp_path, "s1", {"rounds_done": 2})
     assert json.loads((tmp_path / "s1" / "study.json").read_text()) == {"rounds_done": 1}
     assert not [p for p in (tmp_path / "s1").iterdir() if p.name != "study.json"]
+
+
+def test_the_installed_ray_and_optuna_are_the_versions_compat_was_written_for():
+    """search/compat.py reaches into their internals: an upgrade must revisit it (and pyproject's pins)."""
+    from importlib.metadata import version
+
+    for package, minor in compat.TESTED.items():
+        assert version(package).startswith(minor + "."), (package, version(package), minor)
