@@ -40,15 +40,12 @@ STATUSES = (PENDING, MEASURING, DONE, FAILED)
 # tags): ``edge.<device>.<name>``. DESIGN named them ``edge_latency_ms_p50`` etc. on the run; one
 # run measured by two device types would then have one value overwrite the other, so the device
 # is part of the key, in the same form as the version's status tag.
-EDGE_METRICS = (
-    "latency_ms_p50",
-    "latency_ms_p90",
-    "latency_ms_p99",
-    "power_mw",  # mean module input power (VDD_IN) over the loaded window
-    "idle_power_mw",
-    "energy_mj_per_image",  # net of idle
-    "throughput_ips",
-)
+LATENCY_P50, LATENCY_P90, LATENCY_P99 = "latency_ms_p50", "latency_ms_p90", "latency_ms_p99"
+POWER = "power_mw"  # mean module input power (VDD_IN) over the loaded window
+IDLE_POWER = "idle_power_mw"
+ENERGY = "energy_mj_per_image"  # net of idle
+THROUGHPUT = "throughput_ips"
+EDGE_METRICS = (LATENCY_P50, LATENCY_P90, LATENCY_P99, POWER, IDLE_POWER, ENERGY, THROUGHPUT)
 # tags the agent sets on the run beside the metrics (values from the measurement's info)
 TAG_BACKEND, TAG_POWER_SOURCE, TAG_RESULT_ID = "backend", "power_source", "result_id"
 TAG_AGENT_ID = "agent_id"  # the agent that measured
@@ -60,6 +57,14 @@ def edge_key(device: str, name: str) -> str:
     """``edge.<device>.<name>``: the key of a per-device metric or tag."""
     _check_device(device)
     return f"edge.{device}.{name}"
+
+
+def split_edge_key(key: str) -> tuple[str, str] | None:
+    """``(device, name)`` of an ``edge.<device>.<name>`` key; None for any other key."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != "edge":
+        return None
+    return parts[1], parts[2]
 
 
 def status_tag(device: str) -> str:

@@ -24,14 +24,15 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent import contract
 from model.complexity import count_flops
 from model.mambalitesr import ModelConfig
 
 # search objective -> the agent's metric it predicts (edge_agent.contract.EDGE_METRICS)
 TARGETS = {
-    "edge_energy": "energy_mj_per_image",
-    "edge_latency": "latency_ms_p50",
-    "edge_power": "power_mw",
+    "edge_energy": contract.ENERGY,
+    "edge_latency": contract.LATENCY_P50,
+    "edge_power": contract.POWER,
 }
 FEATURES = ("flops_g", "scan_width_k", "layers")
 RIDGE = 1e-3  # on standardised features: negligible once there are more points than features

@@ -45,7 +45,7 @@ from search.config import SearchConfig
 from search.trainable import FINAL_QUALITY, QUALITY
 
 RULES = ("knee", "best-psnr")
-ENERGY, LATENCY = "energy_mj_per_image", "latency_ms_p50"  # the two possible costs
+ENERGY, LATENCY = contract.ENERGY, contract.LATENCY_P50  # the two possible costs
 REPORT_DIR = "selection"  # artifact folder on the study run
 TAG_VERSION, TAG_RULE, TAG_DEVICE, TAG_LIMITS = (
     "selection.champion_version",
@@ -81,8 +81,8 @@ class Limits:
     def checks(self) -> list[tuple[str, str, float]]:
         """(row field, operator, bound) of each limit set."""
         out = [
-            ("power_mw", "<=", self.max_power_mw),
-            ("latency_ms_p50", "<=", self.max_latency_ms),
+            (contract.POWER, "<=", self.max_power_mw),
+            (contract.LATENCY_P50, "<=", self.max_latency_ms),
             ("psnr", ">=", self.min_psnr),
         ]
         return [c for c in out if c[2] is not None]
@@ -210,10 +210,10 @@ def busiest_device(versions: list) -> str | None:
     tagged: dict[str, int] = {}
     for v in versions:
         for key, value in v.tags.items():
-            parts = key.split(".")
-            if len(parts) == 3 and parts[0] == "edge" and parts[2] == "status":
-                tagged[parts[1]] = tagged.get(parts[1], 0) + 1
-                done[parts[1]] = done.get(parts[1], 0) + (value == contract.DONE)
+            device, name = contract.split_edge_key(key) or ("", "")
+            if device and name == "status":  # contract.status_tag(device)
+                tagged[device] = tagged.get(device, 0) + 1
+                done[device] = done.get(device, 0) + (value == contract.DONE)
     if not tagged:
         return None
     return min(tagged, key=lambda d: (-done[d], -tagged[d], d))
@@ -251,14 +251,15 @@ def make_row(version, run, device: str) -> Row:
         return row
     row = replace(
         row,
-        latency_ms_p50=edge("latency_ms_p50"),
-        latency_ms_p99=edge("latency_ms_p99"),
-        power_mw=edge("power_mw"),
-        energy_mj_per_image=edge("energy_mj_per_image"),
+        latency_ms_p50=edge(contract.LATENCY_P50),
+        latency_ms_p99=edge(contract.LATENCY_P99),
+        power_mw=edge(contract.POWER),
+        energy_mj_per_image=edge(contract.ENERGY),
         power_source=tags.get(contract.edge_key(device, contract.TAG_POWER_SOURCE), ""),
     )
     if row.latency_ms_p50 is None:
-        return replace(row, note=f"done, but the run has no {contract.edge_key(device, 'latency_ms_p50')}")
+        missing = contract.edge_key(device, contract.LATENCY_P50)
+        return replace(row, note=f"done, but the run has no {missing}")
     if not math.isfinite(row.psnr):
         return replace(row, note=f"the run has no {QUALITY}")
     return row

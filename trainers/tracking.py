@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
+from edge_agent import contract
+
 log = logging.getLogger(__name__)
 
 
@@ -71,7 +73,7 @@ class MLflowTracker:
     def __init__(
         self,
         tracking_uri: str,
-        experiment: str = "mambalitesr",
+        experiment: str = contract.EXPERIMENT,
         run_name: str | None = None,
         run_id: str | None = None,
         tags: dict[str, str] | None = None,

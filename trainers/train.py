@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edge_agent import argtypes
+from edge_agent import argtypes, contract
 from edge_agent.contract import uri_credential_problem
 from model import ModelConfig, build_model, count_flops, count_params, preset
 from model.mambalitesr import PRESETS, SCALES, MambaLiteSR, config_from_dict, load_model
@@ -42,7 +42,7 @@ from trainers.tracking import ConsoleTracker, MLflowTracker, MultiTracker, Track
 
 log = logging.getLogger(__name__)
 ROLES = ("teacher", "student")
-EXPERIMENT = "mambalitesr"  # MLflow experiment of standalone training runs
+EXPERIMENT = contract.EXPERIMENT  # MLflow experiment of standalone training runs
 
 
 class TrainingDiverged(RuntimeError):
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     tracker: Tracker = ConsoleTracker()
     if args.tracking_uri:
         mlflow_tracker = MLflowTracker(
-            args.tracking_uri, args.experiment, args.run_name or cfg.role, tags={"role": cfg.role}
+            args.tracking_uri, args.experiment, args.run_name or cfg.role, tags={contract.ROLE: cfg.role}
         )
         tracker = MultiTracker(ConsoleTracker(), mlflow_tracker)
     status = "FAILED"
