@@ -57,12 +57,12 @@ def compare(
             raise ReportError(
                 f"{name}: {result['n_images']} images for the model, {base['n_images']} for the baseline"
             )
-        margin = result["psnr_y"] - base["psnr_y"]
+        margin = round(result["psnr_y"] - base["psnr_y"], 3)  # judged as reported: to 0.001 dB
         sets[name] = {
             "psnr_y": round(result["psnr_y"], 3),
             "ssim_y": round(result["ssim_y"], 4),
             "baseline_psnr_y": round(base["psnr_y"], 3),
-            "margin_db": round(margin, 3),
+            "margin_db": margin,
             "met": margin >= margin_db,
         }
     return {"target_margin_db": margin_db, "met": all(s["met"] for s in sets.values()), "sets": sets}
@@ -73,7 +73,7 @@ def format_summary(summary: dict) -> str:
     for name, s in summary["sets"].items():
         mark = "ok" if s["met"] else f"< {summary['target_margin_db']}"
         lines.append(
-            f"{name:10s} {s['psnr_y']:8.2f} {s['baseline_psnr_y']:8.2f} {s['margin_db']:+7.2f} {mark}"
+            f"{name:10s} {s['psnr_y']:8.2f} {s['baseline_psnr_y']:8.2f} {s['margin_db']:+7.3f} {mark}"
         )
     verdict = "met" if summary["met"] else "MISSED"
     lines.append(f"target (every set at least {summary['target_margin_db']} dB above bicubic): {verdict}")
