@@ -1,7 +1,7 @@
 """What runs on Ray workers: the shared teacher task and one trial (a distilled student).
 
 Both log to MLflow themselves, so they work from any node that reaches the tracking URI.
-Results go to Tune through ``report_to_tune`` (``search.compat.report``).
+Results go to Tune through ``search.compat.report``.
 """
 
 from __future__ import annotations
@@ -43,11 +43,6 @@ class StudyContext:
         return build(SearchConfig, self.config)
 
 
-def report_to_tune(metrics: dict[str, float]) -> None:
-    """One result of this trial to Tune (tests replace this function to catch the reports)."""
-    compat.report(metrics)
-
-
 class TuneTracker:
     """Sends each validation to Ray Tune (a rung for the scheduler), everything to MLflow."""
 
@@ -72,7 +67,7 @@ class TuneTracker:
         self.mlflow.log_metrics(metrics, step)
         if QUALITY in metrics and step != self.last_step:
             self.last_step = step
-            report_to_tune({**self.constants, **metrics, "step": step})
+            compat.report({**self.constants, **metrics, "step": step})
 
     def log_artifact(self, path, artifact_path=None):
         self.mlflow.log_artifact(path, artifact_path)
@@ -188,7 +183,7 @@ def _report_if_already_trained(ctx: StudyContext, trial_id: str, constants: dict
     last = max(history, key=lambda m: m.step)
     if last.step < constants["iterations"] and run.data.tags.get(study.TAG_EARLY_STOPPED) != "true":
         return False
-    report_to_tune({**constants, **run.data.metrics, QUALITY: last.value, "step": last.step})
+    compat.report({**constants, **run.data.metrics, QUALITY: last.value, "step": last.step})
     return True
 
 

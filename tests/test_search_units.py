@@ -214,7 +214,7 @@ def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path, monkeyp
     parent = c.create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
     ctx = trainable.StudyContext({}, uri, exp_id, parent, None)
     reported = []
-    monkeypatch.setattr(trainable, "report_to_tune", reported.append)
+    monkeypatch.setattr(compat, "report", reported.append)
 
     def run(trial_id: str, steps: list[int], status: str, early_stopped: str | None = None) -> None:
         tags = {study.PARENT: parent, study.TAG_TRIAL_ID: trial_id}
