@@ -64,13 +64,8 @@ def main() -> None:
         cfg = load_config(overrides={"base_model": "tiny", "experiment": "overhead"})
         exp_id = study.ensure_experiment(uri, cfg.experiment)
         parent = study.client(uri).create_run(exp_id, tags={"role": "study"}).info.run_id
-        ctx = StudyContext(
-            config=cfg.to_dict(),
-            tracking_uri=uri,
-            experiment_id=exp_id,
-            study_run_id=parent,
-            teacher_uri=None,
-        )
+        handle = study.Study(uri, exp_id, parent, cfg.experiment, cfg.training.iterations)
+        ctx = StudyContext(config=cfg.to_dict(), study=handle, teacher_uri=None)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         timed_study(empty_trial, 2, f"{tmp}/warm")  # start worker processes once
         empty = timed_study(empty_trial, args.trials, f"{tmp}/empty")

@@ -16,12 +16,13 @@ One pass (``Agent.poll_once``):
    device types never compete;
 4. download the ONNX, check its sha256 against the version's ``onnx_sha256``, build or reuse
    the engine, measure;
-5. write the report to the outbox, then deliver it (metrics and tags on the trial run, figures
-   and ``done``/``failed`` on the version). If the server is gone the report stays in the outbox
-   and a later pass sends it.
+5. write the report to the outbox, then deliver it (metrics, a few tags and one JSON artifact on
+   the trial run; figures and ``done``/``failed`` on the version, whose claim tags then go). If
+   the server is gone the report stays in the outbox and a later pass sends it.
 
 SIGTERM (``request_stop``) aborts a measurement between inferences and hands the claim back
-(status ``pending`` again). Logs are one JSON object per line on stdout, for journald.
+(status ``pending`` again, the claim tags removed). Logs are one JSON object per line on stdout,
+for journald.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_agent import backends, contract, power
@@ -241,7 +242,7 @@ class Agent:
     def hand_back(self, version: str) -> None:
         try:
             self.registry.set_tags(version, {contract.status_tag(self.cfg.device): contract.PENDING})
-            self.registry.delete_tag(version, self._tag(contract.TAG_CLAIMED_BY))
+            self.registry.release_claim(version, self.cfg.device)
             log.info("handed the claim back", extra=_fields(version=version))
         except Exception as exc:  # the takeover timeout covers this case
             log.warning("could not hand the claim back", extra=_fields(version=version, error=str(exc)[:300]))
@@ -260,6 +261,7 @@ class Agent:
             version=version,
             run_id=v.run_id,
             device=self.cfg.device,
+            agent_id=self.cfg.agent_id,
         )
         try:
             result = self._measure(v)
@@ -274,18 +276,17 @@ class Agent:
                 **report_base, status=contract.FAILED, timestamp_ms=int(self._clock() * 1000), error=reason
             )
         else:
-            tags = {
-                contract.TAG_BACKEND: result.backend,
-                contract.TAG_POWER_SOURCE: result.power_source,
-                contract.TAG_AGENT_ID: self.cfg.agent_id,
-                **{k: v for k, v in result.info.items() if k != contract.TAG_POWER_SOURCE},
-            }
+            tags = {contract.TAG_BACKEND: result.backend, contract.TAG_POWER_SOURCE: result.power_source}
+            reason = result.info.get(power.UNAVAILABLE_REASON)
+            if reason:  # the full reason is in the measurement artifact
+                tags[contract.TAG_POWER_NOTE] = _shorten(reason, contract.POWER_NOTE_CHARS)
             report = Report(
                 **report_base,
                 status=contract.DONE,
                 timestamp_ms=int(self._clock() * 1000),
                 metrics=result.metrics(),
                 tags=tags,
+                measurement={**result.to_json(), "protocol": asdict(self.cfg.measure)},
             )
             self.results[version] = result
             log.info("measured", extra=_fields(version=version, **result.metrics()))
@@ -369,6 +370,10 @@ class Agent:
                 break
             sent += 1
         return sent
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def measure_file(

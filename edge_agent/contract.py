@@ -3,7 +3,8 @@
 The search (search/) registers each Pareto candidate as a version of ``REGISTERED_MODEL``, its
 source the trial run and its artifact a verified ONNX file, tagged as below. The agent claims
 versions whose ``edge.<device>.status`` is ``pending``, measures them, and logs the figures onto the
-trial run. This module imports nothing beyond the standard library: it must load on a Jetson.
+trial run (metrics, a few tags, one JSON artifact) and the version (tags). This module imports
+nothing beyond the standard library: it must load on a Jetson.
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ IDLE_POWER = "idle_power_mw"
 ENERGY = "energy_mj_per_image"  # net of idle
 THROUGHPUT = "throughput_ips"
 EDGE_METRICS = (LATENCY_P50, LATENCY_P90, LATENCY_P99, POWER, IDLE_POWER, ENERGY, THROUGHPUT)
-# tags the agent sets on the run beside the metrics (values from the measurement's info)
-TAG_BACKEND, TAG_POWER_SOURCE, TAG_RESULT_ID = "backend", "power_source", "result_id"
-TAG_AGENT_ID = "agent_id"  # the agent that measured
-# claim bookkeeping on the version (the registry has no compare-and-set: see edge_agent/agent.py)
+# The few tags the agent sets beside the figures, on the run and on the version (plus
+# ``edge.<device>.error`` for a failure): what candidates are compared by. Where no power source
+# was found, the power note says why, cut to POWER_NOTE_CHARS; everything else the agent records
+# (its id, the report's id, device info, library versions, rails, the windows) goes into one JSON
+# artifact on the run (``measurement_artifact``), not into tags that crowd MLflow's pages.
+TAG_BACKEND, TAG_POWER_SOURCE, TAG_POWER_NOTE = "backend", "power_source", "power_note"
+REPORT_TAGS = (TAG_BACKEND, TAG_POWER_SOURCE, TAG_POWER_NOTE)
+POWER_NOTE_CHARS = 250
+# Claim bookkeeping on the version while it is measured (the registry has no compare-and-set: see
+# edge_agent/agent.py); removed once the status is done or failed, or the claim is handed back.
 TAG_CLAIMED_BY, TAG_HEARTBEAT = "claimed_by", "heartbeat"
 
 
@@ -74,6 +81,12 @@ def status_tag(device: str) -> str:
 
 def error_tag(device: str) -> str:
     return edge_key(device, "error")
+
+
+def measurement_artifact(device: str) -> str:
+    """Where on the trial run a device type's whole report lies, as JSON (edge_agent.outbox.Report)."""
+    _check_device(device)
+    return f"edge/{device}/measurement.json"
 
 
 def _check_device(device: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_agent import contract
@@ -134,36 +134,51 @@ class Registry:
             raise FileNotFoundError(f"version {version} of {self.model_name} has no {contract.ONNX_FILE}")
         return hits[0]
 
+    def release_claim(self, version: str, device: str) -> None:
+        """Remove the claim's tags (``claimed_by``, ``heartbeat``) from a version, where present."""
+        tags = self.get(version).tags
+        for name in (contract.TAG_CLAIMED_BY, contract.TAG_HEARTBEAT):
+            if contract.edge_key(device, name) in tags:
+                self.delete_tag(version, contract.edge_key(device, name))
+
     def deliver(self, report: Report) -> None:
         """Log a report onto its trial run and version. Safe to call again after a partial failure.
 
-        Run metrics and tags go in one ``log_batch`` that includes the report's result id; a retry
-        that finds that id on the run skips the batch, so metrics are never logged twice. Version
-        tags are idempotent; the status tag is written last, so ``done`` means everything landed.
+        On the run: the figures as metrics, the report's tags (``contract.REPORT_TAGS``) and error,
+        and the whole report as one JSON artifact (``contract.measurement_artifact``). Every metric
+        carries the report's timestamp; one the run's history already holds at that timestamp is
+        not sent again, so metrics are never logged twice. (MLflow's SQL store would drop an
+        identical metric itself, its file store would not: this does not rely on either.) Tags and
+        the artifact are written again with the same values. On the version: the figures and tags,
+        then the status, last, so ``done`` means everything landed; then the claim's tags go (a
+        finished version is nobody's to claim; a retry removes what a failure left).
         """
         from mlflow.entities import Metric, RunTag
 
         d = report.device
-        run_tag_id = contract.edge_key(d, contract.TAG_RESULT_ID)
         if report.run_id:
             with self._calls(f"log the {d} report for version {report.version} on run {report.run_id}"):
-                run = self.client.get_run(report.run_id)
-                if run.data.tags.get(run_tag_id) != report.result_id:
-                    metrics = [
-                        Metric(contract.edge_key(d, k), float(v), report.timestamp_ms, 0)
-                        for k, v in report.metrics.items()
-                    ]
-                    tags = [RunTag(contract.edge_key(d, k), str(v)[:5000]) for k, v in report.tags.items()]
-                    if report.error:
-                        tags.append(RunTag(contract.error_tag(d), report.error[:5000]))
-                    tags.append(RunTag(run_tag_id, report.result_id))
-                    self.client.log_batch(report.run_id, metrics=metrics, tags=tags)
+                metrics = [
+                    Metric(contract.edge_key(d, k), float(v), report.timestamp_ms, 0)
+                    for k, v in report.metrics.items()
+                ]
+                metrics = [m for m in metrics if not self._logged(report.run_id, m)]
+                tags = [RunTag(contract.edge_key(d, k), str(v)[:5000]) for k, v in report.tags.items()]
+                if report.error:
+                    tags.append(RunTag(contract.error_tag(d), report.error[:5000]))
+                self.client.log_batch(report.run_id, metrics=metrics, tags=tags)
+                self.client.log_dict(report.run_id, asdict(report), contract.measurement_artifact(d))
         version_tags = {contract.edge_key(d, k): f"{v:.6g}" for k, v in report.metrics.items()}
-        version_tags[contract.edge_key(d, contract.TAG_BACKEND)] = report.tags.get(contract.TAG_BACKEND, "")
-        version_tags[contract.edge_key(d, contract.TAG_POWER_SOURCE)] = report.tags.get(
-            contract.TAG_POWER_SOURCE, ""
-        )
+        for name in contract.REPORT_TAGS:
+            if report.tags.get(name):
+                version_tags[contract.edge_key(d, name)] = str(report.tags[name])[:5000]
         if report.error:
             version_tags[contract.error_tag(d)] = report.error[:5000]
-        self.set_tags(report.version, {k: v for k, v in version_tags.items() if v != ""})
+        self.set_tags(report.version, version_tags)
         self.set_tags(report.version, {contract.status_tag(d): report.status})
+        self.release_claim(report.version, d)
+
+    def _logged(self, run_id: str, metric) -> bool:
+        """Whether the run's history holds ``metric``'s key at its timestamp and step (a report's)."""
+        history = self.client.get_metric_history(run_id, metric.key)
+        return any(m.timestamp == metric.timestamp and m.step == metric.step for m in history)

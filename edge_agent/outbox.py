@@ -19,16 +19,20 @@ from edge_agent.fileio import atomic_write_bytes
 class Report:
     """What the agent owes the server for one (model version, device) pair."""
 
-    result_id: str  # unique per measurement: delivery is idempotent on it
+    result_id: str  # unique per measurement: names it in the run's measurement artifact
     model_name: str
     version: str
     run_id: str
     device: str
     status: str  # contract.DONE or contract.FAILED
-    timestamp_ms: int
+    timestamp_ms: int  # every metric is logged at this time: a retry finds what already landed
     metrics: dict[str, float] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # contract.REPORT_TAGS only
     error: str = ""
+    agent_id: str = ""  # the agent that measured
+    # the rest of what was measured (Measurement.to_json: windows, image count, device info,
+    # library versions, rails) and the protocol's settings: the run's JSON artifact, not tags
+    measurement: dict[str, object] = field(default_factory=dict)
 
     @property
     def key(self) -> str:

@@ -27,6 +27,7 @@ from edge_agent.parsers import ParseError, parse_tegrastats
 log = logging.getLogger("edge_agent.power")
 
 SOURCES = ("ina3221", "tegrastats", "nvml", "rapl")  # the order discover() tries them in
+UNAVAILABLE_REASON = "power_unavailable_reason"  # describe()'s key for why there is no source
 
 
 class PowerReadError(RuntimeError):
@@ -80,7 +81,7 @@ class UnavailableReader:
         pass
 
     def describe(self) -> dict[str, str]:
-        return {"power_source": "unavailable", "power_unavailable_reason": self.reason}
+        return {"power_source": "unavailable", UNAVAILABLE_REASON: self.reason}
 
 
 @dataclass(frozen=True)

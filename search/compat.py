@@ -33,6 +33,12 @@ def trial_statuses(results: Any) -> list[str]:
     return [t.status for t in results._experiment_analysis.trials]
 
 
+def interrupted(results: Any, num_samples: int) -> bool:
+    """True when ``Tuner.fit()`` returned before every trial ended (Tune catches SIGINT itself)."""
+    statuses = trial_statuses(results)
+    return len(statuses) < num_samples or any(s not in ("TERMINATED", "ERROR") for s in statuses)
+
+
 def tell_unfinished(searcher: Any, trial_id: str, state: Any) -> bool:
     """Close an OptunaSearch trial as ``state`` (PRUNED, FAIL) with no values; False when Ray's
     searcher does not know the trial or has already closed it.

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from edge_agent import contract
+from edge_agent import argtypes, contract
 from model.mambalitesr import PRESETS, preset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -332,3 +332,33 @@ def unbuildable_space(cfg: SearchConfig) -> None:
             f"{cfg.teacher.preset} is x{teacher.scale} but base_model {cfg.base_model} is x{base.scale}",
             "teacher.preset",
         )
+
+
+def check_local_paths(cfg: SearchConfig) -> None:
+    """Files the driver itself reads, and on a local Ray the data folders, exist before Ray starts.
+    (On a cluster the data folders are the workers' paths, which the driver may not see.)"""
+    given = cfg.teacher.checkpoint
+    local_copy = given[len("dvmsr:") :] if given and given.startswith("dvmsr:") else None
+    if local_copy is not None and not Path(local_copy).is_file():
+        raise ConfigError(
+            f"{local_copy} does not exist (dvmsr:PATH names a local copy)", "teacher.checkpoint"
+        )
+    if (
+        given
+        and given != "dvmsr"
+        and local_copy is None
+        and "://" not in given
+        and not given.startswith(("runs:/", "models:/"))
+        and not Path(given).is_file()
+    ):
+        raise ConfigError(
+            f"{given} does not exist (a .pt file, a runs:/ or models:/ URI, or dvmsr)", "teacher.checkpoint"
+        )
+    problem = argtypes.dir_problem(cfg.storage_dir)
+    if problem:
+        raise ConfigError(problem, "storage_dir")
+    if cfg.address is None:
+        for key in ("train_data", "val_data"):
+            for folder in getattr(cfg.training, key):
+                if not Path(folder).is_dir():
+                    raise ConfigError(f"{folder} is not a folder on this machine", f"training.{key}")

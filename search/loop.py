@@ -236,3 +236,43 @@ def seed_study(
         )
         added += 1
     return added
+
+
+def rescore(
+    rows: list, cfg: SearchConfig, tracking_uri: str, experiment_id: str
+) -> tuple[object | None, int]:
+    """For an edge_* cost, every row's cost as of now: measured > predicted > FLOPs.
+
+    Measured values always win; the others are predicted by the cost model refitted on all the
+    measurements so far; with fewer than two measurements there is no model and FLOPs stand in.
+    Returns (the cost model or None, how many measurements it saw).
+    """
+    from model import count_flops
+
+    if cfg.cost not in costmodel.TARGETS:
+        return None, 0
+    metric = costmodel.TARGETS[cfg.cost]
+    points = measured_points(tracking_uri, experiment_id, cfg, metric)
+    model = costmodel.fit([(p.features, p.measured) for p in points], metric, cfg.loop.device)
+    measured = {p.run_id: p.measured for p in points}
+    for r in rows:
+        arch = model_config(r.config, cfg)
+        if r.run_id in measured:
+            r.cost, r.cost_source = measured[r.run_id], "measured"
+        elif model is not None:
+            r.cost, r.cost_source = model.predict(arch), "predicted"
+        else:
+            r.cost, r.cost_source = count_flops(arch, 64, 64).gflops, "flops"
+    return model, len(points)
+
+
+def cost_model_line(k: int, cfg: SearchConfig, model, n: int) -> str:
+    if model is None:
+        return (
+            f"round {k}: {n} measurement(s) of {costmodel.TARGETS[cfg.cost]} on '{cfg.loop.device}' so far, "
+            f"too few for a cost model: this round minimises FLOPs instead of {cfg.cost}"
+        )
+    return (
+        f"round {k}: cost model of {model.target} on '{model.device}' fitted on {model.n} "
+        f"measurements (leave-one-out MAE {model.loo_mae:.4g})"
+    )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+
+STOPPED = "stopped early"  # legend name of early-stopped trials in both plots
 
 
 def dominates(a: Sequence[float], b: Sequence[float], senses: Sequence[str]) -> bool:
@@ -42,40 +45,45 @@ def hypervolume_2d(points: Sequence[tuple[float, float]], reference: tuple[float
     return area
 
 
-def plot_front(
-    rows: list[dict], quality: str, cost: str, out_png: str | Path, out_html: str | Path, title: str = ""
-) -> None:
-    """Scatter of all trials (quality against cost) with the Pareto front highlighted.
+def _groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of one panel by how they are drawn: front (by cost), stopped, other trials, chosen.
 
-    Args:
-        rows: dicts with ``quality``, ``cost``, ``label`` and ``on_front`` keys, and optionally
-            ``chosen`` (the point drawn as a star, e.g. the selected champion).
+    A row without a finite quality and cost (a trial stopped before its first validation) has no
+    point to draw and is left out.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    others = [r for r in rows if not r["on_front"]]
+    rows = [r for r in rows if math.isfinite(r["quality"]) and math.isfinite(r["cost"])]
     front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["cost"])
-    ax.scatter([r["cost"] for r in others], [r["quality"] for r in others], c="0.6", label="trials")
-    ax.plot(
-        [r["cost"] for r in front], [r["quality"] for r in front], "o-", c="tab:red", label="Pareto front"
-    )
-    chosen = [r for r in rows if r.get("chosen")]
-    if chosen:
-        ax.scatter(
-            [r["cost"] for r in chosen],
-            [r["quality"] for r in chosen],
-            marker="*",
-            s=220,
-            c="gold",
-            edgecolors="k",
-            zorder=3,
-            label="chosen",
-        )
-    for r in front:
+    return {
+        "trials": [r for r in rows if not r["on_front"] and not r.get("stopped")],
+        STOPPED: [r for r in rows if not r["on_front"] and r.get("stopped")],
+        "Pareto front": front,
+        "chosen": [r for r in rows if r.get("chosen")],
+    }
+
+
+def _panels(rows, cost, title, selection) -> list[tuple[list[dict], str, str]]:
+    """(rows, cost label, title) per panel: the search's, then the selection's when given."""
+    panels = [(rows, cost, title)]
+    if selection is not None:
+        panels.append((selection["rows"], selection["cost"], selection.get("title", "")))
+    return panels
+
+
+def _xy(rows: list[dict]) -> tuple[list[float], list[float]]:
+    return [r["cost"] for r in rows], [r["quality"] for r in rows]
+
+
+def _draw_panel(ax, rows: list[dict], quality: str, cost: str, title: str) -> None:
+    g = _groups(rows)
+    if g["trials"]:
+        ax.scatter(*_xy(g["trials"]), c="0.6", label="trials")
+    if g[STOPPED]:
+        ax.scatter(*_xy(g[STOPPED]), facecolors="none", edgecolors="0.5", label=STOPPED)
+    if g["Pareto front"]:
+        ax.plot(*_xy(g["Pareto front"]), "o-", c="tab:red", label="Pareto front")
+    if g["chosen"]:
+        ax.scatter(*_xy(g["chosen"]), marker="*", s=220, c="gold", edgecolors="k", zorder=3, label="chosen")
+    for r in g["Pareto front"]:
         ax.annotate(
             r["label"], (r["cost"], r["quality"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
         )
@@ -83,49 +91,99 @@ def plot_front(
     ax.set_ylabel(f"{quality} (higher is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
+def front_figure(rows: list[dict], quality: str, cost: str, title: str = "", selection: dict | None = None):
+    """The matplotlib figure ``plot_front`` saves as PNG (arguments as there)."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to pick
+
+    panels = _panels(rows, cost, title, selection)
+    fig = Figure(figsize=(7 * len(panels), 4.5), dpi=120)
+    for ax, (panel_rows, panel_cost, panel_title) in zip(
+        fig.subplots(1, len(panels), squeeze=False)[0], panels
+    ):
+        _draw_panel(ax, panel_rows, quality, panel_cost, panel_title)
     fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
+    return fig
 
+
+def front_html_figure(
+    rows: list[dict], quality: str, cost: str, title: str = "", selection: dict | None = None
+):
+    """The plotly figure ``plot_front`` writes as HTML (arguments as there)."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
-    hover = [r["label"] for r in rows]
-    fig2 = go.Figure()
-    fig2.add_trace(
-        go.Scatter(
-            x=[r["cost"] for r in rows],
-            y=[r["quality"] for r in rows],
-            mode="markers",
-            text=hover,
-            name="trials",
-            marker={"color": "grey"},
-        )
-    )
-    fig2.add_trace(
-        go.Scatter(
-            x=[r["cost"] for r in front],
-            y=[r["quality"] for r in front],
-            mode="lines+markers",
-            text=[r["label"] for r in front],
-            name="Pareto front",
-        )
-    )
-    if chosen:
-        fig2.add_trace(
-            go.Scatter(
-                x=[r["cost"] for r in chosen],
-                y=[r["quality"] for r in chosen],
-                mode="markers",
-                text=[r["label"] for r in chosen],
-                name="chosen",
-                marker={
-                    "symbol": "star",
-                    "size": 16,
-                    "color": "gold",
-                    "line": {"color": "black", "width": 1},
-                },
+    panels = _panels(rows, cost, title, selection)
+    html_title = lambda t: t.replace("\n", "<br>")  # noqa: E731
+    # one panel: its title is the figure's; two: each panel has its own
+    titles = [html_title(t) for _, _, t in panels] if selection is not None else None
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles)
+    styles = {
+        "trials": {"mode": "markers", "marker": {"color": "grey"}},
+        STOPPED: {"mode": "markers", "marker": {"color": "grey", "symbol": "circle-open", "size": 9}},
+        "Pareto front": {"mode": "lines+markers", "marker": {"color": "red"}, "line": {"color": "red"}},
+        "chosen": {
+            "mode": "markers",
+            "marker": {"symbol": "star", "size": 16, "color": "gold", "line": {"color": "black", "width": 1}},
+        },
+    }
+    shown = set()  # one legend entry per group, which toggles it in both panels
+    for col, (panel_rows, panel_cost, _) in enumerate(panels, start=1):
+        for name, group in _groups(panel_rows).items():
+            if not group:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=_xy(group)[0],
+                    y=_xy(group)[1],
+                    text=[r["label"] for r in group],
+                    name=name,
+                    legendgroup=name,
+                    showlegend=name not in shown,
+                    **styles[name],
+                ),
+                row=1,
+                col=col,
             )
-        )
-    fig2.update_layout(title=title, xaxis_title=cost, yaxis_title=quality)
-    fig2.write_html(str(out_html), include_plotlyjs=True)
+            shown.add(name)
+        fig.update_xaxes(title_text=panel_cost, row=1, col=col)
+        fig.update_yaxes(title_text=quality, row=1, col=col)
+    if selection is None:
+        fig.update_layout(title=html_title(title))
+    return fig
+
+
+def plot_front(
+    rows: list[dict],
+    quality: str,
+    cost: str,
+    out_png: str | Path,
+    out_html: str | Path,
+    title: str = "",
+    selection: dict | None = None,
+) -> None:
+    """Scatter of the trials (quality against cost) with the Pareto front, as a PNG and an HTML page.
+
+    Filled grey: complete trials off the front; hollow grey: early-stopped trials, at their last
+    validation; red line: the front; star: the chosen point. With ``selection``, a second panel
+    beside the first shows the selection's candidates against the cost it compared (e.g. the
+    measured latency on a device), so one figure holds the search and the selection.
+
+    The HTML loads plotly.js from its CDN (``include_plotlyjs="cdn"``: a few KB instead of 4.6 MB
+    with the library inlined), so it needs a network connection to render; the PNG is the
+    offline view.
+
+    Args:
+        rows: dicts with ``quality``, ``cost``, ``label`` and ``on_front`` keys, and optionally
+            ``stopped`` (an early-stopped trial, at its last validation) and ``chosen`` (drawn as
+            a star, e.g. the selected champion). Rows without a finite quality and cost are left
+            out.
+        selection: the second panel: ``rows`` (dicts as above), ``cost`` (its x-axis label) and
+            ``title``; the quality axis is labelled ``quality`` in both panels.
+    """
+    fig = front_figure(rows, quality, cost, title, selection)
+    fig.savefig(out_png)
+    front_html_figure(rows, quality, cost, title, selection).write_html(str(out_html), include_plotlyjs="cdn")

@@ -3,8 +3,8 @@
 Ray's OptunaSearch reports a trial stopped early by the scheduler to Optuna as COMPLETE with its
 early values, and a crashed trial that had reported something as COMPLETE too. Those values would
 pull the sampler towards half-trained points. Here a trial counts as COMPLETE only when it reached
-the full budget (``step == iterations`` in its last result); stopped trials are PRUNED (Optuna's
-multi-objective samplers skip them) and crashed ones FAIL.
+the full budget (``search.study.fully_trained``: its last result's step is the budget); stopped
+trials are PRUNED (Optuna's multi-objective samplers skip them) and crashed ones FAIL.
 """
 
 from __future__ import annotations
@@ -18,22 +18,20 @@ from ray.tune.search.optuna import OptunaSearch
 from search import compat
 from search.config import SearchConfig
 from search.space import define_space
+from search.study import fully_trained
 
 QUALITY, QUALITY_MODE = "val_psnr_y", "max"
 
 
-def fully_trained(result: dict | None) -> bool:
-    return (
-        bool(result)
-        and "step" in result
-        and "iterations" in result
-        and result["step"] >= result["iterations"]
-    )
-
-
 class BudgetAwareOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, told COMPLETE only for trials that trained ``iterations`` steps."""
+
+    def __init__(self, *args, iterations: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.iterations = iterations
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if error or not fully_trained(result):
+        if error or not fully_trained((result or {}).get("step"), self.iterations):
             state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
             compat.tell_unfinished(self, trial_id, state)
             return
@@ -61,4 +59,5 @@ def make_searcher(cfg: SearchConfig, study_name: str, storage_dir: Path) -> Budg
         study_name=study_name,
         storage=storage,
         seed=cfg.seed,
+        iterations=cfg.training.iterations,
     )

@@ -22,8 +22,10 @@ Rules, applied to that front:
   chooses that point.
 - ``best-psnr``: the highest PSNR within the limits (ties: the lower cost).
 
-The chosen version gets the alias ``champion``; the study run gets ``selection.*`` tags and a report
-under ``selection/`` (Pareto plot as PNG and HTML, table as Markdown and JSON). When nothing is
+The chosen version gets the alias ``champion`` and a paragraph in its description saying why; the
+study run gets ``selection.*`` tags, the same words in its description, the study's Pareto plot with
+the measured panel (``pareto/pareto.png`` and ``.html``) and the table under ``selection/`` (Markdown
+and JSON). When nothing is
 within the limits or nothing is measured yet, the exit code is 1 and the alias stays where it was.
 A tracking server that does not answer, or an MLflow error, also exits 1, with one line on stderr;
 a wrong flag, experiment or study run exits 2.
@@ -428,8 +430,11 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
     )
 
 
-def write_report(client, selection: Selection, title: str) -> None:
-    """Pareto plot (PSNR against the cost compared), table and summary under ``selection/``."""
+def write_report(client, selection: Selection, title: str, tracking_uri: str) -> None:
+    """The study's one Pareto plot (``pareto/pareto.png`` and ``.html``, replacing the search's):
+    its trials against the search's cost on the left, the measured candidates against the cost
+    compared here on the right, the champion starred; the table and the choice under ``selection/``."""
+    from search import report
     from search.pareto import plot_front
 
     measured = [r for r in selection.rows if r.within_limits is not None]
@@ -444,20 +449,33 @@ def write_report(client, selection: Selection, title: str) -> None:
         for r in measured
     ]
     fields, _ = objectives(selection.cost)
+    panel = {
+        "rows": plot_rows,
+        "cost": f"{selection.device} {selection.cost} (measured)",
+        "title": f"chosen: front over {', '.join(_label(f) for f in fields)}"
+        + (f"\nwithin {selection.limits.describe()}" if selection.limits.checks() else ""),
+    }
+    run = client.get_run(selection.study_run_id)
+    cost = run.data.params.get("cost", "flops_g")
+    iterations = int(run.data.params.get("training.iterations", "0"))
+    handle = study.Study(tracking_uri, run.info.experiment_id, run.info.run_id, run.info.run_name, iterations)
+    trials = handle.trials(cost)
+    report.mark_front(trials)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        plot_front(
-            plot_rows,
-            f"{QUALITY} (dB)",
-            f"{selection.device} {selection.cost}",
-            out / "pareto.png",
-            out / "pareto.html",
-            title=f"{title}: front over {', '.join(_label(f) for f in fields)}"
-            + (f"\nwithin {selection.limits.describe()}" if selection.limits.checks() else ""),
+        (out / "pareto").mkdir()
+        png, html = out / "pareto" / "pareto.png", out / "pareto" / "pareto.html"
+        if report.plot_rows(trials):
+            plot_front(report.plot_rows(trials), f"{QUALITY} (dB)", cost, png, html, title, selection=panel)
+        else:  # not a search's study (no trial verdicts): the measured candidates alone
+            plot_front(plot_rows, f"{QUALITY} (dB)", panel["cost"], png, html, f"{title}: {panel['title']}")
+        client.log_artifacts(selection.study_run_id, str(out / "pareto"), report.ARTIFACT_DIR)
+        (out / REPORT_DIR).mkdir()
+        (out / REPORT_DIR / "table.md").write_text(
+            f"{table(selection.rows, markdown=True)}\n\n{selection.message}\n"
         )
-        (out / "table.md").write_text(f"{table(selection.rows, markdown=True)}\n\n{selection.message}\n")
-        (out / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2))
-        client.log_artifacts(selection.study_run_id, tmp, REPORT_DIR)
+        (out / REPORT_DIR / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2))
+        client.log_artifacts(selection.study_run_id, str(out / REPORT_DIR), REPORT_DIR)
 
 
 def _alias_version(client, model_name: str) -> str | None:
@@ -544,9 +562,37 @@ def select_champion(
         (TAG_LIMITS, limits.describe()),
     ):
         client.set_tag(study_run_id, key, value)
+    describe_champion(client, selection, model_name, previous)
     if log_report:
-        write_report(client, selection, experiment)
+        write_report(client, selection, experiment, tracking_uri)
     return selection
+
+
+CHAMPION_NOTE = "**Champion**"  # the paragraph selection adds to the chosen version's description
+
+
+def describe_champion(client, selection: Selection, model_name: str, previous: str | None) -> None:
+    """Why the champion won, where users look: the study run's description ("Champion" section) and
+    the version's description, with the URI that loads it; a version that lost the alias loses its
+    paragraph."""
+    champion = selection.champion
+    uri = f"models:/{model_name}@{contract.CHAMPION_ALIAS}"
+    why = (
+        f"{selection.message}\n\nLoad it as `{uri}` (version {champion.version}, trial run "
+        f"`{champion.run_name or champion.run_id}`)."
+    )
+    study.describe_run(
+        client,
+        selection.study_run_id,
+        "Champion",
+        f"**v{champion.version}** ({champion.knobs}) on {selection.device}: {why}",
+    )
+    for version in {previous, champion.version} - {None}:
+        text = client.get_model_version(model_name, version).description or ""
+        kept = [p for p in text.split("\n\n") if p and not p.startswith(CHAMPION_NOTE)]
+        if version == champion.version:
+            kept.append(f"{CHAMPION_NOTE} of study run {selection.study_run_id} on {selection.device}: {why}")
+        client.update_model_version(model_name, version, description="\n\n".join(kept))
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -1,16 +1,34 @@
-"""MLflow bookkeeping of a study: the parent run, trial runs, artifacts reachable from any node.
+"""One study's MLflow state, owned by one object: ``Study``.
 
-Every process (driver, trials, the teacher task) talks to MLflow through ``MlflowClient`` with the
-same tracking URI; artifacts move as ``runs:/`` URIs, never as paths on the driver's disk.
+A study is one MLflow run (role ``study``) in its experiment; each trial is a child run. MLflow is
+the study's record, and the only one: ``--resume`` reads the study run (its tags, its config
+artifact) and the trial runs back from it, and Ray's own experiment state says which trials still
+have to run. The storage folder keeps Ray's state, the Optuna database and ``LATEST``, a pointer
+naming the newest study.
+
+Who writes what:
+- the driver creates or resumes the study and writes each trial's verdict, once
+  (``Study.close_trial``: complete, stopped early with the rule's reason, or failed);
+- a trial's worker opens its run, logs knobs, metrics and artifacts, and never closes it;
+- reading (``Study.trials``) writes nothing.
+
+Every process talks to MLflow through ``MlflowClient`` with the same tracking URI; artifacts move as
+``runs:/`` URIs, never as paths on the driver's disk. ``Study`` is a frozen dataclass of strings, so
+it travels to Ray workers as it is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge_agent import contract
 
@@ -20,11 +38,443 @@ TAG_TEACHER_URI = "search.teacher_uri"
 ROLE_FINALIZE = "finalize"  # role tag of a front candidate's retraining (finalize.iterations)
 TAG_FINALIZED_FROM = "search.finalized_from"  # on a finalization run: its trial's run id
 TAG_TEACHER = "search.teacher"  # .file, .sha256, .repository of published weights (dvmsr)
-TAG_EARLY_STOPPED = "search.early_stopped"
+TAG_VERDICT = "search.verdict"  # on a trial run: complete | stopped | failed, written once
+TAG_EARLY_STOPPED = "search.early_stopped"  # "true"/"false", derived from the verdict (for filters)
+TAG_STOP_REASON = "search.stop_reason"  # why the rule stopped a trial: the peer that dominated it
+TAG_STOP_STEP = "search.stop_step"
+TAG_ERROR = "search.error"  # a failed trial's exception, in one line
 TAG_NODE_ID = "ray.node_id"  # the Ray node a trial ran on
-PARENT = "mlflow.parentRunId"
 TAG_ROUND = "search.round"  # the learning loop's round a trial ran in
+TAG_ROUNDS_DONE = "search.rounds_done"  # on the study run: rounds searched, registered and measured
 TAG_COST_SOURCE = "search.cost_source"  # costmodel | flops_fallback, for edge_* costs
+PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"  # a run's or an experiment's description in the MLflow UI
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens a custom_model_development one on its runs
+CONFIG_ARTIFACT = "config/study.json"  # on the study run: SearchConfig.to_dict()
+TRIAL_CONFIG_ARTIFACT = "config/trial.json"  # on a trial run: the drawn knobs and the whole training
+LATEST = "LATEST"  # file in storage_dir naming the newest study, for --resume
+
+COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
+KNOBS = ("embed_dim", "rank", "alpha", "n_groups", "blocks_per_group", "lr")  # what a space may draw
+INT_KNOBS = ("embed_dim", "rank", "n_groups", "blocks_per_group")
+STUDY_PARAMS = ("searcher", "num_samples", "seed", "cost", "base_model", "training.iterations")
+
+# May differ between a study and its --resume; everything else is the study's and must not change.
+RESUMABLE = {
+    "address",
+    "loop.rounds",
+    "loop.wait_timeout_s",
+    "loop.local_agent",
+    "loop.agent_args",
+    "loop.select",
+}
+
+
+class StudyError(ValueError):
+    """A study that cannot be started or resumed as asked; the message says what to do."""
+
+
+def fully_trained(step: float | None, iterations: int) -> bool:
+    """The one definition: a trial is fully trained when its last validation is at the budget."""
+    return step is not None and step >= iterations
+
+
+def trial_label(number: int | None, params: dict[str, Any], round: int = 1) -> str:
+    """A trial's run name: its number in the round and its knobs, e.g. ``t03 C32 r4 a0.60``
+    (``R2 t03 ...`` in round 2); without a number (a worker naming its new run), the knobs alone."""
+    knobs = f"C{params.get('embed_dim', '?')} r{params.get('rank', '?')} a{float(params.get('alpha', 0)):.2f}"
+    extra = "".join(
+        f" {short}{params[k]}" for k, short in (("n_groups", "g"), ("blocks_per_group", "b")) if k in params
+    )
+    if "lr" in params:
+        extra += f" lr{float(params['lr']):.0e}"
+    number_part = "" if number is None else f"t{number:02d} "
+    return f"{'' if round == 1 else f'R{round} '}{number_part}{knobs}{extra}"
+
+
+def knobs_of(params: dict[str, str]) -> dict[str, Any]:
+    """A trial's drawn knobs, typed again, from its run's params."""
+    return {k: (int(v) if k in INT_KNOBS else float(v)) for k, v in params.items() if k in KNOBS}
+
+
+@dataclass
+class TrialRow:
+    """One trial as the study records it (read back from its MLflow run)."""
+
+    trial_id: str
+    run_id: str | None
+    status: str  # COMPLETE, STOPPED (early), FAILED
+    embed_dim: int
+    rank: int
+    alpha: float
+    step: int
+    val_psnr_y: float
+    cost: float
+    on_front: bool = False
+    version: int | None = None
+    round: int = 1
+    cost_source: str = ""  # for edge_* costs: measured | predicted | flops
+    config: dict = field(default_factory=dict)  # the trial's drawn knobs
+    name: str = ""  # its run name, e.g. t03 C32 r4 a0.60
+    stop_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Study:
+    """A handle on one study's MLflow state; the driver's and the workers' only way to it."""
+
+    tracking_uri: str  # absolute
+    experiment_id: str
+    run_id: str  # the study run
+    name: str
+    iterations: int  # training.iterations: the budget that makes a trial fully trained
+
+    # ------------------------------------------------------------------ create, resume, close
+
+    @classmethod
+    def start(cls, cfg, tracking_uri: str) -> Study:
+        """A new study: its run (described, the configuration as params and as one artifact) and
+        ``LATEST`` pointing at it."""
+        experiment_id = ensure_experiment(tracking_uri, cfg.experiment)
+        name = f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+        c = client(tracking_uri)
+        tags = {contract.ROLE: contract.ROLE_STUDY, TAG_STUDY: name, NOTE: describe_study(cfg)}
+        run_id = c.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        from mlflow.entities import Param
+
+        # the whole configuration as one artifact; as params (columns of the runs table) the few
+        # that tell studies apart, and those selection reads back
+        flat = _flat(cfg.to_dict())
+        c.log_batch(run_id, params=[Param(k, str(flat[k])) for k in STUDY_PARAMS])
+        c.log_dict(run_id, cfg.to_dict(), CONFIG_ARTIFACT)
+        storage = Path(cfg.storage_dir).resolve()
+        (storage / name).mkdir(parents=True, exist_ok=True)
+        from edge_agent.fileio import atomic_write_bytes
+
+        atomic_write_bytes(storage / LATEST, name.encode())
+        return cls(tracking_uri, experiment_id, run_id, name, cfg.training.iterations)
+
+    @classmethod
+    def find(cls, cfg, tracking_uri: str) -> Study:
+        """The study ``LATEST`` names, read back from MLflow (nothing written); refused when its
+        configuration differs from ``cfg`` outside ``RESUMABLE``. ``reopen()`` then resumes it."""
+        name = latest_name(Path(cfg.storage_dir).resolve())
+        experiment = client(tracking_uri).get_experiment_by_name(cfg.experiment)
+        run = find_run(tracking_uri, experiment.experiment_id, **{TAG_STUDY: name}) if experiment else None
+        if run is None:
+            raise StudyError(
+                f"study {name} has no run in experiment '{cfg.experiment}' at {tracking_uri}; resume with "
+                "the tracking URI and experiment it started with, or start a new study without --resume"
+            )
+        self = cls(tracking_uri, run.info.experiment_id, run.info.run_id, name, cfg.training.iterations)
+        changed = config_changes(self.saved_config(), cfg.to_dict())
+        if changed:
+            raise StudyError(
+                f"--resume continues study {name} with the configuration it started with, but these "
+                f"differ: {changed}; give the original config and flags, or start a new study "
+                "without --resume"
+            )
+        return self
+
+    def reopen(self) -> int:
+        """The study run RUNNING again; the child runs the crash left RUNNING marked KILLED (Ray
+        reruns their trials). Returns how many were marked."""
+        client(self.tracking_uri).update_run(self.run_id, status="RUNNING")
+        return self.mark_interrupted()
+
+    def saved_config(self) -> dict:
+        """The configuration the study started with (its run's config artifact)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            folder = download(f"runs:/{self.run_id}/{CONFIG_ARTIFACT}", self.tracking_uri)
+            return json.loads(single_file(folder, ".json").read_text())
+        except (MlflowException, OSError, json.JSONDecodeError) as exc:
+            raise StudyError(
+                f"study {self.name}'s run {self.run_id} has no readable {CONFIG_ARTIFACT} "
+                f"({type(exc).__name__}); it cannot be resumed: start a new study without --resume"
+            ) from None
+
+    def mark_interrupted(self) -> int:
+        """Every RUNNING child run (a trial, the teacher, a finalization) to KILLED; how many.
+
+        Not a verdict: Ray reruns an interrupted trial, and its run then carries on."""
+        c = client(self.tracking_uri)
+        query = f"tags.`{PARENT}` = '{self.run_id}' and attributes.status = 'RUNNING'"
+        runs = all_pages(c.search_runs, [self.experiment_id], filter_string=query)
+        for run in runs:
+            c.set_terminated(run.info.run_id, status="KILLED")
+        return len(runs)
+
+    def close(self, status: str) -> None:
+        self.mark_interrupted()
+        client(self.tracking_uri).set_terminated(self.run_id, status=status)
+
+    # ------------------------------------------------------------------ the study run's record
+
+    def tags(self) -> dict[str, str]:
+        return client(self.tracking_uri).get_run(self.run_id).data.tags
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        c = client(self.tracking_uri)
+        for key, value in tags.items():
+            c.set_tag(self.run_id, key, value)
+
+    def metrics(self) -> dict[str, float]:
+        return client(self.tracking_uri).get_run(self.run_id).data.metrics
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        c = client(self.tracking_uri)
+        for key, value in metrics.items():
+            c.log_metric(self.run_id, key, float(value), step=step)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
+        client(self.tracking_uri).log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_artifact(self, path: str | Path, artifact_path: str) -> str:
+        """Log one file; returns its runs:/ URI."""
+        client(self.tracking_uri).log_artifact(self.run_id, str(path), artifact_path)
+        return f"runs:/{self.run_id}/{artifact_path}/{Path(path).name}"
+
+    def describe(self, section: str, text: str) -> None:
+        """Set one ``### section`` of the study run's description (``describe_run``)."""
+        describe_run(client(self.tracking_uri), self.run_id, section, text)
+
+    @property
+    def teacher_uri(self) -> str | None:
+        return self.tags().get(TAG_TEACHER_URI)
+
+    def rounds_done(self) -> int:
+        return int(self.tags().get(TAG_ROUNDS_DONE, "0"))
+
+    def round_done(self, k: int) -> None:
+        self.set_tags({TAG_ROUNDS_DONE: str(k)})
+
+    # ------------------------------------------------------------------ trials (workers)
+
+    def _trial_run(self, trial_id: str):
+        return find_run(
+            self.tracking_uri, self.experiment_id, **{PARENT: self.run_id, TAG_TRIAL_ID: trial_id}
+        )
+
+    def open_trial(self, trial_id: str, params: dict[str, Any], round: int = 1) -> str:
+        """The trial's run, RUNNING: the one it had when a restarted trial runs again, else new
+        (named by its knobs, which are logged as params once; the verdict adds its number)."""
+        c = client(self.tracking_uri)
+        run = self._trial_run(trial_id)
+        if run is not None:
+            c.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+        tags = {
+            contract.ROLE: contract.ROLE_TRIAL,
+            PARENT: self.run_id,
+            TAG_TRIAL_ID: trial_id,
+            TAG_ROUND: str(round),
+        }
+        run_id = c.create_run(self.experiment_id, run_name=trial_label(None, params, round), tags=tags)
+        from mlflow.entities import Param
+
+        knobs = [Param(k, str(params[k])) for k in KNOBS if k in params]
+        c.log_batch(run_id.info.run_id, params=knobs)
+        return run_id.info.run_id
+
+    def recorded_result(self, trial_id: str, quality: str) -> dict[str, float] | None:
+        """The result of a trial MLflow holds a verdict for (complete or stopped), to report again
+        when Ray reruns it after --resume (Ray's experiment state can lag behind MLflow); else None."""
+        run = self._trial_run(trial_id)
+        if run is None or run.data.tags.get(TAG_VERDICT) not in (COMPLETE, STOPPED):
+            return None
+        if quality not in run.data.metrics:
+            return None
+        history = client(self.tracking_uri).get_metric_history(run.info.run_id, quality)
+        last = max(history, key=lambda m: m.step)
+        return {**run.data.metrics, quality: last.value, "step": last.step}
+
+    # ------------------------------------------------------------------ verdicts (the driver)
+
+    def close_trial(
+        self,
+        trial_id: str,
+        result: dict | None = None,
+        error: str | None = None,
+        reason: str | None = None,
+        params: dict[str, Any] | None = None,
+        round: int = 1,
+        number: int | None = None,
+    ) -> bool:
+        """Write the trial's verdict, unless its run has one: complete or stopped (from its last
+        result's step and the budget), or failed (``error``). Returns whether it wrote.
+
+        The one writer of a trial run's end: Tune's callback calls it as each trial ends, and the
+        driver again for every trial after the round (a driver killed between Tune's checkpoint and
+        the callback, then --resume). A trial that failed before it opened its run gets one here.
+        ``number`` (the trial's place in its round, from 1) goes into the run's name.
+        """
+        c = client(self.tracking_uri)
+        run = self._trial_run(trial_id)
+        if run is not None and run.data.tags.get(TAG_VERDICT):
+            return False
+        run_id = run.info.run_id if run is not None else self.open_trial(trial_id, params or {}, round)
+        step = (result or {}).get("step")
+        if error is not None:
+            verdict = FAILED
+        else:
+            verdict = COMPLETE if fully_trained(step, self.iterations) else STOPPED
+        tags = {TAG_VERDICT: verdict, TAG_EARLY_STOPPED: str(verdict == STOPPED).lower()}
+        knobs = params if params is not None else knobs_of(run.data.params if run is not None else {})
+        name = trial_label(number, knobs, round)
+        if verdict == STOPPED:
+            tags[TAG_STOP_STEP] = str(int(step or 0))
+            tags[TAG_STOP_REASON] = (reason or f"stopped early at step {int(step or 0)}")[:5000]
+            tags[NOTE] = (
+                f"**Stopped early** at step {int(step or 0)} of {self.iterations}: {tags[TAG_STOP_REASON]}"
+            )
+            c.update_run(run_id, name=_with_suffix(name, f"stopped@{int(step or 0)}"))
+        elif verdict == FAILED:
+            recorded = run.data.tags.get(TAG_ERROR) if run is not None else None
+            tags[TAG_ERROR] = recorded or error[:500]
+            tags[NOTE] = f"**Failed**: {tags[TAG_ERROR]}"
+            c.update_run(run_id, name=_with_suffix(name, "failed"))
+        else:
+            tags[NOTE] = f"Fully trained ({self.iterations} steps)."
+            c.update_run(run_id, name=name)
+        for key, value in tags.items():
+            c.set_tag(run_id, key, value)
+        c.set_terminated(run_id, status="FAILED" if verdict == FAILED else "FINISHED")
+        return True
+
+    def settle(self, results, round: int) -> int:
+        """After a round: ``close_trial`` for each of Tune's results, in Tune's order of trials (a
+        no-op where the callback wrote the verdict); returns how many it had to write."""
+        written = 0
+        for number, r in enumerate(results, 1):
+            m = r.metrics or {}
+            trial_id = m.get("trial_id") or (r.path and Path(r.path).name)
+            error = error_line(r.error) if r.error else None
+            config = dict(r.config or {})
+            written += self.close_trial(trial_id, m, error, params=config, round=round, number=number)
+        return written
+
+    # ------------------------------------------------------------------ reading (writes nothing)
+
+    def trials(self, cost: str, round: int | None = None, model_name: str | None = None) -> list[TrialRow]:
+        """Every trial run of the study with a verdict (of ``round`` if given), oldest first;
+        ``version`` filled from ``model_name``'s registered versions when given."""
+        c = client(self.tracking_uri)
+        query = f"tags.`{PARENT}` = '{self.run_id}' and tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'"
+        if round is not None:
+            query += f" and tags.`{TAG_ROUND}` = '{round}'"
+        runs = all_pages(
+            c.search_runs, [self.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
+        )
+        versions = {}
+        if model_name:
+            for v in all_pages(c.search_model_versions, f"name='{model_name}'", max_results=200):
+                versions[v.tags.get(contract.TAG_TRIAL_RUN) or v.run_id] = int(v.version)
+        rows = []
+        for run in runs:
+            tags, metrics = run.data.tags, run.data.metrics
+            if not tags.get(TAG_VERDICT):
+                continue
+            knobs = knobs_of(run.data.params)
+            rows.append(
+                TrialRow(
+                    trial_id=tags[TAG_TRIAL_ID],
+                    run_id=run.info.run_id,
+                    status=tags[TAG_VERDICT],
+                    embed_dim=int(knobs.get("embed_dim", 0)),
+                    rank=int(knobs.get("rank", 0)),
+                    alpha=float(knobs.get("alpha", 0.0)),
+                    step=int(
+                        tags.get(TAG_STOP_STEP) or (self.iterations if tags[TAG_VERDICT] == COMPLETE else 0)
+                    ),
+                    val_psnr_y=float(metrics.get("val_psnr_y", math.nan)),
+                    cost=float(metrics.get(cost, math.nan)),
+                    version=versions.get(run.info.run_id),
+                    round=int(tags.get(TAG_ROUND, "1")),
+                    config=knobs,
+                    name=run.info.run_name or "",
+                    stop_reason=tags.get(TAG_STOP_REASON, ""),
+                )
+            )
+        return rows
+
+
+def describe_run(c, run_id: str, section: str, text: str) -> None:
+    """Set one ``### section`` of a run's description (the top of its page in the UI); the
+    introduction and the other sections stay as they are."""
+    parts = (c.get_run(run_id).data.tags.get(NOTE) or "").split("\n\n### ")
+    sections = {p.split("\n", 1)[0]: p for p in parts[1:]}
+    sections[section] = f"{section}\n{text.strip()}"
+    c.set_tag(run_id, NOTE, "\n\n### ".join([parts[0], *sections.values()]))
+
+
+def _with_suffix(name: str, suffix: str) -> str:
+    return f"{name} · {suffix}"
+
+
+def error_line(error) -> str:
+    """An exception in one line: its type and its last line."""
+    cause = getattr(error, "cause", None) or error  # Ray wraps the trial's exception
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+def describe_study(cfg) -> str:
+    """The study run's description: what is searched, how, and where to look."""
+    space = cfg.space
+    knobs = (
+        f"embed_dim C in [{space.embed_dim.low}, {space.embed_dim.high}], rank r in "
+        f"[{space.rank.low}, {space.rank.high}], alpha a in [{space.alpha.low:g}, {space.alpha.high:g}]"
+    )
+    stop = (
+        f"dominated trials are stopped at each validation from rung {cfg.early_stopping.min_rung} "
+        f"(margin {cfg.early_stopping.margin_db:g} dB)"
+        if cfg.early_stopping.enabled
+        else "no early stopping"
+    )
+    return (
+        f"MambaLiteSR x4 students distilled from a teacher: {cfg.num_samples} trials per round "
+        f"({cfg.searcher}, seed {cfg.seed}) over {knobs}; objectives val_psnr_y (max) and "
+        f"{cfg.cost} (min); {cfg.training.iterations} steps each; {stop}.\n\n"
+        "Trials are this run's children, named by their knobs (`t03 C32 r4 a0.60`); the Pareto plot "
+        "and the trial table are under `pareto/`; the front is registered as versions of "
+        f"`{cfg.registry.model_name}`."
+    )
+
+
+# -------------------------------------------------------------------------------------- resume
+
+
+def latest_name(storage: Path) -> str:
+    """The study ``storage/LATEST`` names; a missing or empty file is a StudyError saying so."""
+    latest = storage / LATEST
+    if not latest.exists():
+        raise StudyError(f"nothing to resume in {storage}: no study has been started there")
+    name = latest.read_text().strip()
+    if not name or "/" in name:
+        raise StudyError(f"{latest} does not name a study; start a new one (without --resume)")
+    return name
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(then: dict, now: dict) -> str:
+    """The keys (outside ``RESUMABLE``) whose values differ, as ``key (old -> new)``; "" if none."""
+    now, then = _flat(json.loads(json.dumps(now))), _flat(then)
+    changed = sorted(k for k in set(now) | set(then) if k not in RESUMABLE and now.get(k) != then.get(k))
+    return ", ".join(f"{k} ({then.get(k)!r} -> {now.get(k)!r})" for k in changed)
+
+
+# -------------------------------------------------------------------------------------- helpers
 
 
 def prediction_key(device: str, metric: str) -> str:
@@ -58,18 +508,35 @@ def all_pages(search, *args, **kwargs) -> list:
             return out
 
 
+EXPERIMENT_NOTE = (
+    "Searches for MambaLiteSR x4 super-resolution students (embed_dim, rank, distillation alpha) "
+    "against what the device measures. Each study is a parent run (role=study) whose description "
+    "says what it searched and which version became champion; its trials are child runs named by "
+    "their knobs. Candidates are versions of the registered model; the champion carries the alias "
+    "`champion`."
+)
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | None = None) -> str:
-    """Experiment id, creating the experiment (with a local artifact root for SQLite stores)."""
+    """Experiment id, creating the experiment (with a local artifact root for SQLite stores), tagged
+    so that the MLflow UI opens it on its runs, with a description."""
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
-        return exp.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:"):
-        # the server-less default: artifacts beside the database, absolute for every worker
-        db = Path(tracking_uri[len("sqlite:///") :])
-        location = str(Path(artifact_root or db.parent / "mlartifacts").resolve() / name)
-    return c.create_experiment(name, artifact_location=location)
+        exp_id = exp.experiment_id
+    else:
+        location = None
+        if tracking_uri.startswith("sqlite:"):
+            # the server-less default: artifacts beside the database, absolute for every worker
+            db = Path(tracking_uri[len("sqlite:///") :])
+            location = str(Path(artifact_root or db.parent / "mlartifacts").resolve() / name)
+        exp_id = c.create_experiment(name, artifact_location=location)
+    tags = {} if exp is None else exp.tags
+    if EXPERIMENT_KIND not in tags:
+        c.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
+    if NOTE not in tags:
+        c.set_experiment_tag(exp_id, NOTE, EXPERIMENT_NOTE)
+    return exp_id
 
 
 def find_run(tracking_uri: str, experiment_id: str, **tags: str):
@@ -79,27 +546,6 @@ def find_run(tracking_uri: str, experiment_id: str, **tags: str):
         [experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
     )
     return runs[0] if runs else None
-
-
-def trial_run_id(tracking_uri: str, experiment_id: str, study_run_id: str, trial_id: str, name: str) -> str:
-    """The trial's MLflow run: the existing one when a trial restarts, else a new child run."""
-    run = find_run(tracking_uri, experiment_id, **{PARENT: study_run_id, TAG_TRIAL_ID: trial_id})
-    c = client(tracking_uri)
-    if run is not None:
-        c.update_run(run.info.run_id, status="RUNNING")
-        return run.info.run_id
-    tags = {contract.ROLE: contract.ROLE_TRIAL, PARENT: study_run_id, TAG_TRIAL_ID: trial_id}
-    return c.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-
-
-def close_running_children(tracking_uri: str, experiment_id: str, study_run_id: str, status: str) -> int:
-    """Set every RUNNING child run of the study to ``status``; returns how many."""
-    c = client(tracking_uri)
-    query = f"tags.`{PARENT}` = '{study_run_id}' and attributes.status = 'RUNNING'"
-    runs = all_pages(c.search_runs, [experiment_id], filter_string=query)
-    for run in runs:
-        c.set_terminated(run.info.run_id, status=status)
-    return len(runs)
 
 
 def download(uri: str, tracking_uri: str, cache_dir: str | Path | None = None) -> Path:

@@ -6,6 +6,7 @@ Results go to Tune through ``search.compat.report``.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import dataclass, replace
@@ -17,13 +18,13 @@ from edge_agent import contract
 from search import compat, study
 from search.config import SearchConfig, build
 from search.space import model_config
+from search.study import Study
 from trainers.tracking import MLflowTracker
 from trainers.train import TrainConfig, train
 
 QUALITY = "val_psnr_y"
 FINAL_QUALITY = "final_val_psnr_y"  # on a trial run: the PSNR of its finalized (retrained) weights
-KNOBS = ("embed_dim", "rank", "alpha", "n_groups", "blocks_per_group")  # logged as params of a trial
-NODE_LOCAL = ("teacher", "out_dir", "device")  # TrainConfig fields not logged as trial params
+NODE_LOCAL = ("teacher", "out_dir", "device")  # TrainConfig fields that differ between nodes
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,7 @@ class StudyContext:
     """What every trial needs to know about its study; passed with ``tune.with_parameters``."""
 
     config: dict[str, Any]  # SearchConfig.to_dict()
-    tracking_uri: str  # absolute
-    experiment_id: str
-    study_run_id: str
+    study: Study  # the study's MLflow state
     teacher_uri: str | None  # runs:/... of the teacher checkpoint
     round: int = 1  # the learning loop's round (search/run.py --rounds)
     cost_model: dict[str, Any] | None = None  # search.costmodel.CostModel.to_dict(), for edge_* costs
@@ -42,26 +41,49 @@ class StudyContext:
     def search(self) -> SearchConfig:
         return build(SearchConfig, self.config)
 
+    @property
+    def tracking_uri(self) -> str:
+        return self.study.tracking_uri
+
+
+class SearchRunTracker(MLflowTracker):
+    """MLflow logging for the search's own runs (trials, the teacher, finalizations).
+
+    The training's whole configuration goes to one JSON artifact instead of dozens of params, each
+    of which would be a column of the experiment's runs table; as params only ``keep`` (e.g. a
+    finalization's ``iterations``) and the scan form that ran. A trial's knobs came with its run.
+    """
+
+    def __init__(self, *args, keep: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep = keep
+
+    def log_params(self, params):
+        kept = {k: v for k, v in params.items() if k not in NODE_LOCAL}  # paths of one node
+        self.client.log_dict(
+            self.run_id, json.loads(json.dumps(kept, default=str)), study.TRIAL_CONFIG_ARTIFACT
+        )
+        super().log_params({k: params[k] for k in self.keep if k in params})
+        scan_form = params.get("scan_form")
+        if scan_form is None:
+            return
+        # the form that ran depends on the node (a compiler, a GPU): a trial restarted on a node of
+        # another kind keeps its first value (MLflow refuses a changed param) plus a tag
+        first = self.client.get_run(self.run_id).data.params.get("scan_form")
+        if first is None:
+            super().log_params({"scan_form": scan_form})
+        elif first != scan_form:
+            self.client.set_tag(self.run_id, "scan_form.after_restart", scan_form)
+
 
 class TuneTracker:
     """Sends each validation to Ray Tune (a rung for the scheduler), everything to MLflow."""
 
-    def __init__(self, mlflow_tracker: MLflowTracker, constants: dict[str, float]):
+    def __init__(self, mlflow_tracker: SearchRunTracker, constants: dict[str, float]):
         self.mlflow, self.constants, self.last_step = mlflow_tracker, constants, -1
 
     def log_params(self, params):
-        # paths differ between nodes, and a restarted trial may land on another node
-        params = {k: v for k, v in params.items() if k not in NODE_LOCAL}
-        scan_form = params.pop("scan_form", None)
         self.mlflow.log_params(params)
-        if scan_form is not None:
-            # the form that ran depends on the node too (a compiler, a GPU): a trial restarted on a
-            # node of another kind keeps its first value (MLflow refuses a changed param) plus a tag
-            first = self.mlflow.client.get_run(self.mlflow.run_id).data.params.get("scan_form")
-            if first is None:
-                self.mlflow.log_params({"scan_form": scan_form})
-            elif first != scan_form:
-                self.mlflow.client.set_tag(self.mlflow.run_id, "scan_form.after_restart", scan_form)
 
     def log_metrics(self, metrics, step):
         self.mlflow.log_metrics(metrics, step)
@@ -73,7 +95,7 @@ class TuneTracker:
         self.mlflow.log_artifact(path, artifact_path)
 
     def close(self, status="FINISHED"):
-        self.mlflow.close(status)
+        pass  # a trial's run is closed by the driver's verdict (search.study.Study.close_trial)
 
 
 def _threads(cpus: float) -> None:
@@ -101,8 +123,10 @@ def train_teacher(ctx: StudyContext, out_dir: str) -> str:
         out_dir=out_dir,
         seed=cfg.seed,
     )
-    tags = {contract.ROLE: contract.ROLE_TEACHER, study.PARENT: ctx.study_run_id}
-    tracker = MLflowTracker(ctx.tracking_uri, cfg.experiment, run_name="teacher", tags=tags)
+    tags = {contract.ROLE: contract.ROLE_TEACHER, study.PARENT: ctx.study.run_id}
+    tracker = SearchRunTracker(
+        ctx.tracking_uri, cfg.experiment, run_name="teacher", tags=tags, keep=("iterations",)
+    )
     status = "FAILED"
     try:
         train(train_cfg, tracker)
@@ -153,38 +177,23 @@ def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: 
     train_cfg = replace(student_config(ctx, params, n, min(cfg.training.val_every, n)), out_dir=out_dir)
     tags = {
         contract.ROLE: study.ROLE_FINALIZE,
-        study.PARENT: ctx.study_run_id,
+        study.PARENT: ctx.study.run_id,
         study.TAG_FINALIZED_FROM: trial_run_id,
     }
-    tracker = MLflowTracker(ctx.tracking_uri, cfg.experiment, run_name="finalize", tags=tags)
+    tracker = SearchRunTracker(
+        ctx.tracking_uri, cfg.experiment, run_name="finalize", tags=tags, keep=("iterations",)
+    )
     status = "FAILED"
     try:
         # the knobs as a trial logs them: selection and the cost model read them from the version's run
         trial_params = study.client(ctx.tracking_uri).get_run(trial_run_id).data.params
-        tracker.log_params({k: trial_params[k] for k in KNOBS if k in trial_params})
+        tracker.log_params({k: trial_params[k] for k in study.KNOBS if k in trial_params})
         result = train(train_cfg, tracker, resume=(Path(out_dir) / "last.pt").exists())
         status = "FINISHED"
     finally:
         tracker.close(status)
     study.client(ctx.tracking_uri).log_metric(trial_run_id, FINAL_QUALITY, result.val_psnr_y)
     return tracker.run_id
-
-
-def _report_if_already_trained(ctx: StudyContext, trial_id: str, constants: dict[str, float]) -> bool:
-    """A trial that finished or was stopped early before the driver died, rerun by Ray after
-    --resume, is not trained again: its recorded result is reported instead (Ray's experiment state
-    can lag behind MLflow)."""
-    run = study.find_run(
-        ctx.tracking_uri, ctx.experiment_id, **{study.PARENT: ctx.study_run_id, study.TAG_TRIAL_ID: trial_id}
-    )
-    if run is None or run.info.status != "FINISHED" or QUALITY not in run.data.metrics:
-        return False
-    history = study.client(ctx.tracking_uri).get_metric_history(run.info.run_id, QUALITY)
-    last = max(history, key=lambda m: m.step)
-    if last.step < constants["iterations"] and run.data.tags.get(study.TAG_EARLY_STOPPED) != "true":
-        return False
-    compat.report({**constants, **run.data.metrics, QUALITY: last.value, "step": last.step})
-    return True
 
 
 def edge_cost(
@@ -214,58 +223,37 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
 
     cfg = ctx.search
     _threads(cfg.cpus_per_trial)
-    trial_id, trial_name = compat.trial_identity()
+    trial_id, _ = compat.trial_identity()
     model = model_config(params, cfg)
-    alpha = float(params.get("alpha", 0.0))
     constants = {
         "flops_g": count_flops(model, 64, 64).gflops,
         "params": float(count_params(build_model(model))),
-        "iterations": float(cfg.training.iterations),
     }
     prediction = edge_cost(cfg, ctx, model, constants)
-    if _report_if_already_trained(ctx, trial_id, constants):
+    recorded = ctx.study.recorded_result(trial_id, QUALITY)
+    if recorded is not None:  # trained before the driver died; Ray reruns it after --resume
+        compat.report({**constants, **recorded})
         return
-    run_id = study.trial_run_id(ctx.tracking_uri, ctx.experiment_id, ctx.study_run_id, trial_id, trial_name)
-    mlflow_tracker = MLflowTracker(ctx.tracking_uri, run_id=run_id)
-    tracker = TuneTracker(mlflow_tracker, constants)
-    status = "FAILED"
+    run_id = ctx.study.open_trial(trial_id, params, ctx.round)
+    mlflow_tracker = SearchRunTracker(ctx.tracking_uri, run_id=run_id)
+    c = mlflow_tracker.client
     import ray
 
-    study.client(ctx.tracking_uri).set_tag(run_id, study.TAG_NODE_ID, ray.get_runtime_context().get_node_id())
+    c.set_tag(run_id, study.TAG_NODE_ID, ray.get_runtime_context().get_node_id())
     try:  # from here on, whatever fails is recorded on the trial's run
         mlflow_tracker.log_metrics({"flops_g": constants["flops_g"], "params": constants["params"]}, 0)
-        c = study.client(ctx.tracking_uri)
-        c.set_tag(run_id, study.TAG_ROUND, str(ctx.round))
         if prediction:
             key, value, source = prediction
             c.set_tag(run_id, study.TAG_COST_SOURCE, source)
             if source == "costmodel":
                 mlflow_tracker.log_metrics({key: value}, ctx.round)
-        tracker.log_params(
-            {
-                "embed_dim": model.embed_dim,
-                "rank": model.rank,
-                "alpha": alpha,
-                "n_groups": model.n_groups,
-                "blocks_per_group": model.blocks_per_group,
-            }
-        )
         train_cfg = student_config(ctx, params, cfg.training.iterations, cfg.training.val_every)
         # Not in Ray's trial folder: for the first trial of each worker that folder is in the
         # driver's staging area, which Ray's experiment syncer copies to storage in the background,
         # catching (and keeping) checkpoints half-written. What the trial keeps goes to MLflow.
         with tempfile.TemporaryDirectory(prefix=f"trial-{trial_id}-", ignore_cleanup_errors=True) as out:
-            train(replace(train_cfg, out_dir=out), tracker)
-        status = "FINISHED"
+            train(replace(train_cfg, out_dir=out), TuneTracker(mlflow_tracker, constants))
     except Exception as exc:
-        study.client(ctx.tracking_uri).set_tag(run_id, "search.error", f"{type(exc).__name__}: {exc}"[:500])
+        # the cause, in one line, for the verdict the driver writes (Study.close_trial)
+        c.set_tag(run_id, study.TAG_ERROR, f"{type(exc).__name__}: {exc}"[:500])
         raise
-    except BaseException:
-        # Ray stopping the trial (an early stop ends this thread with SystemExit) or the process
-        # going down: the driver closes the run (search/run.py), so the worker leaves it alone
-        # instead of racing the driver's verdict.
-        status = None
-        raise
-    finally:
-        if status is not None:
-            mlflow_tracker.close(status)

@@ -338,17 +338,15 @@ def test_a_search_takes_dvmsr_as_its_teacher(published, tmp_path):
     trials then load it by its runs:/ URI like any other teacher."""
     from search import study
     from search.config import load_config
-    from search.run import ensure_teacher
+    from search.stages import ensure_teacher
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     spec = f"dvmsr:{published / 'team07_DVMSR.pth'}"
     cfg = load_config(None, {"teacher.checkpoint": spec, "tracking_uri": uri})
     exp = study.ensure_experiment(uri, "t")
     run_id = study.client(uri).create_run(exp).info.run_id
-    state = {"study_run_id": run_id, "teacher_uri": None}
-    (tmp_path / "s").mkdir()
-    ctx = {"config": cfg.to_dict(), "tracking_uri": uri, "experiment_id": exp}
-    teacher_uri = ensure_teacher(cfg, ctx, state, tmp_path, "s")
+    s = study.Study(uri, exp, run_id, "s", cfg.training.iterations)
+    teacher_uri = ensure_teacher(cfg, s, tmp_path / "s")
     assert teacher_uri.startswith(f"runs:/{run_id}/teacher/")
     data = study.client(uri).get_run(run_id).data
     tags = data.tags
@@ -357,3 +355,4 @@ def test_a_search_takes_dvmsr_as_its_teacher(published, tmp_path):
     folder = study.download(teacher_uri, uri, cache_dir=tmp_path / "cache")
     net = load_model(str(study.single_file(folder, ".pt")))
     assert net.cfg == preset("dvmsr").replace(scan=net.cfg.scan)
+    assert tags[study.TAG_TEACHER_URI] == teacher_uri and s.teacher_uri == teacher_uri  # resume takes it

@@ -7,6 +7,7 @@ INA3221 reader from a fake sysfs tree whose values a thread changes over time.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -57,6 +58,7 @@ def register(uri: str, tmp: Path, model_name: str, devices=(DEVICE,)) -> tuple[s
 
 def make_agent(uri: str, tmp: Path, model_name: str, device: str = DEVICE, **kw) -> Agent:
     power_root = kw.pop("power_root", tmp / "no-sensor")
+    reader_factory = kw.pop("reader_factory", None)
     cfg = AgentConfig(
         tracking_uri=uri,
         device=device,
@@ -70,7 +72,25 @@ def make_agent(uri: str, tmp: Path, model_name: str, device: str = DEVICE, **kw)
         measure=kw.pop("measure", FAST),
         **kw,
     )
-    return Agent(cfg)
+    return Agent(cfg, reader_factory=reader_factory)
+
+
+def measurement(uri: str, tmp: Path, run_id: str, device: str = DEVICE) -> dict:
+    """The run's measurement artifact for ``device``, as the agent wrote it."""
+    from mlflow.tracking import MlflowClient
+
+    dest = tmp / f"artifact-{run_id}-{device}"
+    dest.mkdir(exist_ok=True)
+    path = MlflowClient(uri).download_artifacts(run_id, contract.measurement_artifact(device), str(dest))
+    return json.loads(Path(path).read_text())
+
+
+def edge_tags(tags: dict[str, str], device: str = DEVICE) -> set[str]:
+    """The names of the ``edge.<device>.*`` tags among ``tags``."""
+    return {name for d, name in filter(None, map(contract.split_edge_key, tags)) if d == device}
+
+
+CLAIM_TAGS = {contract.TAG_CLAIMED_BY, contract.TAG_HEARTBEAT}
 
 
 def test_pending_to_done_with_power_from_a_changing_sysfs_tree(server, tmp_path):
@@ -102,6 +122,8 @@ def test_pending_to_done_with_power_from_a_changing_sysfs_tree(server, tmp_path)
     v = client.get_model_version("m-power", version)
     assert v.tags[contract.status_tag(DEVICE)] == contract.DONE
     assert v.tags[contract.edge_key(DEVICE, "power_source")] == "ina3221"
+    # the finished version shows its status, figures, backend and power source: no claim, no note
+    assert edge_tags(v.tags) == {"status", "backend", "power_source", *m.metrics()}
     metrics = client.get_run(run_id).data.metrics
     key = lambda name: contract.edge_key(DEVICE, name)  # noqa: E731
     for name in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "power_mw", "idle_power_mw"):
@@ -123,7 +145,15 @@ def test_pending_to_done_with_power_from_a_changing_sysfs_tree(server, tmp_path)
     assert abs(metrics[key("energy_mj_per_image")] - (loaded - idle) * per_image_s) <= bound
     run_tags = client.get_run(run_id).data.tags
     assert run_tags[key("backend")] == "onnxruntime"
-    assert "onnxruntime_version" in "".join(run_tags)
+    assert edge_tags(run_tags) == {"backend", "power_source"}  # no agent or result id, no info
+    # the rest is in the run's one JSON artifact
+    report = measurement(server, tmp_path, run_id)
+    assert report["agent_id"] == agent.cfg.agent_id and len(report["result_id"]) == 32
+    assert report["status"] == contract.DONE and report["metrics"] == m.metrics()
+    info = report["measurement"]["info"]
+    assert info["onnxruntime_version"] and info["power_rail"] == "VDD_IN" and "rails" in info
+    assert report["measurement"]["images"] == m.images  # the windows and the protocol's settings too
+    assert report["measurement"]["protocol"]["rate_hz"] == FAST.rate_hz
 
 
 def test_outbox_delivers_after_the_server_comes_back(tmp_path, monkeypatch):
@@ -157,6 +187,7 @@ def test_outbox_delivers_after_the_server_comes_back(tmp_path, monkeypatch):
         client = MlflowClient(uri)
         v = client.get_model_version("m-outbox", version)
         assert v.tags[contract.status_tag(DEVICE)] == contract.DONE
+        assert not edge_tags(v.tags) & CLAIM_TAGS
         for name in contract.EDGE_METRICS:
             if name in agent.results[version].metrics():
                 history = client.get_metric_history(run_id, contract.edge_key(DEVICE, name))
@@ -188,6 +219,77 @@ def test_redelivery_of_a_report_does_not_double_metrics(server, tmp_path):
         run_id, contract.edge_key("other-dev", "latency_ms_p50")
     )
     assert [h.value for h in history] == [3.0]
+    assert edge_tags(MlflowClient(server).get_run(run_id).data.tags, "other-dev") == {"backend"}
+    assert measurement(server, tmp_path, run_id, "other-dev")["result_id"] == "same-id"
+
+
+def test_a_delivery_cut_off_after_the_metrics_is_retried_without_logging_them_again(server, tmp_path):
+    """The artifact upload fails after ``log_batch`` landed: the version stays ``measuring`` under
+    this agent's claim, the report waits in the outbox, and the retry sends no metric again.
+    (MLflow's SQL store would drop an identical metric by itself, so the metric history alone
+    could not show a resend: the client's calls are recorded too.)"""
+    from mlflow.tracking import MlflowClient
+
+    run_id, version = register(server, tmp_path, "m-retry")
+    agent = make_agent(server, tmp_path, "m-retry")
+    client = agent.registry.client
+    real_log_batch, real_log_dict = client.log_batch, client.log_dict
+    sent, cuts = [], [ConnectionResetError("the connection was reset during the upload")]
+
+    def log_batch(run_id, metrics=(), **kw):
+        sent.append(sorted(m.key for m in metrics))
+        return real_log_batch(run_id, metrics=metrics, **kw)
+
+    def log_dict(*args, **kw):
+        if cuts:
+            raise cuts.pop()
+        return real_log_dict(*args, **kw)
+
+    client.log_batch, client.log_dict = log_batch, log_dict
+    assert agent.poll_once() == [version]
+    [waiting] = agent.outbox.pending()
+    tags = agent.registry.get(version).tags
+    assert tags[contract.status_tag(DEVICE)] == contract.MEASURING  # the status is written last
+    assert tags[contract.edge_key(DEVICE, contract.TAG_CLAIMED_BY)] == agent.cfg.agent_id
+
+    assert agent.poll_once() == []  # delivered from the outbox, not measured again
+    assert agent.outbox.pending() == []
+    figures = agent.results[version].metrics()
+    assert sent == [sorted(contract.edge_key(DEVICE, k) for k in figures), []]
+    for name in figures:
+        assert len(MlflowClient(server).get_metric_history(run_id, contract.edge_key(DEVICE, name))) == 1
+    assert measurement(server, tmp_path, run_id)["result_id"] == waiting.result_id
+    tags = agent.registry.get(version).tags
+    assert tags[contract.status_tag(DEVICE)] == contract.DONE
+    assert not edge_tags(tags) & CLAIM_TAGS
+
+
+def test_no_power_source_leaves_a_short_note_and_the_whole_reason_in_the_artifact(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    reason = "; ".join(
+        f"{s}: not found under /sys (looked in {i} places)" for i, s in enumerate(power.SOURCES * 5)
+    )
+    assert len(reason) > contract.POWER_NOTE_CHARS
+    run_id, version = register(server, tmp_path, "m-nopower")
+    agent = make_agent(server, tmp_path, "m-nopower", reader_factory=lambda: power.UnavailableReader(reason))
+    assert agent.poll_once() == [version]
+    client = MlflowClient(server)
+    run_tags = client.get_run(run_id).data.tags
+    version_tags = client.get_model_version("m-nopower", version).tags
+    note = run_tags[contract.edge_key(DEVICE, contract.TAG_POWER_NOTE)]
+    assert len(note) == contract.POWER_NOTE_CHARS and reason.startswith(note.removesuffix("..."))
+    assert version_tags[contract.edge_key(DEVICE, contract.TAG_POWER_NOTE)] == note
+    assert edge_tags(run_tags) == {"backend", "power_source", "power_note"}
+    assert run_tags[contract.edge_key(DEVICE, "power_source")] == "unavailable"
+    assert contract.edge_key(DEVICE, contract.POWER) not in client.get_run(run_id).data.metrics
+    assert measurement(server, tmp_path, run_id)["measurement"]["info"][power.UNAVAILABLE_REASON] == reason
+
+    # a short reason is kept whole
+    run_id, version = register(server, tmp_path, "m-nopower")
+    assert make_agent(server, tmp_path, "m-nopower", name="off").poll_once() == [version]
+    note = client.get_run(run_id).data.tags[contract.edge_key(DEVICE, contract.TAG_POWER_NOTE)]
+    assert note == "power measurement was switched off (power source 'none')"
 
 
 def test_corrupt_onnx_and_checksum_mismatch_end_as_failed(server, tmp_path):
@@ -217,6 +319,7 @@ def test_corrupt_onnx_and_checksum_mismatch_end_as_failed(server, tmp_path):
     v2 = client.get_model_version("m-fail", corrupt).tags
     assert v2[contract.status_tag(DEVICE)] == contract.FAILED
     assert "ONNX Runtime could not load" in v2[contract.error_tag(DEVICE)]
+    assert not (edge_tags(v1) | edge_tags(v2)) & CLAIM_TAGS
     assert agent.results == {}
     assert client.get_run(run_id).data.tags[contract.error_tag(DEVICE)].startswith("BackendError")
 
@@ -313,12 +416,20 @@ def test_heartbeat_is_refreshed_during_a_long_measurement(server, tmp_path):
         original(v)
         beats.append((before, time.time()))
 
-    agent.heartbeat = spy
+    beat_tag = contract.edge_key(DEVICE, contract.TAG_HEARTBEAT)
+    stored = []
+    real_deliver = agent.registry.deliver
+
+    def deliver(report):  # the heartbeat as the measurement left it; delivery removes it
+        stored.append(float(agent.registry.get(version).tags[beat_tag]))
+        real_deliver(report)
+
+    agent.heartbeat, agent.registry.deliver = spy, deliver
     assert agent.poll_once() == [version]
     assert len(beats) >= 4  # one before measuring, then every 0.3 s of a ~3 s measurement
-    stored = float(agent.registry.get(version).tags[contract.edge_key(DEVICE, contract.TAG_HEARTBEAT)])
     before, after = beats[-1]
-    assert before - 5e-4 <= stored <= after + 5e-4  # the last beat's value (written to the ms) stayed
+    assert before - 5e-4 <= stored[0] <= after + 5e-4  # the last beat's value (written to the ms) stayed
+    assert beat_tag not in agent.registry.get(version).tags
 
 
 def test_sigterm_hands_the_claim_back(server, tmp_path):
@@ -360,7 +471,7 @@ def test_sigterm_hands_the_claim_back(server, tmp_path):
     reg = Registry(server, "m-term")
     tags = reg.get(version).tags
     assert tags[contract.status_tag(DEVICE)] == contract.PENDING
-    assert contract.edge_key(DEVICE, contract.TAG_CLAIMED_BY) not in tags
+    assert not edge_tags(tags) & CLAIM_TAGS  # claimed_by and heartbeat both gone
 
 
 def test_a_stop_during_the_claims_settle_hands_it_back_before_any_download(server, tmp_path):
@@ -389,7 +500,7 @@ def test_a_stop_during_the_claims_settle_hands_it_back_before_any_download(serve
     assert len(timers) == 1 and downloads == []
     tags = agent.registry.get(version).tags
     assert tags[status] == contract.PENDING
-    assert contract.edge_key(DEVICE, contract.TAG_CLAIMED_BY) not in tags
+    assert not edge_tags(tags) & CLAIM_TAGS  # claimed_by and heartbeat both gone
 
 
 def test_measure_cli_prints_json(tmp_path):

@@ -76,7 +76,8 @@ def files_holding(needles: list[bytes], roots: list[Path]) -> list[str]:
 
 
 def mlflow_holding(client, needle: str) -> list[str]:
-    """Every param and tag of every run, experiment, registered model and version holding ``needle``."""
+    """Every param and tag of every run, experiment, registered model and version, and every
+    version's description, holding ``needle``."""
     from mlflow.entities import ViewType
 
     found = []
@@ -89,6 +90,7 @@ def mlflow_holding(client, needle: str) -> list[str]:
         found += [f"model {model.name}: tag {k}" for k, v in model.tags.items() if needle in k + v]
         for v in client.search_model_versions(f"name='{model.name}'"):
             found += [f"version {v.version}: tag {k}" for k, val in v.tags.items() if needle in k + val]
+            found += [f"version {v.version}: description"] if needle in (v.description or "") else []
     return found
 
 

@@ -10,8 +10,9 @@ from search import compat, study
 from search.config import ConfigError, load_config
 from search.pareto import dominates, hypervolume_2d, pareto_front
 from search.scheduler import ParetoRungScheduler, RungPoint, dominated_at_rung
-from search.searcher import BudgetAwareOptunaSearch, fully_trained, make_searcher
+from search.searcher import BudgetAwareOptunaSearch, make_searcher
 from search.space import define_space, model_config
+from search.study import fully_trained
 
 
 def write(tmp_path, text):
@@ -139,6 +140,12 @@ def test_scheduler_stops_only_dominated_trials_after_min_rung():
     assert s.on_trial_result(None, FakeTrial("b"), r(21.0, 2.0, 20)) == "STOP"
     assert s.on_trial_result(None, FakeTrial("c"), r(22.5, 0.5, 20)) == "CONTINUE"  # cheapest
     assert s.stopped == [("b", 20)]
+    # the reason names the peer that dominated it at that rung, by its label
+    assert s.reason("b", {"a": "t00 C8 r2 a0.50"}) == (
+        "at step 20, t00 C8 r2 a0.50 reached 28.00 dB at cost 1 (no more than this trial's 2) "
+        "against this trial's 21.00 dB"
+    )
+    assert s.reason("a") is None and s.reason("c") is None
 
 
 def test_searcher_counts_only_fully_trained_trials(tmp_path):
@@ -149,117 +156,125 @@ def test_searcher_counts_only_fully_trained_trials(tmp_path):
     for tid in ("full", "stopped", "crashed", "never"):
         assert searcher.suggest(tid)["embed_dim"] in (4, 8, 12)
     iters = cfg.training.iterations
-    searcher.on_trial_complete(
-        "full", {"val_psnr_y": 20.0, "flops_g": 0.1, "step": iters, "iterations": iters}
-    )
-    searcher.on_trial_complete(
-        "stopped", {"val_psnr_y": 25.0, "flops_g": 0.05, "step": 4, "iterations": iters}
-    )
-    searcher.on_trial_complete(
-        "crashed", {"val_psnr_y": 26.0, "flops_g": 0.05, "step": 4, "iterations": iters}, error=True
-    )
+    searcher.on_trial_complete("full", {"val_psnr_y": 20.0, "flops_g": 0.1, "step": iters})
+    searcher.on_trial_complete("stopped", {"val_psnr_y": 25.0, "flops_g": 0.05, "step": 4})
+    searcher.on_trial_complete("crashed", {"val_psnr_y": 26.0, "flops_g": 0.05, "step": 4}, error=True)
     states = {t.number: t.state for t in compat.optuna_study(searcher).trials}
     assert sorted(s.name for s in states.values()) == ["COMPLETE", "FAIL", "PRUNED", "RUNNING"]
     (complete,) = [t for t in compat.optuna_study(searcher).trials if t.state.name == "COMPLETE"]
     assert complete.values == [20.0, 0.1]
-    assert fully_trained({"step": 8, "iterations": 8}) and not fully_trained({"step": 4, "iterations": 8})
+    assert fully_trained(8, 8) and not fully_trained(4, 8) and not fully_trained(None, 8)
     assert (tmp_path / "optuna.db").exists() and not math.isnan(complete.values[0])
 
 
-def test_collect_settles_trial_runs_to_what_tune_saw(tmp_path):
-    """A run left KILLED (driver killed before the callback, then --resume) or closed FAILED by a late
-    worker ends as Tune saw its trial end; an early-stopped trial is tagged so."""
+def _study(tmp_path, name="s") -> study.Study:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = study.ensure_experiment(uri, name)
+    parent = study.client(uri).create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
+    return study.Study(uri, exp_id, parent, name, iterations=8)
+
+
+def test_each_trial_run_gets_one_verdict_from_what_tune_saw(tmp_path):
+    """A run left KILLED (driver killed before the callback, then --resume) ends as Tune saw its
+    trial end; a verdict once written is not rewritten (a second close does nothing); a trial that
+    failed before it opened its run gets one; collecting (``trials``) writes nothing."""
     from types import SimpleNamespace
 
-    from mlflow.tracking import MlflowClient
+    s = _study(tmp_path)
+    c = study.client(s.tracking_uri)
 
-    from search.run import collect
+    def result(trial_id, step, error=None):
+        metrics = {"trial_id": trial_id, "step": step, "val_psnr_y": 25.0}
+        return SimpleNamespace(
+            metrics=metrics, path=None, error=error, config={"embed_dim": 16, "rank": 2, "alpha": 0.5}
+        )
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config()
-    exp_id = study.ensure_experiment(uri, "settle")
-    c = MlflowClient(uri)
-    parent = c.create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
+    killed = s.open_trial("x_00001", {"embed_dim": 16, "rank": 2, "alpha": 0.5})
+    c.set_terminated(killed, status="KILLED")
+    s.open_trial("x_00002", {"embed_dim": 8, "rank": 2, "alpha": 0.1})
+    assert s.close_trial("x_00002", {"step": 4}, reason="at step 4, t01 ... dominated it")
+    crashed = s.open_trial("x_00003", {"embed_dim": 8, "rank": 4, "alpha": 0.2})
+    c.set_tag(crashed, study.TAG_ERROR, "ValueError: teacher scale x2")
+    results = [result("x_00001", 8), result("x_00002", 8), result("x_00003", 2, RuntimeError("boom"))]
+    results.append(result("x_00004", 0, RuntimeError("never opened")))
+    assert s.settle(results, 1) == 3  # x_00002 had its verdict
 
-    def trial(trial_id: str, left: str, step: int, error=None):
-        tags = {contract.ROLE: contract.ROLE_TRIAL, study.PARENT: parent, study.TAG_TRIAL_ID: trial_id}
-        run_id = c.create_run(exp_id, tags=tags).info.run_id
-        c.set_terminated(run_id, status=left)
-        metrics = {"trial_id": trial_id, "step": step, "iterations": 8, "val_psnr_y": 25.0, cfg.cost: 1.0}
-        result = SimpleNamespace(metrics=metrics, path=None, error=error, config={"embed_dim": 16, "rank": 2})
-        return run_id, result
-
-    killed, r1 = trial("t1", "KILLED", 8)
-    late, r2 = trial("t2", "FAILED", 4)  # early-stopped, then closed FAILED by its worker
-    crashed, r3 = trial("t3", "RUNNING", 2, error=RuntimeError("boom"))
-    rows = collect([r1, r2, r3], cfg, uri, exp_id, parent)
-
-    assert [r.status for r in rows] == ["complete", "stopped", "failed"]
-    runs = {rid: c.get_run(rid) for rid in (killed, late, crashed)}
-    assert [runs[rid].info.status for rid in (killed, late, crashed)] == ["FINISHED", "FINISHED", "FAILED"]
-    assert runs[killed].data.tags[study.TAG_EARLY_STOPPED] == "false"
-    assert runs[late].data.tags[study.TAG_EARLY_STOPPED] == "true"
-
-
-def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path, monkeypatch):
-    """After --resume, Ray may rerun a trial MLflow already has: fully trained or stopped early, its
-    recorded result is reported again; a run cut off mid-training is trained again."""
-    from mlflow.tracking import MlflowClient
-
-    from search import trainable
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp_id = study.ensure_experiment(uri, "rerun")
-    c = MlflowClient(uri)
-    parent = c.create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
-    ctx = trainable.StudyContext({}, uri, exp_id, parent, None)
-    reported = []
-    monkeypatch.setattr(compat, "report", reported.append)
-
-    def run(trial_id: str, steps: list[int], status: str, early_stopped: str | None = None) -> None:
-        tags = {study.PARENT: parent, study.TAG_TRIAL_ID: trial_id}
-        if early_stopped:
-            tags[study.TAG_EARLY_STOPPED] = early_stopped
-        run_id = c.create_run(exp_id, tags=tags).info.run_id
-        for s in steps:
-            c.log_metric(run_id, "val_psnr_y", 20.0 + s, step=s)
-        c.set_terminated(run_id, status=status)
-
-    run("full", [2, 4, 6, 8], "FINISHED", "false")
-    run("stopped", [2, 4], "FINISHED", "true")
-    run("cut", [2, 4], "KILLED")
-    run("cut-finished", [2, 4], "FINISHED")  # closed without the early-stop verdict: not trusted
-    done = {
-        t: trainable._report_if_already_trained(ctx, t, {"iterations": 8.0})
-        for t in ("full", "stopped", "cut", "cut-finished", "never-started")
+    every = study.all_pages(c.search_runs, [s.experiment_id])
+    runs = {r.data.tags[study.TAG_TRIAL_ID]: r for r in every if study.TAG_TRIAL_ID in r.data.tags}
+    status = {t: (r.info.status, r.data.tags[study.TAG_VERDICT]) for t, r in runs.items()}
+    assert status == {
+        "x_00001": ("FINISHED", "complete"),
+        "x_00002": ("FINISHED", "stopped"),  # not rewritten as complete by the later result
+        "x_00003": ("FAILED", "failed"),
+        "x_00004": ("FAILED", "failed"),
     }
-    assert done == {
+    assert runs["x_00002"].data.tags[study.TAG_STOP_REASON] == "at step 4, t01 ... dominated it"
+    assert runs["x_00002"].info.run_name == "C8 r2 a0.10 · stopped@4"  # closed without a number
+    assert runs["x_00001"].info.run_name == "t01 C16 r2 a0.50"  # settle numbers them in Tune's order
+    assert runs["x_00004"].info.run_name == "t04 C16 r2 a0.50 · failed"
+    assert runs["x_00002"].data.tags[study.TAG_EARLY_STOPPED] == "true"
+    assert runs["x_00001"].data.tags[study.TAG_EARLY_STOPPED] == "false"
+    assert runs["x_00003"].data.tags[study.TAG_ERROR] == "ValueError: teacher scale x2"  # the worker's
+    assert runs["x_00004"].data.tags[study.TAG_ERROR] == "RuntimeError: never opened"
+    assert runs["x_00001"].data.params == {"embed_dim": "16", "rank": "2", "alpha": "0.5"}  # once each
+
+    before = [(r.info.status, r.data.tags) for r in every]
+    rows = s.trials("flops_g")
+    assert [r.status for r in rows] == ["complete", "stopped", "failed", "failed"]
+    assert (
+        rows[1].step == 4
+        and rows[0].step == 8
+        and rows[0].config == {"embed_dim": 16, "rank": 2, "alpha": 0.5}
+    )
+    after = [(r.info.status, r.data.tags) for r in study.all_pages(c.search_runs, [s.experiment_id])]
+    assert sorted(map(str, before)) == sorted(map(str, after))
+
+
+def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path):
+    """After --resume, Ray may rerun a trial MLflow already has a verdict for: complete or stopped
+    early, its recorded result is reported again; a run cut off mid-training is trained again."""
+    s = _study(tmp_path, "rerun")
+    c = study.client(s.tracking_uri)
+
+    def run(trial_id: str, steps: list[int], status: str | None, verdict_step: int | None = None) -> None:
+        run_id = s.open_trial(trial_id, {"embed_dim": 8, "rank": 2, "alpha": 0.5})
+        for step in steps:
+            c.log_metric(run_id, "val_psnr_y", 20.0 + step, step=step)
+        if verdict_step is not None:
+            s.close_trial(trial_id, {"step": verdict_step})
+        elif status:
+            c.set_terminated(run_id, status=status)
+
+    run("full", [2, 4, 6, 8], None, verdict_step=8)
+    run("stopped", [2, 4], None, verdict_step=4)
+    run("cut", [2, 4], "KILLED")
+    run("cut-finished", [2, 4], "FINISHED")  # closed without a verdict: not trusted
+    done = {
+        t: s.recorded_result(t, "val_psnr_y") for t in ("full", "stopped", "cut", "cut-finished", "never")
+    }
+    assert {t: r is not None for t, r in done.items()} == {
         "full": True,
         "stopped": True,
         "cut": False,
         "cut-finished": False,
-        "never-started": False,
+        "never": False,
     }
-    assert [(r["step"], r["val_psnr_y"]) for r in reported] == [(8, 28.0), (4, 24.0)]
+    assert [(done[t]["step"], done[t]["val_psnr_y"]) for t in ("full", "stopped")] == [(8, 28.0), (4, 24.0)]
 
 
-def test_study_state_is_replaced_atomically(tmp_path, monkeypatch):
-    # --resume reads study.json: a crash or a full disk mid-write must leave the previous state
-    import json
-    import os
+def test_trial_labels_carry_the_knobs():
+    assert study.trial_label(3, {"embed_dim": 32, "rank": 4, "alpha": 0.6}) == "t03 C32 r4 a0.60"
+    assert study.trial_label(12, {"embed_dim": 8, "rank": 1, "alpha": 0.0}, 2) == "R2 t12 C8 r1 a0.00"
+    assert study.trial_label(None, {"embed_dim": 8, "rank": 1, "alpha": 0.25}) == "C8 r1 a0.25"
 
-    import search.run as run
 
-    run._write_state(tmp_path, "s1", {"rounds_done": 1})
-
-    def refuse(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OSError):
-        run._write_state(tmp_path, "s1", {"rounds_done": 2})
-    assert json.loads((tmp_path / "s1" / "study.json").read_text()) == {"rounds_done": 1}
-    assert not [p for p in (tmp_path / "s1").iterdir() if p.name != "study.json"]
+def test_the_study_description_keeps_its_sections(tmp_path):
+    s = _study(tmp_path, "describe")
+    s.set_tags({study.NOTE: "What this study searched."})
+    s.describe("Result", "3 trials")
+    s.describe("Champion", "v2")
+    s.describe("Result", "4 trials")
+    assert s.tags()[study.NOTE] == "What this study searched.\n\n### Result\n4 trials\n\n### Champion\nv2"
 
 
 def test_the_installed_ray_and_optuna_are_the_versions_compat_was_written_for():

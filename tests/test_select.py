@@ -190,13 +190,25 @@ def test_knee_on_a_constructed_front_sets_alias_tags_and_report(powered):
         "none",
     )
     listed = {Path(f.path).name for f in client(powered["uri"]).list_artifacts(powered["study"], "selection")}
-    assert listed == {"pareto.png", "pareto.html", "table.md", "selection.json"}
+    assert listed == {"table.md", "selection.json"}
+    plots = {Path(f.path).name for f in client(powered["uri"]).list_artifacts(powered["study"], "pareto")}
+    assert plots == {"pareto.png", "pareto.html"}  # the study's one plot
+    # why it won, where a user looks: the study run's and the version's descriptions
+    note = client(powered["uri"]).get_run(powered["study"]).data.tags["mlflow.note.content"]
+    assert "### Champion" in note and f"models:/{powered['model']}@champion" in note
+    described = client(powered["uri"]).get_model_version(powered["model"], c["b"][1]).description
+    assert described.count("**Champion**") == 1 and sel.message in described
 
 
 def test_best_psnr_and_limits_move_the_choice(powered):
     c = powered["c"]
     assert select(powered, rule="best-psnr").champion.version == c["c"][1]  # 27.5 dB; e and f unmeasured
     assert champion(powered["uri"], powered["model"]) == c["c"][1]
+    mc = client(powered["uri"])
+    select(powered)  # the knee again (b), then best-psnr: b's description loses its champion paragraph
+    select(powered, rule="best-psnr")
+    assert "**Champion**" not in (mc.get_model_version(powered["model"], c["b"][1]).description or "")
+    assert "**Champion**" in mc.get_model_version(powered["model"], c["c"][1]).description
     # p50 <= 3.5 leaves a and b; on that front a is 1 from the ideal (PSNR), b sqrt(2)  ->  a
     sel = select(powered, limits=Limits(max_latency_ms=3.5))
     assert sel.champion.version == c["a"][1]

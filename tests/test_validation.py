@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from edge_agent import contract
 from search.config import CONFIG_DIR, ConfigError
 
 SMOKE = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
@@ -128,55 +129,64 @@ def test_search_flags_that_would_be_ignored_are_errors(tmp_path, capsys, flags, 
     assert named in err and "Traceback" not in err
 
 
-def _study(storage, latest: str | None, state: str | None):
-    storage.mkdir()
+def _study(tmp_path, latest: str | None, run: str | None) -> list[str]:
+    """A storage folder whose LATEST is ``latest``; ``run``: "none" (no study run in MLflow), "bare"
+    (a study run without its config artifact) or "whole" (started as the search starts one).
+    Returns the search's flags for it."""
+    from search import study
+    from search.run import config_from_args, parse_args
+
+    storage = tmp_path / "s"
+    flags = ["--smoke-test", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage-dir", str(storage)]
+    cfg = config_from_args(parse_args(flags))
+    uri = study.absolute_tracking_uri(cfg.tracking_uri)
+    if run == "whole":
+        latest = study.Study.start(cfg, uri).name
+    elif run == "bare":
+        exp = study.ensure_experiment(uri, cfg.experiment)
+        study.client(uri).create_run(exp, tags={study.TAG_STUDY: latest, contract.ROLE: contract.ROLE_STUDY})
+    storage.mkdir(exist_ok=True)
     if latest is not None:
         (storage / "LATEST").write_text(latest)
-    if state is not None:
-        (storage / "s1").mkdir()
-        (storage / "s1" / "study.json").write_text(state)
+    return [*flags, "--resume"]
 
 
 RESUME_CASES = [
+    (None, None, "nothing to resume"),
     ("", None, "does not name a study"),
-    ("s1", None, "study.json is missing"),
-    ("s1", '{"study_run_id": "ab', "damaged"),
-    ("s1", "[]", "no study_run_id"),
+    ("s1", None, "study s1 has no run in experiment 'mambalitesr-smoke'"),
+    ("s1", "bare", "has no readable config/study.json"),
 ]
 
 
 @pytest.mark.usefixtures("no_work")
-@pytest.mark.parametrize("latest,state,message", RESUME_CASES, ids=[c[2] for c in RESUME_CASES])
-def test_resume_of_a_damaged_study_is_refused(tmp_path, capsys, latest, state, message):
+@pytest.mark.parametrize("latest,run,message", RESUME_CASES, ids=[c[2] for c in RESUME_CASES])
+def test_resume_of_a_damaged_study_is_refused(tmp_path, capsys, latest, run, message):
     from search.run import main
 
-    _study(tmp_path / "s", latest, state)
-    assert exit_code(main, ["--smoke-test", "--resume", "--storage-dir", str(tmp_path / "s")]) == 2
+    flags = _study(tmp_path, latest, run)
+    assert exit_code(main, flags) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 @pytest.mark.usefixtures("no_work")
 def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
+    """The configuration a study started with is its run's config artifact: --resume compares."""
+    from search import study
     from search.run import config_from_args, main, parse_args
 
-    storage = tmp_path / "s"
-    resume = ["--smoke-test", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage-dir", str(storage)]
-    cfg = config_from_args(parse_args(resume))
-    _study(storage, "s1", json.dumps({"study_run_id": "abc", "config": cfg.to_dict()}))
-    resume.append("--resume")
+    resume = _study(tmp_path, None, "whole")
     assert exit_code(main, [*resume, "--num-samples", "9"]) == 2
     err = capsys.readouterr().err
     assert "num_samples (4 -> 9)" in err and "Traceback" not in err
     # what may change on resume passes the check
-    assert config_from_args(parse_args([*resume, "--rounds", "2"])).loop.rounds == 2
-    # the study's run is not on this tracking server (study.json from elsewhere): a sentence
-    from search import study
-    from search.run import start_or_resume
-
-    uri = study.absolute_tracking_uri(cfg.tracking_uri)
-    with pytest.raises(ConfigError, match="run abc is not on the tracking server"):
-        start_or_resume(cfg, True, uri, study.ensure_experiment(uri, cfg.experiment))
+    cfg = config_from_args(parse_args([*resume, "--rounds", "2"]))
+    found = study.Study.find(cfg, study.absolute_tracking_uri(cfg.tracking_uri))
+    assert cfg.loop.rounds == 2 and found.rounds_done() == 0
+    # the same study under another tracking server: a sentence, not a traceback
+    with pytest.raises(study.StudyError, match="has no run in experiment"):
+        study.Study.find(cfg, f"sqlite:///{tmp_path}/other.db")
 
 
 TRAIN_CASES = [
@@ -222,15 +232,15 @@ def test_a_teacher_uri_that_cannot_be_fetched_is_a_config_error(tmp_path):
     before any trial, instead of every trial failing on it."""
     from search import study
     from search.config import load_config
-    from search.run import ensure_teacher
+    from search.stages import ensure_teacher
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     cfg = load_config(None, {"teacher.checkpoint": "runs:/0123456789abcdef/t.pt", "tracking_uri": uri})
     exp = study.ensure_experiment(uri, "t")
     run_id = study.client(uri).create_run(exp).info.run_id
-    ctx = {"config": cfg.to_dict(), "tracking_uri": uri, "experiment_id": exp}
-    (tmp_path / "s").mkdir()
+    s = study.Study(uri, exp, run_id, "s", cfg.training.iterations)
     with pytest.raises(
         ConfigError, match="teacher.checkpoint: runs:/0123456789abcdef/t.pt cannot be fetched"
     ):
-        ensure_teacher(cfg, ctx, {"study_run_id": run_id, "teacher_uri": None}, tmp_path, "s")
+        ensure_teacher(cfg, s, tmp_path / "s")
+    assert s.teacher_uri is None  # not taken as the study's teacher by a --resume

@@ -1,0 +1,112 @@
+"""What a study shows of its trials: the table, the Pareto plot, the summary metrics.
+
+Everything lands on the study run (``pareto/``) and in its description; nothing here decides
+anything (the front is ``search.pareto.pareto_front`` over fully trained trials).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from search.pareto import hypervolume_2d, pareto_front, plot_front
+from search.study import COMPLETE, STOPPED, Study, TrialRow
+
+ARTIFACT_DIR = "pareto"  # on the study run: pareto.png/.html, trials.txt/.json
+
+
+def mark_front(rows: list[TrialRow]) -> list[TrialRow]:
+    """Set ``on_front`` on the fully trained rows no other fully trained row dominates; returns them."""
+    complete = [r for r in rows if r.status == COMPLETE and math.isfinite(r.val_psnr_y)]
+    for r in rows:
+        r.on_front = False
+    for i in pareto_front([(r.val_psnr_y, r.cost) for r in complete], ("max", "min")):
+        complete[i].on_front = True
+    return [r for r in complete if r.on_front]
+
+
+def format_table(rows: list[TrialRow], cost: str) -> str:
+    head = f"{'trial':30s} {'status':9s} {'step':>5s}"
+    lines = [f"{head} {'PSNR-Y':>7s} {cost:>8s}  front"]
+    for r in sorted(rows, key=lambda r: (r.status != COMPLETE, r.cost)):
+        mark = f"v{r.version}" if r.version else ("*" if r.on_front else "")
+        name = r.name or f"{r.trial_id[:8]} C{r.embed_dim} r{r.rank} a{r.alpha:.2f}"
+        lines.append(f"{name[:30]:30s} {r.status:9s} {r.step:5d} {r.val_psnr_y:7.2f} {r.cost:8.4f}  {mark}")
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[TrialRow]) -> list[dict]:
+    """The plot's points: fully trained trials, and stopped ones at their last validation."""
+    return [
+        {
+            "quality": r.val_psnr_y,
+            "cost": r.cost,
+            "on_front": r.on_front,
+            "stopped": r.status == STOPPED,
+            "label": r.name or f"C{r.embed_dim} r{r.rank} a{r.alpha:.2f}",
+        }
+        for r in rows
+        if r.status in (COMPLETE, STOPPED) and math.isfinite(r.val_psnr_y) and math.isfinite(r.cost)
+    ]
+
+
+def summarize(rows: list[TrialRow]) -> dict[str, float]:
+    complete = [r for r in rows if r.status == COMPLETE and math.isfinite(r.val_psnr_y)]
+    worst_q = min((r.val_psnr_y for r in complete), default=0.0)
+    worst_c = max((r.cost for r in complete), default=1.0)
+    return {
+        "trials": len(rows),
+        "complete": len(complete),
+        "stopped_early": sum(r.status == STOPPED for r in rows),
+        "failed": sum(r.status not in (COMPLETE, STOPPED) for r in rows),
+        "front_size": sum(r.on_front for r in rows),
+        "hypervolume": hypervolume_2d(
+            [(r.val_psnr_y, r.cost) for r in complete], (worst_q - 0.1, worst_c * 1.1)
+        ),
+    }
+
+
+def write_report(
+    study: Study, rows: list[TrialRow], cost: str, title: str, out_dir: Path, selection=None
+) -> dict:
+    """The plot, the table (text and JSON) and the summary metrics on the study run; returns the summary.
+
+    Args:
+        selection: the second panel of the plot (``search.pareto.plot_front``'s ``selection``), when
+            a champion was chosen on measured costs.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = plot_rows(rows)
+    if points:
+        kwargs = {"selection": selection} if selection else {}
+        plot_front(
+            points,
+            "val_psnr_y (dB)",
+            cost,
+            out_dir / "pareto.png",
+            out_dir / "pareto.html",
+            title=f"{title}: trials (stopped early: hollow)",
+            **kwargs,
+        )
+    table = format_table(rows, cost)
+    (out_dir / "trials.txt").write_text(table + "\n")
+    (out_dir / "trials.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    study.log_artifacts(out_dir, ARTIFACT_DIR)
+    summary = summarize(rows)
+    study.log_metrics({f"search_{k}": v for k, v in summary.items()})
+    return summary
+
+
+def describe_result(rows: list[TrialRow], summary: dict, cost: str) -> str:
+    """The "Result" section of the study run's description."""
+    front = sorted((r for r in rows if r.on_front), key=lambda r: r.cost)
+    lines = [
+        f"{summary['trials']} trials: {summary['complete']} fully trained, {summary['stopped_early']} "
+        f"stopped early, {summary['failed']} failed. Pareto front (val_psnr_y against {cost}):"
+    ]
+    for r in front:
+        version = f"v{r.version}" if r.version else "not registered"
+        lines.append(f"- `{r.name}`: {r.val_psnr_y:.2f} dB at {cost} {r.cost:.4g} ({version})")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""The stages of a study around its trials: the teacher before them; after them, the front's
+registration (with its finalization) and the choice of a champion.
+
+Each stage records what it did on the study run (through ``search.study.Study``), so a resumed
+study skips what is done: the teacher's URI is a tag, a registered trial has its version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_agent import contract
+from search import study as study_mod
+from search.config import ConfigError, SearchConfig
+from search.study import Study, TrialRow
+
+
+def ensure_teacher(cfg: SearchConfig, study: Study, storage: Path) -> str | None:
+    """The runs:/ URI of the study's teacher: given (a file, an MLflow URI, or ``dvmsr``), already
+    trained, or trained now (once, as a Ray task with a trial's resources)."""
+    import torch
+
+    from model import dvmsr
+
+    if cfg.space.alpha.high == 0:
+        return None  # no distillation in this space
+    if study.teacher_uri:
+        return study.teacher_uri
+    given = cfg.teacher.checkpoint
+    if given and dvmsr.is_spec(given):  # DVMSR's published weights, logged once for every trial
+        path = dvmsr.resolve(given)
+        teacher_uri = study.log_artifact(path, "teacher")
+        source = torch.load(path, map_location="cpu", weights_only=True).get("source", {})
+        study.set_tags(
+            {
+                f"{study_mod.TAG_TEACHER}.{k}": str(source[k])
+                for k in ("file", "sha256", "repository")
+                if k in source
+            }
+        )
+    elif given and (given.startswith(("runs:/", "models:/", "mlflow-artifacts:")) or "://" in given):
+        teacher_uri = given
+    elif given:
+        if not Path(given).is_file():
+            raise ConfigError(f"teacher.checkpoint {given} does not exist")
+        teacher_uri = study.log_artifact(given, "teacher")
+    else:
+        import ray
+
+        from search.trainable import StudyContext, train_teacher
+
+        print(f"training the study's teacher ({cfg.teacher.preset}, {cfg.teacher.iterations} steps)")
+        ctx = StudyContext(cfg.to_dict(), study, teacher_uri=None)
+        task = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(train_teacher)
+        teacher_uri = ray.get(task.remote(ctx, str(storage / "teacher")))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        checkpoint = study_mod.single_file(study_mod.download(teacher_uri, study.tracking_uri), ".pt")
+    except (MlflowException, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+        raise ConfigError(
+            f"{teacher_uri} cannot be fetched from {study.tracking_uri} ({first})", "teacher.checkpoint"
+        ) from None
+    psnr = teacher_val_psnr(cfg, checkpoint)
+    study.log_metrics({"teacher_val_psnr_y": psnr})
+    study.set_tags({study_mod.TAG_TEACHER_URI: teacher_uri})  # last: a resumed study trusts it
+    print(f"teacher {teacher_uri}: validation PSNR-Y {psnr:.2f} dB (the students' validation images)")
+    return teacher_uri
+
+
+def teacher_val_psnr(cfg: SearchConfig, checkpoint: Path) -> float:
+    """The teacher's PSNR-Y on the trials' validation images, so its strength is on record."""
+    import torch
+
+    from model.mambalitesr import load_model
+    from trainers.data import load_sets
+    from trainers.train import validate
+
+    net = load_model(str(checkpoint))
+    pairs = load_sets(list(cfg.training.val_data), "val", net.cfg.scale)
+    if cfg.training.val_max_images:
+        pairs = pairs[: cfg.training.val_max_images]
+    return validate(net, pairs, torch.device("cpu"))["val_psnr_y"]
+
+
+def register_front(rows: list[TrialRow], cfg: SearchConfig, study: Study, ctx, root: Path) -> None:
+    """Register every front row not registered yet (after its finalization when
+    ``finalize.iterations``); sets ``row.version``."""
+    from search.registry import register_candidate, version_of_trial
+
+    finalize = _finalizer(cfg, ctx, root) if cfg.finalize.iterations else None
+    for r in rows:
+        if not r.on_front or r.run_id is None:
+            continue
+        registered = version_of_trial(study.tracking_uri, cfg.registry.model_name, r.run_id)
+        weights = finalize(r) if finalize is not None and registered is None else None
+        reg = register_candidate(
+            study.tracking_uri,
+            r.run_id,
+            cfg.registry.model_name,
+            cfg.registry.devices,
+            cfg.registry.input_size,
+            weights_run_id=weights,
+            label=r.name,
+        )
+        r.version = int(reg.version)
+
+
+def _finalizer(cfg: SearchConfig, ctx, root: Path):
+    """finalize(row): the row's knobs retrained for finalize.iterations steps as a Ray task (with a
+    trial's resources), into ``root/<trial id>`` so that --resume continues it; returns its run id."""
+    import ray
+
+    from search.trainable import FINAL_QUALITY, finalize_candidate
+
+    task = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(finalize_candidate)
+
+    def finalize(row: TrialRow) -> str:
+        print(f"finalizing {row.name or row.trial_id}: {cfg.finalize.iterations} steps")
+        run_id = ray.get(task.remote(ctx, row.config, row.run_id, str(root / row.trial_id)))
+        final = study_mod.client(ctx.tracking_uri).get_run(row.run_id).data.metrics.get(FINAL_QUALITY)
+        print(
+            f"finalized {row.name or row.trial_id}: {FINAL_QUALITY} {final:.2f} dB "
+            f"(the trial reached {row.val_psnr_y:.2f})"
+        )
+        return run_id
+
+    return finalize
+
+
+def select(cfg: SearchConfig, study: Study) -> dict | None:
+    """Selection at the end of the loop; a study with nothing measurable is reported, not fatal."""
+    from search.selection import SelectionError, select_champion, table
+
+    try:
+        sel = select_champion(
+            study.tracking_uri,
+            cfg.experiment,
+            device=cfg.loop.device,
+            rule=cfg.loop.select_rule,
+            model_name=cfg.registry.model_name,
+            study_run_id=study.run_id,
+        )
+    except SelectionError as exc:
+        print(f"selection: {exc}")
+        study.describe("Champion", f"None chosen: {exc}")
+        return None
+    print(table(sel.rows))
+    print(sel.message)
+    return sel.to_dict()
+
+
+def champion_uri(model_name: str = contract.REGISTERED_MODEL) -> str:
+    return f"models:/{model_name}@{contract.CHAMPION_ALIAS}"

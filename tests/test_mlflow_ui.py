@@ -1,0 +1,134 @@
+"""What a user sees in the MLflow UI after a smoke search, without choosing columns: the
+experiment opens on its runs; trial runs are named by their knobs, each knob logged once, the
+config one artifact; early stops say why; one Pareto plot; the champion's reason and URI in the
+descriptions; the ONNX as an MLflow model with its signature; the agent's housekeeping out of the
+tags. A real MLflow server, a real local Ray and the local edge agent (search/configs/smoke.yaml).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent import contract
+from search import study
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+NAME = re.compile(r"^t\d\d C\d+ r\d+ a\d\.\d\d( · (stopped@\d+|failed))?$")
+
+
+@pytest.fixture(scope="module")
+def smoke(server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ui")
+    cmd = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test", "--tracking-uri", server]
+    cmd += ["--experiment", "ui", "--storage-dir", str(tmp / "s"), "--json", str(tmp / "r.json")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server)
+    exp = client.get_experiment_by_name("ui")
+    runs = client.search_runs([exp.experiment_id])
+    report = json.loads((tmp / "r.json").read_text())
+    return {"client": client, "exp": exp, "runs": runs, "report": report, "uri": server, "tmp": tmp}
+
+
+def fetch(smoke, run_id: str, path: str) -> Path:
+    """One artifact of a run, downloaded as a user's client would."""
+    import mlflow
+
+    dst = smoke["tmp"] / "downloads" / run_id
+    dst.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=smoke["uri"]
+    )
+    return Path(local)
+
+
+def by_role(smoke, role: str) -> list:
+    return [r for r in smoke["runs"] if r.data.tags.get(contract.ROLE) == role]
+
+
+def test_the_experiment_opens_on_its_runs_with_a_description(smoke):
+    tags = smoke["exp"].tags
+    assert tags[study.EXPERIMENT_KIND] == "custom_model_development"  # not the GenAI traces page
+    assert "trials are child runs named by their knobs" in tags[study.NOTE]
+
+
+def test_trial_runs_carry_their_knobs_once_and_say_how_they_ended(smoke):
+    trials = by_role(smoke, contract.ROLE_TRIAL)
+    assert len(trials) == 4
+    for run in trials:
+        name, tags = run.info.run_name, run.data.tags
+        assert NAME.match(name), name
+        assert set(run.data.params) == {"embed_dim", "rank", "alpha", "scan_form"}  # one column each
+        assert f"C{run.data.params['embed_dim']} r{run.data.params['rank']} " in name
+        config = json.loads(fetch(smoke, run.info.run_id, study.TRIAL_CONFIG_ARTIFACT).read_text())
+        assert config["model"]["embed_dim"] == int(run.data.params["embed_dim"])  # the whole config
+        verdict = tags[study.TAG_VERDICT]
+        assert (run.info.status, verdict in ("complete", "stopped")) == ("FINISHED", True)
+        if verdict == "stopped":
+            assert name.endswith(f"stopped@{tags[study.TAG_STOP_STEP]}")
+            # the reason names the peer that dominated it, as the peer's own run is named
+            peer = re.match(r"at step \d+, (t\d\d C\d+ r\d+ a\d\.\d\d) reached", tags[study.TAG_STOP_REASON])
+            assert peer and any(t.info.run_name.startswith(peer.group(1)) for t in trials), tags
+            assert tags[study.NOTE].startswith("**Stopped early** at step")
+    assert any(r.data.tags[study.TAG_VERDICT] == "stopped" for r in trials)  # the smoke stops some
+    # the runs table: few param columns in all (each knob once, the study's few, the teacher's one)
+    columns = {k for r in smoke["runs"] for k in r.data.params}
+    assert len(columns) <= 12 and not {"model.embed_dim", "flops_g", "params"} & columns, columns
+
+
+def test_one_pareto_plot_with_stopped_trials_and_the_champion_in_the_descriptions(smoke):
+    client = smoke["client"]
+    (study_run,) = by_role(smoke, contract.ROLE_STUDY)
+    run_id = study_run.info.run_id
+
+    def files(path=None):
+        for f in client.list_artifacts(run_id, path):
+            yield from files(f.path) if f.is_dir else [f]
+
+    pngs = [f.path for f in files() if f.path.endswith(".png")]
+    assert pngs == ["pareto/pareto.png"]
+    html = next(f for f in files("pareto") if f.path.endswith("pareto.html"))
+    page = fetch(smoke, run_id, html.path).read_text()
+    assert html.file_size < 200_000 and "stopped early" in page and "chosen" in page
+    note = study_run.data.tags[study.NOTE]
+    champion = smoke["report"]["champion"]
+    model = contract.REGISTERED_MODEL
+    assert "### Result" in note and "### Champion" in note and f"`models:/{model}@champion`" in note
+    assert champion["message"] in note
+    version = client.get_model_version_by_alias(model, contract.CHAMPION_ALIAS)
+    assert version.version == champion["champion_version"]
+    assert "**Champion**" in version.description and f"models:/{model}@champion" in version.description
+
+
+def test_versions_show_the_onnx_model_the_measurement_and_no_housekeeping_tags(smoke):
+    from mlflow.models import Model
+
+    client = smoke["client"]
+    versions = client.search_model_versions(f"name='{contract.REGISTERED_MODEL}'")
+    assert versions
+    for v in versions:
+        # a device type never in the loop says what it waits for
+        assert v.tags[contract.status_tag("orin-nano")] == contract.PENDING
+        assert "orin-nano: pending — waiting for an edge agent of this device type" in v.description
+        assert v.tags[contract.status_tag("local-cpu")] == contract.DONE
+        assert not [k for k in v.tags if k.endswith((".claimed_by", ".heartbeat"))]
+        folder = fetch(smoke, v.run_id, contract.ONNX_ARTIFACT_DIR)
+        inputs = Model.load(str(folder)).signature.inputs.to_dict()
+        assert inputs[0]["tensor-spec"]["shape"] == [1, 3, 32, 32]
+        run = client.get_run(v.run_id)
+        edge_tags = {k for k in run.data.tags if k.startswith("edge.local-cpu.")}
+        assert edge_tags == {f"edge.local-cpu.{k}" for k in ("backend", "power_source", "power_note")}
+        assert run.data.tags["edge.local-cpu.power_source"] == "unavailable"  # no sensor on this CPU
+        measurement = json.loads(
+            fetch(smoke, v.run_id, contract.measurement_artifact("local-cpu")).read_text()
+        )
+        assert measurement["agent_id"] and measurement["result_id"]

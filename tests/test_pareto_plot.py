@@ -1,0 +1,110 @@
+"""The Pareto plot: stopped trials hollow, one or two panels, a small HTML page."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+from PIL import Image
+
+from search.pareto import STOPPED, front_figure, front_html_figure, plot_front
+
+
+def search_rows() -> list[dict]:
+    return [
+        {"quality": 30.0, "cost": 1.0, "label": "a", "on_front": True},
+        {"quality": 31.0, "cost": 2.0, "label": "b", "on_front": True},
+        {"quality": 29.0, "cost": 2.5, "label": "c", "on_front": False},
+        {"quality": 27.0, "cost": 0.8, "label": "s1", "on_front": False, "stopped": True},
+        {"quality": 26.5, "cost": 3.0, "label": "s2", "on_front": False, "stopped": True},
+        {
+            "quality": math.nan,
+            "cost": 0.5,
+            "label": "s0",
+            "on_front": False,
+            "stopped": True,
+        },  # never validated
+    ]
+
+
+def selection_panel() -> dict:
+    rows = [
+        {"quality": 30.0, "cost": 4.0, "label": "a", "on_front": True},
+        {"quality": 31.0, "cost": 9.0, "label": "b", "on_front": True, "chosen": True},
+    ]
+    return {"rows": rows, "cost": "orin-nano latency_ms_p50", "title": "selection\nwithin limits"}
+
+
+def by_label(ax) -> dict:
+    handles, labels = ax.get_legend_handles_labels()
+    return dict(zip(labels, handles))
+
+
+def test_stopped_trials_are_hollow_and_complete_ones_filled():
+    fig = front_figure(search_rows(), "PSNR-Y (dB)", "gflops", title="study")
+    (ax,) = fig.axes
+    groups = by_label(ax)
+    assert set(groups) == {"trials", STOPPED, "Pareto front"}  # nothing chosen in this panel
+
+    stopped = groups[STOPPED]
+    np.testing.assert_allclose(stopped.get_offsets(), [[0.8, 27.0], [3.0, 26.5]])
+    assert np.all(stopped.get_facecolors()[:, 3] == 0)  # hollow
+    edge = stopped.get_edgecolors()
+    assert edge.shape[0] >= 1 and np.all(edge[:, 3] > 0) and np.allclose(edge[:, 0], edge[:, 1])  # grey
+
+    trials = groups["trials"]
+    np.testing.assert_allclose(trials.get_offsets(), [[2.5, 29.0]])  # neither stopped nor on the front
+    assert np.all(trials.get_facecolors()[:, 3] > 0)  # filled
+
+    front = groups["Pareto front"]
+    assert list(front.get_xdata()) == [1.0, 2.0]  # by cost
+    assert front.get_color() == "tab:red"
+
+
+def test_a_selection_adds_a_second_panel_with_the_chosen_star():
+    fig = front_figure(search_rows(), "PSNR-Y (dB)", "gflops", title="study", selection=selection_panel())
+    left, right = fig.axes
+    assert left.get_xlabel().startswith("gflops") and right.get_xlabel().startswith("orin-nano latency")
+    assert right.get_title() == "selection\nwithin limits"
+    assert "chosen" not in by_label(left)
+    chosen = by_label(right)["chosen"]
+    np.testing.assert_allclose(chosen.get_offsets(), [[9.0, 31.0]])
+    assert STOPPED not in by_label(right)
+
+
+def test_html_groups_match_the_png_in_both_panels():
+    fig = front_html_figure(search_rows(), "PSNR-Y (dB)", "gflops", "study", selection_panel())
+    traces = [(t.name, t.xaxis, t.marker.symbol) for t in fig.data]
+    assert (STOPPED, "x", "circle-open") in traces
+    assert ("chosen", "x2", "star") in traces
+    stopped = next(t for t in fig.data if t.name == STOPPED)
+    assert list(stopped.text) == ["s1", "s2"]
+    # each group appears once in the legend, whichever panels it is drawn in
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert sorted(legend) == sorted(set(legend))
+    assert [a.text for a in fig.layout.annotations] == ["study", "selection<br>within limits"]
+
+
+def test_plot_front_writes_a_png_and_a_small_html(tmp_path):
+    png, html = tmp_path / "pareto.png", tmp_path / "pareto.html"
+    plot_front(search_rows(), "PSNR-Y (dB)", "gflops", png, html, title="study", selection=selection_panel())
+    width, height = Image.open(png).size
+    assert width > 1.8 * height  # two panels side by side
+    page = html.read_text()
+    assert len(page.encode()) < 200_000  # plotly.js comes from the CDN, not inlined (4.6 MB)
+    assert re.search(r'<script[^>]+src="https://cdn\.plot\.ly/plotly-[^"]+\.min\.js"', page)
+    data = json.loads(re.search(r"Plotly\.newPlot\(\s*\"[^\"]+\",\s*(\[.*?\]),\s*\{", page, re.S).group(1))
+    stopped = [t for t in data if t["name"] == STOPPED]
+    assert len(stopped) == 1 and stopped[0]["marker"]["symbol"] == "circle-open"
+
+
+def test_single_panel_without_a_selection(tmp_path):
+    png, html = tmp_path / "pareto.png", tmp_path / "pareto.html"
+    plot_front(search_rows(), "PSNR-Y (dB)", "gflops", png, html, title="study")
+    width, height = Image.open(png).size
+    assert width < 1.8 * height
+    fig = front_html_figure(search_rows(), "PSNR-Y (dB)", "gflops", "study")
+    assert {t.xaxis for t in fig.data} == {"x"}
+    assert fig.layout.title.text == "study"
