@@ -38,34 +38,12 @@ class Point:
 
 def measured_points(tracking_uri: str, experiment_id: str, cfg: SearchConfig, metric: str) -> list[Point]:
     """Candidates of this experiment measured on ``cfg.loop.device`` that have ``metric``."""
-    c = study.client(tracking_uri)
-    device = cfg.loop.device
-    points = []
-    for v in study.all_pages(c.search_model_versions, f"name='{cfg.registry.model_name}'", max_results=200):
-        if v.tags.get(contract.status_tag(device)) != contract.DONE or not v.run_id:
-            continue
-        run = c.get_run(v.run_id)
-        if run.info.experiment_id != experiment_id:
-            continue
-        value = run.data.metrics.get(contract.edge_key(device, metric))
-        if value is None or not math.isfinite(value):
-            continue
-        params = {k: int(run.data.params[k]) for k in ("embed_dim", "rank", "n_groups", "blocks_per_group")}
-        # a finalized version's run is its retraining: the point belongs to the trial, which holds
-        # the search's prediction (the architecture, and so the cost, is the same)
-        trial_id = run.data.tags.get(study.TAG_FINALIZED_FROM)
-        trial = c.get_run(trial_id) if trial_id else run
-        predicted = trial.data.metrics.get(study.prediction_key(device, metric))
-        points.append(
-            Point(
-                trial.info.run_id,
-                str(v.version),
-                costmodel.features(model_config(params, cfg)),
-                value,
-                predicted,
-            )
+    return [
+        Point(m.trial_run_id, m.version, costmodel.features(model_config(m.knobs, cfg)), m.value, m.predicted)
+        for m in study.measurements(
+            tracking_uri, experiment_id, cfg.registry.model_name, cfg.loop.device, metric
         )
-    return points
+    ]
 
 
 def log_round(
@@ -209,8 +187,8 @@ def seed_study(
     """
     import optuna
 
-    from search.searcher import QUALITY_MODE
     from search.space import define_space
+    from search.study import QUALITY_MODE
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{(storage_dir / 'optuna.db').resolve()}")
     s = optuna.create_study(

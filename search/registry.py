@@ -11,8 +11,6 @@ from model.export import export_onnx, file_sha256
 from model.mambalitesr import load_model
 from search import study
 
-TAG_WEIGHTS_RUN = "weights_run_id"  # on a version whose weights are its trial's finalization
-
 
 def version_of_trial(tracking_uri: str, model_name: str, trial_run_id: str):
     """The version registered for a trial (from its own weights or its finalization's), or None."""
@@ -155,7 +153,7 @@ def register_candidate(
     weights = weights_run_id or run_id
     ckpt = study.single_file(study.download(f"runs:/{weights}/checkpoint", tracking_uri), ".pt")
     net = load_model(str(ckpt))
-    quality = c.get_run(weights).data.metrics.get("val_psnr_y")  # the fp16 gate compares with it
+    quality = c.get_run(weights).data.metrics.get(study.QUALITY)  # the fp16 gate compares with it
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / contract.ONNX_FILE
         report = export_onnx(net, onnx_path, (1, 3, input_size, input_size), quality_db=quality)
@@ -179,7 +177,7 @@ def register_candidate(
         **{contract.status_tag(d): contract.PENDING for d in devices},
     }
     if weights_run_id:
-        tags[TAG_WEIGHTS_RUN] = weights_run_id
+        tags[study.TAG_WEIGHTS_RUN] = weights_run_id
     # MLflow ties a runs:/ source to its run: a finalized version is its finalization run's, which
     # then receives the agent's measurements; trial_run_id still names the trial
     source = f"runs:/{weights}/{contract.ONNX_ARTIFACT_DIR}"

@@ -12,9 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from search.pareto import hypervolume_2d, pareto_front, plot_front
-from search.study import COMPLETE, STOPPED, Study, TrialRow
-
-ARTIFACT_DIR = "pareto"  # on the study run: pareto.png/.html, trials.txt/.json
+from search.study import COMPLETE, PARETO_DIR, QUALITY, STOPPED, Study, TrialRow
 
 
 def mark_front(rows: list[TrialRow]) -> list[TrialRow]:
@@ -83,7 +81,7 @@ def write_report(
         kwargs = {"selection": selection} if selection else {}
         plot_front(
             points,
-            "val_psnr_y (dB)",
+            f"{QUALITY} (dB)",
             cost,
             out_dir / "pareto.png",
             out_dir / "pareto.html",
@@ -93,7 +91,7 @@ def write_report(
     table = format_table(rows, cost)
     (out_dir / "trials.txt").write_text(table + "\n")
     (out_dir / "trials.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    study.log_artifacts(out_dir, ARTIFACT_DIR)
+    study.log_artifacts(out_dir, PARETO_DIR)
     summary = summarize(rows)
     study.log_metrics({f"search_{k}": v for k, v in summary.items()})
     return summary

@@ -18,9 +18,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search import compat
 from search.config import SearchConfig
 from search.space import define_space
-from search.study import fully_trained
-
-QUALITY, QUALITY_MODE = "val_psnr_y", "max"
+from search.study import QUALITY, QUALITY_MODE, fully_trained
 
 
 class BudgetAwareOptunaSearch(OptunaSearch):

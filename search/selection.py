@@ -44,17 +44,10 @@ from pathlib import Path
 from edge_agent import argtypes, contract, preflight
 from search import study
 from search.config import SearchConfig
-from search.trainable import FINAL_QUALITY, QUALITY
+from search.study import FINAL_QUALITY, QUALITY
 
 RULES = ("knee", "best-psnr")
 ENERGY, LATENCY = contract.ENERGY, contract.LATENCY_P50  # the two possible costs
-REPORT_DIR = "selection"  # artifact folder on the study run
-TAG_VERSION, TAG_RULE, TAG_DEVICE, TAG_LIMITS = (
-    "selection.champion_version",
-    "selection.rule",
-    "selection.device",
-    "selection.limits",
-)
 
 
 class SelectionError(RuntimeError):
@@ -469,13 +462,13 @@ def write_report(client, selection: Selection, title: str, tracking_uri: str) ->
             plot_front(report.plot_rows(trials), f"{QUALITY} (dB)", cost, png, html, title, selection=panel)
         else:  # not a search's study (no trial verdicts): the measured candidates alone
             plot_front(plot_rows, f"{QUALITY} (dB)", panel["cost"], png, html, f"{title}: {panel['title']}")
-        client.log_artifacts(selection.study_run_id, str(out / "pareto"), report.ARTIFACT_DIR)
-        (out / REPORT_DIR).mkdir()
-        (out / REPORT_DIR / "table.md").write_text(
+        client.log_artifacts(selection.study_run_id, str(out / "pareto"), study.PARETO_DIR)
+        (out / study.SELECTION_DIR).mkdir()
+        (out / study.SELECTION_DIR / "table.md").write_text(
             f"{table(selection.rows, markdown=True)}\n\n{selection.message}\n"
         )
-        (out / REPORT_DIR / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2))
-        client.log_artifacts(selection.study_run_id, str(out / REPORT_DIR), REPORT_DIR)
+        (out / study.SELECTION_DIR / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2))
+        client.log_artifacts(selection.study_run_id, str(out / study.SELECTION_DIR), study.SELECTION_DIR)
 
 
 def _alias_version(client, model_name: str) -> str | None:
@@ -556,10 +549,10 @@ def select_champion(
     )
     selection = replace(selection, message=f"{selection.message} {moved}")
     for key, value in (
-        (TAG_VERSION, champion.version),
-        (TAG_RULE, rule),
-        (TAG_DEVICE, device),
-        (TAG_LIMITS, limits.describe()),
+        (study.TAG_CHAMPION, champion.version),
+        (study.TAG_RULE, rule),
+        (study.TAG_DEVICE, device),
+        (study.TAG_LIMITS, limits.describe()),
     ):
         client.set_tag(study_run_id, key, value)
     describe_champion(client, selection, model_name, previous)
@@ -577,21 +570,20 @@ def describe_champion(client, selection: Selection, model_name: str, previous: s
     paragraph."""
     champion = selection.champion
     uri = f"models:/{model_name}@{contract.CHAMPION_ALIAS}"
-    why = (
-        f"{selection.message}\n\nLoad it as `{uri}` (version {champion.version}, trial run "
-        f"`{champion.run_name or champion.run_id}`)."
-    )
+    # one paragraph: the version's description loses it whole when the alias moves on
+    why = f"Load it as `{uri}`. {selection.message}".replace("\n", " ")
+    name = champion.run_name or champion.knobs
     study.describe_run(
         client,
         selection.study_run_id,
         "Champion",
-        f"**v{champion.version}** ({champion.knobs}) on {selection.device}: {why}",
+        f"**v{champion.version}** (`{name}`) on {selection.device}. {why}",
     )
     for version in {previous, champion.version} - {None}:
         text = client.get_model_version(model_name, version).description or ""
         kept = [p for p in text.split("\n\n") if p and not p.startswith(CHAMPION_NOTE)]
         if version == champion.version:
-            kept.append(f"{CHAMPION_NOTE} of study run {selection.study_run_id} on {selection.device}: {why}")
+            kept.append(f"{CHAMPION_NOTE} of study run {selection.study_run_id} on {selection.device}. {why}")
         client.update_model_version(model_name, version, description="\n\n".join(kept))
 
 

@@ -81,7 +81,7 @@ def teacher_val_psnr(cfg: SearchConfig, checkpoint: Path) -> float:
     pairs = load_sets(list(cfg.training.val_data), "val", net.cfg.scale)
     if cfg.training.val_max_images:
         pairs = pairs[: cfg.training.val_max_images]
-    return validate(net, pairs, torch.device("cpu"))["val_psnr_y"]
+    return validate(net, pairs, torch.device("cpu"))[study_mod.QUALITY]
 
 
 def register_front(rows: list[TrialRow], cfg: SearchConfig, study: Study, ctx, root: Path) -> None:
@@ -112,7 +112,8 @@ def _finalizer(cfg: SearchConfig, ctx, root: Path):
     trial's resources), into ``root/<trial id>`` so that --resume continues it; returns its run id."""
     import ray
 
-    from search.trainable import FINAL_QUALITY, finalize_candidate
+    from search.study import FINAL_QUALITY
+    from search.trainable import finalize_candidate
 
     task = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(finalize_candidate)
 

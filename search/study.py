@@ -50,11 +50,23 @@ TAG_COST_SOURCE = "search.cost_source"  # costmodel | flops_fallback, for edge_*
 PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"  # a run's or an experiment's description in the MLflow UI
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens a custom_model_development one on its runs
+TAG_WEIGHTS_RUN = "weights_run_id"  # on a version whose weights are its trial's finalization
+# on the study run, set by selection: the champion's version, the rule, the device, the limits
+TAG_CHAMPION, TAG_RULE, TAG_DEVICE, TAG_LIMITS = (
+    "selection.champion_version",
+    "selection.rule",
+    "selection.device",
+    "selection.limits",
+)
+PARETO_DIR = "pareto"  # artifact folder on the study run: pareto.png/.html, trials.txt/.json
+SELECTION_DIR = "selection"  # artifact folder on the study run: table.md, selection.json
 CONFIG_ARTIFACT = "config/study.json"  # on the study run: SearchConfig.to_dict()
 TRIAL_CONFIG_ARTIFACT = "config/trial.json"  # on a trial run: the drawn knobs and the whole training
 LATEST = "LATEST"  # file in storage_dir naming the newest study, for --resume
 
 COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
+QUALITY, QUALITY_MODE = "val_psnr_y", "max"  # the search's first objective, on every trial run
+FINAL_QUALITY = "final_val_psnr_y"  # on a trial run: the PSNR of its finalized (retrained) weights
 KNOBS = ("embed_dim", "rank", "alpha", "n_groups", "blocks_per_group", "lr")  # what a space may draw
 INT_KNOBS = ("embed_dim", "rank", "n_groups", "blocks_per_group")
 STUDY_PARAMS = ("searcher", "num_samples", "seed", "cost", "base_model", "training.iterations")
@@ -138,7 +150,11 @@ class Study:
         experiment_id = ensure_experiment(tracking_uri, cfg.experiment)
         name = f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
         c = client(tracking_uri)
-        tags = {contract.ROLE: contract.ROLE_STUDY, TAG_STUDY: name, NOTE: describe_study(cfg)}
+        tags = {
+            contract.ROLE: contract.ROLE_STUDY,
+            TAG_STUDY: name,
+            NOTE: f"### Search\n{describe_study(cfg)}",
+        }
         run_id = c.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         from mlflow.entities import Param
 
@@ -257,26 +273,36 @@ class Study:
             self.tracking_uri, self.experiment_id, **{PARENT: self.run_id, TAG_TRIAL_ID: trial_id}
         )
 
-    def open_trial(self, trial_id: str, params: dict[str, Any], round: int = 1) -> str:
+    def open_trial(
+        self, trial_id: str, params: dict[str, Any], round: int = 1, tags: dict[str, str] | None = None
+    ) -> str:
         """The trial's run, RUNNING: the one it had when a restarted trial runs again, else new
-        (named by its knobs, which are logged as params once; the verdict adds its number)."""
+        (named by its knobs, which are logged as params once; the verdict adds its number).
+        ``tags``: where it runs (the node, the source of its cost), set either way."""
         c = client(self.tracking_uri)
         run = self._trial_run(trial_id)
         if run is not None:
             c.update_run(run.info.run_id, status="RUNNING")
+            self.set_trial_tags(run.info.run_id, tags or {})
             return run.info.run_id
-        tags = {
+        own = {
             contract.ROLE: contract.ROLE_TRIAL,
             PARENT: self.run_id,
             TAG_TRIAL_ID: trial_id,
             TAG_ROUND: str(round),
         }
+        tags = {**(tags or {}), **own}
         run_id = c.create_run(self.experiment_id, run_name=trial_label(None, params, round), tags=tags)
         from mlflow.entities import Param
 
         knobs = [Param(k, str(params[k])) for k in KNOBS if k in params]
         c.log_batch(run_id.info.run_id, params=knobs)
         return run_id.info.run_id
+
+    def set_trial_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        c = client(self.tracking_uri)
+        for key, value in tags.items():
+            c.set_tag(run_id, key, value)
 
     def recorded_result(self, trial_id: str, quality: str) -> dict[str, float] | None:
         """The result of a trial MLflow holds a verdict for (complete or stopped), to report again
@@ -388,7 +414,7 @@ class Study:
                     step=int(
                         tags.get(TAG_STOP_STEP) or (self.iterations if tags[TAG_VERDICT] == COMPLETE else 0)
                     ),
-                    val_psnr_y=float(metrics.get("val_psnr_y", math.nan)),
+                    val_psnr_y=float(metrics.get(QUALITY, math.nan)),
                     cost=float(metrics.get(cost, math.nan)),
                     version=versions.get(run.info.run_id),
                     round=int(tags.get(TAG_ROUND, "1")),
@@ -400,13 +426,55 @@ class Study:
         return rows
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """One registered candidate as the device measured it."""
+
+    trial_run_id: str  # the trial (a finalized version's run is its retraining; this is its trial)
+    version: str
+    knobs: dict[str, Any]
+    value: float
+    predicted: float | None  # what the trial was told when it ran (pred.<device>.<metric>), if any
+
+
+def measurements(
+    tracking_uri: str, experiment_id: str, model_name: str, device: str, metric: str
+) -> list[Measurement]:
+    """Every version of ``model_name`` from this experiment's runs that ``device`` measured
+    (status done) with a finite ``edge.<device>.<metric>``, oldest first."""
+    c = client(tracking_uri)
+    out = []
+    versions = all_pages(c.search_model_versions, f"name='{model_name}'", max_results=200)
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        if v.tags.get(contract.status_tag(device)) != contract.DONE or not v.run_id:
+            continue
+        run = c.get_run(v.run_id)
+        value = run.data.metrics.get(contract.edge_key(device, metric))
+        if run.info.experiment_id != experiment_id or value is None or not math.isfinite(value):
+            continue
+        # the architecture, and so the cost, is the trial's; so is the search's prediction
+        trial_id = run.data.tags.get(TAG_FINALIZED_FROM)
+        trial = c.get_run(trial_id) if trial_id else run
+        predicted = trial.data.metrics.get(prediction_key(device, metric))
+        out.append(
+            Measurement(trial.info.run_id, str(v.version), knobs_of(run.data.params), value, predicted)
+        )
+    return out
+
+
+SECTIONS = ("Champion", "Result", "Search")  # a study run's description, in this order
+
+
 def describe_run(c, run_id: str, section: str, text: str) -> None:
-    """Set one ``### section`` of a run's description (the top of its page in the UI); the
-    introduction and the other sections stay as they are."""
-    parts = (c.get_run(run_id).data.tags.get(NOTE) or "").split("\n\n### ")
-    sections = {p.split("\n", 1)[0]: p for p in parts[1:]}
-    sections[section] = f"{section}\n{text.strip()}"
-    c.set_tag(run_id, NOTE, "\n\n### ".join([parts[0], *sections.values()]))
+    """Set one ``### section`` of a run's description (the top of its page in the UI), keeping the
+    others; ``SECTIONS`` come first in their order, so the UI's first lines say who won."""
+    found = {}
+    for part in (c.get_run(run_id).data.tags.get(NOTE) or "").split("### ")[1:]:
+        head, _, body = part.partition("\n")
+        found[head.strip()] = body.strip()
+    found[section] = text.strip()
+    order = [s for s in SECTIONS if s in found] + [s for s in found if s not in SECTIONS]
+    c.set_tag(run_id, NOTE, "\n\n".join(f"### {s}\n{found[s]}" for s in order))
 
 
 def _with_suffix(name: str, suffix: str) -> str:

@@ -18,12 +18,10 @@ from edge_agent import contract
 from search import compat, study
 from search.config import SearchConfig, build
 from search.space import model_config
-from search.study import Study
+from search.study import FINAL_QUALITY, QUALITY, Study
 from trainers.tracking import MLflowTracker
 from trainers.train import TrainConfig, train
 
-QUALITY = "val_psnr_y"
-FINAL_QUALITY = "final_val_psnr_y"  # on a trial run: the PSNR of its finalized (retrained) weights
 NODE_LOCAL = ("teacher", "out_dir", "device")  # TrainConfig fields that differ between nodes
 
 
@@ -234,19 +232,18 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     if recorded is not None:  # trained before the driver died; Ray reruns it after --resume
         compat.report({**constants, **recorded})
         return
-    run_id = ctx.study.open_trial(trial_id, params, ctx.round)
-    mlflow_tracker = SearchRunTracker(ctx.tracking_uri, run_id=run_id)
-    c = mlflow_tracker.client
     import ray
 
-    c.set_tag(run_id, study.TAG_NODE_ID, ray.get_runtime_context().get_node_id())
+    tags = {study.TAG_NODE_ID: ray.get_runtime_context().get_node_id()}
+    if prediction:
+        tags[study.TAG_COST_SOURCE] = prediction[2]
+    run_id = ctx.study.open_trial(trial_id, params, ctx.round, tags)
+    mlflow_tracker = SearchRunTracker(ctx.tracking_uri, run_id=run_id)
     try:  # from here on, whatever fails is recorded on the trial's run
         mlflow_tracker.log_metrics({"flops_g": constants["flops_g"], "params": constants["params"]}, 0)
-        if prediction:
-            key, value, source = prediction
-            c.set_tag(run_id, study.TAG_COST_SOURCE, source)
-            if source == "costmodel":
-                mlflow_tracker.log_metrics({key: value}, ctx.round)
+        if prediction and prediction[2] == "costmodel":
+            key, value, _ = prediction
+            mlflow_tracker.log_metrics({key: value}, ctx.round)
         train_cfg = student_config(ctx, params, cfg.training.iterations, cfg.training.val_every)
         # Not in Ray's trial folder: for the first trial of each worker that folder is in the
         # driver's staging area, which Ray's experiment syncer copies to storage in the background,
@@ -255,5 +252,5 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
             train(replace(train_cfg, out_dir=out), TuneTracker(mlflow_tracker, constants))
     except Exception as exc:
         # the cause, in one line, for the verdict the driver writes (Study.close_trial)
-        c.set_tag(run_id, study.TAG_ERROR, f"{type(exc).__name__}: {exc}"[:500])
+        ctx.study.set_trial_tags(run_id, {study.TAG_ERROR: f"{type(exc).__name__}: {exc}"[:500]})
         raise

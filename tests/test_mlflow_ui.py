@@ -123,7 +123,7 @@ def test_versions_show_the_onnx_model_the_measurement_and_no_housekeeping_tags(s
         assert not [k for k in v.tags if k.endswith((".claimed_by", ".heartbeat"))]
         folder = fetch(smoke, v.run_id, contract.ONNX_ARTIFACT_DIR)
         inputs = Model.load(str(folder)).signature.inputs.to_dict()
-        assert inputs[0]["tensor-spec"]["shape"] == [1, 3, 32, 32]
+        assert list(inputs[0]["tensor-spec"]["shape"]) == [1, 3, 32, 32]
         run = client.get_run(v.run_id)
         edge_tags = {k for k in run.data.tags if k.startswith("edge.local-cpu.")}
         assert edge_tags == {f"edge.local-cpu.{k}" for k in ("backend", "power_source", "power_note")}

@@ -14,7 +14,6 @@ import pytest
 
 from edge_agent import contract
 from search import study
-from search.registry import TAG_WEIGHTS_RUN
 from search.trainable import FINAL_QUALITY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +85,7 @@ def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
         y = sess.run(None, {sess.get_inputs()[0].name: np.random.rand(1, 3, 32, 32).astype(np.float32)})[0]
         assert y.shape == (1, 3, 128, 128) and np.isfinite(y).all()
         # finalized: the version is the trial's (measurements land there), its files the retraining's
-        final = client.get_run(v.tags[TAG_WEIGHTS_RUN])
+        final = client.get_run(v.tags[study.TAG_WEIGHTS_RUN])
         assert final.data.tags[contract.ROLE] == study.ROLE_FINALIZE and final.info.status == "FINISHED"
         assert (
             final.data.tags[study.TAG_FINALIZED_FROM] == v.tags[contract.TAG_TRIAL_RUN]

@@ -268,13 +268,16 @@ def test_trial_labels_carry_the_knobs():
     assert study.trial_label(None, {"embed_dim": 8, "rank": 1, "alpha": 0.25}) == "C8 r1 a0.25"
 
 
-def test_the_study_description_keeps_its_sections(tmp_path):
+def test_the_study_description_keeps_its_sections_champion_first(tmp_path):
     s = _study(tmp_path, "describe")
-    s.set_tags({study.NOTE: "What this study searched."})
+    s.describe("Search", "What this study searched.")
     s.describe("Result", "3 trials")
     s.describe("Champion", "v2")
     s.describe("Result", "4 trials")
-    assert s.tags()[study.NOTE] == "What this study searched.\n\n### Result\n4 trials\n\n### Champion\nv2"
+    assert (
+        s.tags()[study.NOTE]
+        == "### Champion\nv2\n\n### Result\n4 trials\n\n### Search\nWhat this study searched."
+    )
 
 
 def test_the_installed_ray_and_optuna_are_the_versions_compat_was_written_for():

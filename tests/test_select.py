@@ -208,6 +208,7 @@ def test_best_psnr_and_limits_move_the_choice(powered):
     select(powered)  # the knee again (b), then best-psnr: b's description loses its champion paragraph
     select(powered, rule="best-psnr")
     assert "**Champion**" not in (mc.get_model_version(powered["model"], c["b"][1]).description or "")
+    assert "@champion" not in (mc.get_model_version(powered["model"], c["b"][1]).description or "")
     assert "**Champion**" in mc.get_model_version(powered["model"], c["c"][1]).description
     # p50 <= 3.5 leaves a and b; on that front a is 1 from the ideal (PSNR), b sqrt(2)  ->  a
     sel = select(powered, limits=Limits(max_latency_ms=3.5))
