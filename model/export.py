@@ -22,7 +22,6 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -38,7 +37,7 @@ import torch
 
 from edge_agent import argtypes
 from edge_agent.contract import FP32_SCAN_PREFIX  # nodes a float16 engine must keep in float32
-from edge_agent.fileio import atomic_path
+from edge_agent.fileio import atomic_path, sha256_file
 from model.complexity import count_flops, count_params
 from model.mambalitesr import PRESETS, MambaLiteSR, build_model, load_model
 from model.runtime import keep_freed_memory
@@ -81,14 +80,6 @@ class ExportReport:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def op_census(onnx_model) -> collections.Counter:
@@ -229,7 +220,7 @@ def export_onnx(
     _, _, h, w = input_shape
     return ExportReport(
         path=str(out),
-        sha256=file_sha256(out),
+        sha256=sha256_file(out),
         input_shape=tuple(input_shape),
         opset=opset,
         params=count_params(net),

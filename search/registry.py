@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent import contract
-from model.export import export_onnx, file_sha256
+from edge_agent.fileio import sha256_file
+from model.export import export_onnx
 from model.mambalitesr import load_model
 from search import study
 
@@ -159,7 +160,7 @@ def register_candidate(
         report = export_onnx(net, onnx_path, (1, 3, input_size, input_size), quality_db=quality)
         model_dir = Path(tmp) / contract.ONNX_ARTIFACT_DIR
         signature = save_onnx_model(onnx_path, model_dir)
-        assert file_sha256(model_dir / contract.ONNX_FILE) == report.sha256  # the verified file
+        assert sha256_file(model_dir / contract.ONNX_FILE) == report.sha256  # the verified file
         c.log_artifacts(weights, str(model_dir), contract.ONNX_ARTIFACT_DIR)
     c.log_metric(weights, "onnx_fp16_max_abs_err", report.fp16_max_abs_err)
     c.log_metric(weights, "onnx_fp16_psnr_db", report.fp16_psnr_db)

@@ -33,6 +33,24 @@ def tiny_files(tmp_path_factory):
     return root
 
 
+def test_a_perfect_reconstruction_is_written_as_strict_json(tmp_path):
+    """A flat image comes back exactly from bicubic: an infinite PSNR, which goes out as null."""
+    from PIL import Image
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(folder / "flat.png")
+    out = tmp_path / "r.json"
+    assert main(["--model", "bicubic", "--data", str(folder), "--json", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    (flat,) = json.loads(out.read_text(), parse_constant=refuse)["sets"]
+    assert flat["psnr_y"] is None and [v["psnr_y"] for v in flat["per_image"].values()] == [None]
+    assert flat["ssim_y"] == pytest.approx(1.0)
+
+
 def test_bicubic_on_set5(bench_dir, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["--model", "bicubic", "--data", str(bench_dir / "Set5"), "--json", str(out)]) == 0

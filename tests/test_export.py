@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from edge_agent.contract import FP32_SCAN_PREFIX as SCAN_PREFIX
+from edge_agent.fileio import sha256_file
 from model import build_model
-from model.export import BANNED_OPS, ExportError, export_onnx, file_sha256, main, op_census
+from model.export import BANNED_OPS, ExportError, export_onnx, main, op_census
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def tiny_export(tmp_path_factory):
 def test_round_trip_and_census(tiny_export):
     net, out, report = tiny_export
     assert out.exists() and not list(out.parent.glob(f".{out.name}.*.partial")), "a temporary export was left"
-    assert report.sha256 == file_sha256(out)
+    assert report.sha256 == sha256_file(out)
     assert report.fp32_max_abs_err <= 1e-4
     assert report.fp16_max_abs_err < 1e-2
     proto = onnx.load(str(out))

@@ -301,7 +301,7 @@ def test_the_json_report_is_json_when_a_figure_is_nan(tmp_path, capsys):
 
 
 def test_finite_or_none_reaches_every_depth():
-    from trainers.train import finite_or_none
+    from trainers.metrics import finite_or_none
 
     value = {"a": math.inf, "b": [1.5, -math.inf, {"c": math.nan}], "d": (2, "x"), "e": None, "f": True}
     assert finite_or_none(value) == {

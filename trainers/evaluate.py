@@ -35,7 +35,7 @@ from trainers.checkpoint import CheckpointError
 from trainers.data import DataError, ImagePair, load_pairs
 from trainers.degrade import imresize
 from trainers.inference import resolve_device, super_resolve
-from trainers.metrics import psnr, ssim, to_uint8
+from trainers.metrics import finite_or_none, psnr, ssim, to_uint8
 
 Upscaler = Callable[[np.ndarray], np.ndarray]  # uint8 LR (h, w[, 3]) -> uint8 SR (s h, s w[, 3])
 
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_table(args.model, results))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"model": args.model, "scale": scale, "sets": [asdict(r) for r in results]}, indent=2)
-        )
+        report = {"model": args.model, "scale": scale, "sets": [asdict(r) for r in results]}
+        # a perfect reconstruction has an infinite PSNR, which is not JSON: null
+        Path(args.json).write_text(json.dumps(finite_or_none(report), indent=2, allow_nan=False))
     return 0
 
 

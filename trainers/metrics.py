@@ -9,6 +9,9 @@ ssim_index.m used by the SR literature, and BasicSR's calculate_ssim).
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 from scipy.ndimage import correlate1d
 
@@ -77,3 +80,19 @@ def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool = T
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Float image in [0, 1] to uint8 with rounding, as saved images are."""
     return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with each NaN or infinite float in it, at any depth, replaced by None.
+
+    NaN and Infinity are not JSON (``json.dumps`` writes them unless ``allow_nan=False``, and strict
+    readers such as jq refuse the file). A resumed run with no steps left has no throughput (NaN),
+    and a perfect reconstruction has an infinite PSNR.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from trainers.data import DataError, ImagePair, PatchSampler, load_sets
 from trainers.energy import EnergyMeter, EnergyReading
 from trainers.evaluate import evaluate_set
 from trainers.inference import resolve_device, super_resolve
+from trainers.metrics import finite_or_none
 from trainers.tracking import ConsoleTracker, MLflowTracker, MultiTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -364,22 +364,6 @@ def _save_samples(net: MambaLiteSR, pairs: list[ImagePair], device: torch.device
         Image.fromarray(super_resolve(net, pair.lr, device)).save(path)
         paths.append(path)
     return paths
-
-
-def finite_or_none(value: Any) -> Any:
-    """``value`` with each NaN or infinite float in it, at any depth, replaced by None.
-
-    NaN and Infinity are not JSON (``json.dumps`` writes them unless ``allow_nan=False``, and strict
-    readers such as jq refuse the file). A resumed run with no steps left has no throughput (NaN),
-    and a perfect reconstruction has an infinite PSNR.
-    """
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_none(v) for v in value]
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
