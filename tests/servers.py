@@ -44,10 +44,10 @@ def _health_ok(uri: str):
     return ready
 
 
-def _port_open(port: int):
+def _port_open(port: int, host: str = "127.0.0.1"):
     def ready() -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return True
         except OSError:
             return False
@@ -115,8 +115,11 @@ class SshServer:
 
 
 @contextmanager
-def sshd_server(root: Path, timeout_s: float = 20.0):
-    """A real OpenSSH server on 127.0.0.1 with fresh keys, key authentication only; yields SshServer."""
+def sshd_server(
+    root: Path, timeout_s: float = 20.0, addresses: tuple[str, ...] = ("127.0.0.1",), extra: str = ""
+):
+    """A real OpenSSH server on ``addresses`` (one port) with fresh keys, key authentication only;
+    ``extra``: more sshd_config lines. Yields SshServer (``host``: the first address)."""
     if not SSHD.is_file() or shutil.which("ssh-keygen") is None:
         pytest.skip(f"{SSHD} or ssh-keygen not found: apt-get install openssh-server (CI installs it)")
     root.mkdir(parents=True, exist_ok=True)
@@ -127,11 +130,11 @@ def sshd_server(root: Path, timeout_s: float = 20.0):
     host_key_pub = " ".join(Path(f"{host_key}.pub").read_text().split()[:2])
     port = free_port()
     known_hosts = root / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key_pub}\n")
+    known_hosts.write_text("".join(f"[{ip}]:{port} {host_key_pub}\n" for ip in addresses))
     config = root / "sshd_config"
     config.write_text(
-        f"""ListenAddress 127.0.0.1
-Port {port}
+        "".join(f"ListenAddress {ip}\n" for ip in addresses)
+        + f"""Port {port}
 HostKey {host_key}
 PidFile {root / "sshd.pid"}
 AuthorizedKeysFile {root / "authorized_keys"}
@@ -143,16 +146,17 @@ StrictModes no
 PermitRootLogin prohibit-password
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
-"""
+{extra}"""
     )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation dir
     log = open(root / "sshd.log", "wb")
     proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(_port_open(port), proc, timeout_s, f"sshd did not start; see {root / 'sshd.log'}", 0.1)
+        ready = _port_open(port, addresses[0])
+        _wait_ready(ready, proc, timeout_s, f"sshd did not start; see {root / 'sshd.log'}", 0.1)
         yield SshServer(
-            host="127.0.0.1",
+            host=addresses[0],
             port=port,
             user=getpass.getuser(),
             client_key=client_key,
