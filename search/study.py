@@ -232,9 +232,7 @@ class Study:
         return client(self.tracking_uri).get_run(self.run_id).data.tags
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        c = client(self.tracking_uri)
-        for key, value in tags.items():
-            c.set_tag(self.run_id, key, value)
+        self.set_run_tags(self.run_id, tags)
 
     def metrics(self) -> dict[str, float]:
         return client(self.tracking_uri).get_run(self.run_id).data.metrics
@@ -283,7 +281,7 @@ class Study:
         run = self._trial_run(trial_id)
         if run is not None:
             c.update_run(run.info.run_id, status="RUNNING")
-            self.set_trial_tags(run.info.run_id, tags or {})
+            self.set_run_tags(run.info.run_id, tags or {})
             return run.info.run_id
         own = {
             contract.ROLE: contract.ROLE_TRIAL,
@@ -299,10 +297,12 @@ class Study:
         c.log_batch(run_id.info.run_id, params=knobs)
         return run_id.info.run_id
 
-    def set_trial_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        c = client(self.tracking_uri)
-        for key, value in tags.items():
-            c.set_tag(run_id, key, value)
+    def set_run_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Tags on one of the study's runs, in one request."""
+        if tags:
+            from mlflow.entities import RunTag
+
+            client(self.tracking_uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def recorded_result(self, trial_id: str, quality: str) -> dict[str, float] | None:
         """The result of a trial MLflow holds a verdict for (complete or stopped), to report again
@@ -364,8 +364,7 @@ class Study:
         else:
             tags[NOTE] = f"Fully trained ({self.iterations} steps)."
             c.update_run(run_id, name=name)
-        for key, value in tags.items():
-            c.set_tag(run_id, key, value)
+        self.set_run_tags(run_id, tags)
         c.set_terminated(run_id, status="FAILED" if verdict == FAILED else "FINISHED")
         return True
 
@@ -383,13 +382,11 @@ class Study:
 
     # ------------------------------------------------------------------ reading (writes nothing)
 
-    def trials(self, cost: str, round: int | None = None, model_name: str | None = None) -> list[TrialRow]:
-        """Every trial run of the study with a verdict (of ``round`` if given), oldest first;
-        ``version`` filled from ``model_name``'s registered versions when given."""
+    def trials(self, cost: str, model_name: str | None = None) -> list[TrialRow]:
+        """Every trial run of the study with a verdict, oldest first; ``version`` filled from
+        ``model_name``'s registered versions when given."""
         c = client(self.tracking_uri)
         query = f"tags.`{PARENT}` = '{self.run_id}' and tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'"
-        if round is not None:
-            query += f" and tags.`{TAG_ROUND}` = '{round}'"
         runs = all_pages(
             c.search_runs, [self.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
         )

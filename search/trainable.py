@@ -252,5 +252,5 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
             train(replace(train_cfg, out_dir=out), TuneTracker(mlflow_tracker, constants))
     except Exception as exc:
         # the cause, in one line, for the verdict the driver writes (Study.close_trial)
-        ctx.study.set_trial_tags(run_id, {study.TAG_ERROR: f"{type(exc).__name__}: {exc}"[:500]})
+        ctx.study.set_run_tags(run_id, {study.TAG_ERROR: f"{type(exc).__name__}: {exc}"[:500]})
         raise
