@@ -23,3 +23,7 @@ fi
 # pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# Syne Tune's MOASHA, the LCBench benchmark's real peer (benchmarks/syne_moasha.py). Without its
+# dependencies: MOASHA needs only numpy, pandas and dill, and the full list pulls xgboost, whose
+# Linux wheel brings CUDA's NCCL.
+.venv/bin/python -m pip install --quiet --no-deps "syne-tune==0.16.0" "dill==0.4.1"

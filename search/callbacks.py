@@ -18,14 +18,17 @@ class VerdictCallback(Callback):
     Args:
         round: the learning loop's round (it is part of the trials' run names).
         scheduler: the ``ParetoRungScheduler`` whose decision gives an early stop's reason, or None.
+        objectives: result keys a trial's last result must hold as finite numbers; a trial that
+            ends without one is recorded as failed (as the searcher tells Optuna).
     """
 
-    def __init__(self, study: Study, round: int, scheduler=None):
+    def __init__(self, study: Study, round: int, scheduler=None, objectives: tuple[str, ...] = ()):
         self.study, self.round, self.scheduler = study, round, scheduler
+        self.objectives = objectives
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         reason = None
-        if self.scheduler is not None:
+        if getattr(self.scheduler, "reason", None) is not None:
             labels = {t.trial_id: trial_label(i, t.config, self.round) for i, t in enumerate(trials, 1)}
             reason = self.scheduler.reason(trial.trial_id, labels)
         self._close(trials, trial, reason=reason)
@@ -40,5 +43,11 @@ class VerdictCallback(Callback):
     def _close(self, trials, trial, **verdict) -> None:
         number = next((i for i, t in enumerate(trials, 1) if t.trial_id == trial.trial_id), None)
         self.study.close_trial(
-            trial.trial_id, trial.last_result, params=trial.config, round=self.round, number=number, **verdict
+            trial.trial_id,
+            trial.last_result,
+            params=trial.config,
+            round=self.round,
+            number=number,
+            objectives=self.objectives,
+            **verdict,
         )

@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=argtypes.positive_int, help="trials running at once")
     p.add_argument("--gpus-per-trial", type=argtypes.nonnegative_float)
     p.add_argument("--cpus-per-trial", type=argtypes.positive_float)
-    p.add_argument("--searcher", help="tpe, nsga2 or random")
+    p.add_argument("--searcher", help="tpe, nsga2, random or gp")
     p.add_argument(
         "--startup-trials",
         type=argtypes.positive_int,

@@ -18,7 +18,7 @@ from edge_agent import argtypes, contract
 from model.mambalitesr import PRESETS, preset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SEARCHERS = ("tpe", "nsga2", "random")
+SEARCHERS = ("tpe", "nsga2", "random", "gp")
 # flops_g, params: computed; edge_*: predicted by search/costmodel.py from what the device measured
 COSTS = ("flops_g", "params", "edge_energy", "edge_latency", "edge_power")
 
@@ -137,9 +137,18 @@ class TeacherConfig(Checked):
 
 @dataclass(frozen=True)
 class EarlyStoppingConfig(Checked):
+    """Our scheduler (search/scheduler.py): when and by which rule a trial is stopped early."""
+
     enabled: bool = True
+    rule: str = "dominated"  # dominated: stopped when a peer as cheap is better; rank: MOASHA's rule
     min_rung: int = num(1, ge=1)  # never stop a trial before this many validations
+    rung_factor: float = num(1.0, ge=1)  # 1: every later validation is a rung; f: min_rung * f^k only
     margin_db: float = num(0.0, ge=0)  # a peer must be better by more than this to count
+    eta: float = num(3.0, gt=1)  # rule rank: the best 1/eta at a rung continue
+
+    def check(self) -> None:
+        if self.rule not in ("dominated", "rank"):
+            raise ConfigError(f"must be dominated or rank, got {self.rule!r}", "rule")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from search import compat, report, stages
 from search.cli import config_from_args, parse_args
 from search.config import ConfigError, SearchConfig
-from search.study import Study, StudyError, TrialRow, absolute_tracking_uri, error_line
+from search.study import QUALITY, Study, StudyError, TrialRow, absolute_tracking_uri, error_line
 
 log = logging.getLogger("search")
 
@@ -34,13 +34,10 @@ def run_round(
 ):
     """One Ray Tune run of ``cfg.num_samples`` trials; round k > 1 starts from the earlier trials."""
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
 
-    from search import loop
+    from search import engine, loop
     from search.callbacks import VerdictCallback
-    from search.scheduler import ParetoRungScheduler
     from search.searcher import make_searcher
-    from search.study import QUALITY
     from search.trainable import run_trial
 
     trainable = tune.with_resources(
@@ -58,32 +55,25 @@ def run_round(
         scored = [(r.config, r.val_psnr_y, r.cost) for r in earlier if r.status == "complete"]
         added = loop.seed_study(storage, study_name, cfg, scored)
         print(f"round {k}: the searcher starts from {added} earlier trials, re-scored with the current cost")
-    scheduler = None
-    if cfg.early_stopping.enabled:
-        scheduler = ParetoRungScheduler(
-            QUALITY, cfg.cost, "step", cfg.early_stopping.min_rung, cfg.early_stopping.margin_db
-        )
-    searcher = ConcurrencyLimiter(make_searcher(cfg, study_name, storage), max_concurrent=cfg.max_concurrent)
+    goal = engine.Objectives(QUALITY, cfg.cost, "step", cfg.training.iterations, cfg.training.val_every)
+    es = cfg.early_stopping
+    rule = engine.StoppingRule(es.rule, es.min_rung, es.rung_factor, es.margin_db, es.eta)
+    scheduler = engine.make_scheduler("pareto" if es.enabled else "none", goal, rule)
     reporter = tune.CLIReporter(
         metric_columns=["step", QUALITY, cfg.cost], parameter_columns=["embed_dim", "rank", "alpha"]
     )
-    tuner = tune.Tuner(
+    return engine.tune_run(
         trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=cfg.num_samples,
-            reuse_actors=True,  # 3.7 s -> 0.25 s of overhead per trial (docs/benchmarks.md)
-        ),
-        run_config=tune.RunConfig(
-            name=ray_name,
-            storage_path=ray_storage,
-            callbacks=[VerdictCallback(ctx.study, k, scheduler)],
-            progress_reporter=reporter,
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-        ),
+        goal,
+        make_searcher(cfg, study_name, storage),
+        scheduler,
+        cfg.num_samples,
+        ray_name,
+        ray_storage,
+        max_concurrent=cfg.max_concurrent,
+        callbacks=[VerdictCallback(ctx.study, k, scheduler, (QUALITY, cfg.cost))],
+        progress_reporter=reporter,
     )
-    return tuner.fit()
 
 
 class StudyFailed(RuntimeError):
@@ -202,7 +192,7 @@ def run_study(cfg: SearchConfig, study: Study, resume: bool, agents: list) -> tu
         if compat.interrupted(results, cfg.num_samples):  # Ctrl-C: Tune saved its state and returned
             raise KeyboardInterrupt
         timings[f"round{k}_search_s"] = time.monotonic() - t0
-        study.settle(results, k)
+        study.settle(results, k, (QUALITY, cfg.cost))
         rows = study.trials(cfg.cost, model_name=cfg.registry.model_name)
         if all(r.status == "failed" for r in rows if r.round == k):
             raise StudyFailed(_all_failed_message(results, k, ray_storage))

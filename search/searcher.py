@@ -3,59 +3,142 @@
 Ray's OptunaSearch reports a trial stopped early by the scheduler to Optuna as COMPLETE with its
 early values, and a crashed trial that had reported something as COMPLETE too. Those values would
 pull the sampler towards half-trained points. Here a trial counts as COMPLETE only when it reached
-the full budget (``search.study.fully_trained``: its last result's step is the budget); stopped
-trials are PRUNED (Optuna's multi-objective samplers skip them) and crashed ones FAIL.
+the full budget (``search.study.fully_trained``: its last result's rung is the budget) with every
+objective a finite number; stopped trials are PRUNED (Optuna's multi-objective samplers skip them),
+crashed ones and ones whose last result lacks an objective FAIL. (Ray would ``tell`` a missing
+objective as None, which Optuna refuses: Ray logs a warning and the Optuna trial stays RUNNING for
+ever, which TPE then treats as a bad point.)
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
+from optuna.samplers.nsgaii import UniformCrossover
+from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from search import compat
-from search.config import SearchConfig
-from search.space import define_space
-from search.study import QUALITY, QUALITY_MODE, fully_trained
+from search.study import fully_trained, missing_objectives
+
+log = logging.getLogger(__name__)
+SAMPLERS = ("tpe", "nsga2", "random", "gp")
 
 
 class BudgetAwareOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch, told COMPLETE only for trials that trained ``iterations`` steps."""
+    """Ray's OptunaSearch, told COMPLETE only for trials that reached ``budget`` on ``rung_key``
+    with every objective given."""
 
-    def __init__(self, *args, iterations: int, **kwargs):
+    def __init__(self, *args, budget: int, rung_key: str = "step", **kwargs):
         super().__init__(*args, **kwargs)
-        self.iterations = iterations
+        self.budget, self.rung_key = budget, rung_key
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if error or not fully_trained((result or {}).get("step"), self.iterations):
-            state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
-            compat.tell_unfinished(self, trial_id, state)
+        missing = missing_objectives(result, self.metric)
+        if error or missing:
+            if missing and not error and result:
+                log.warning("trial %s ended without %s: told to Optuna as FAIL", trial_id, ", ".join(missing))
+            compat.tell_unfinished(self, trial_id, TrialState.FAIL)
+            return
+        if not fully_trained((result or {}).get(self.rung_key), self.budget):
+            compat.tell_unfinished(self, trial_id, TrialState.PRUNED)
             return
         super().on_trial_complete(trial_id, result, error)
 
 
-def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
-    if cfg.searcher == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=cfg.seed, multivariate=True, n_startup_trials=cfg.startup_trials
-        )
-    if cfg.searcher == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=cfg.startup_trials)
-    return optuna.samplers.RandomSampler(seed=cfg.seed)
+class StoppingAwareNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II whose generations advance under early stopping.
+
+    Optuna's NSGA-II closes a generation once ``population_size`` of its trials are COMPLETE. With
+    early stopping most trials end PRUNED, so a generation would take several times its size to
+    close and the search would stay in generation 0, which is random search. Here every finished
+    trial (COMPLETE or PRUNED) counts towards closing its generation; parents are still chosen
+    among the COMPLETE ones only, and a generation with fewer than two of them to breed from
+    draws at random.
+    """
+
+    def __init__(self, **kwargs):
+        self._crossover = kwargs.setdefault("crossover", UniformCrossover())
+        super().__init__(**kwargs)
+
+    def get_trial_generation(self, study, trial) -> int:
+        key = self._get_generation_key()
+        generation = trial.system_attrs.get(key)
+        if generation is not None:
+            return generation
+        finished = study._get_trials(deepcopy=False, states=[TrialState.COMPLETE, TrialState.PRUNED])
+        generations = [t.system_attrs.get(key, -1) for t in finished]
+        newest = max(generations, default=0)
+        generation = newest + 1 if generations.count(newest) >= self.population_size else max(newest, 0)
+        study._storage.set_trial_system_attr(trial._trial_id, key, generation)
+        return generation
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        generation = self.get_trial_generation(study, trial)
+        if len(self.get_parent_population(study, generation)) < self._crossover.n_parents:
+            return {}
+        return super().sample_relative(study, trial, search_space)
 
 
-def make_searcher(cfg: SearchConfig, study_name: str, storage_dir: Path) -> BudgetAwareOptunaSearch:
-    """The searcher, its study kept in ``storage_dir/optuna.db`` so that it survives a restart."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(storage_dir / 'optuna.db').resolve()}")
+def make_sampler(name: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler ``name`` (one of ``SAMPLERS``); ``startup_trials``: random trials before
+    TPE and the GP model, the population of NSGA-II."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_trials)
+    if name == "nsga2":
+        return StoppingAwareNSGAIISampler(seed=seed, population_size=startup_trials)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"searcher must be one of {SAMPLERS}, got {name!r}")
+
+
+def optuna_searcher(
+    space: Callable,
+    objectives: tuple[str, str],
+    rung_key: str,
+    budget: int,
+    sampler: optuna.samplers.BaseSampler,
+    study_name: str | None = None,
+    storage_dir: Path | None = None,
+) -> BudgetAwareOptunaSearch:
+    """The searcher over a define-by-run ``space`` for (quality maximised, cost minimised).
+
+    With ``storage_dir`` its Optuna study lives in ``storage_dir/optuna.db`` and survives a
+    restart; without, in memory.
+    """
+    storage = None
+    if storage_dir is not None:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(storage_dir / 'optuna.db').resolve()}")
     return BudgetAwareOptunaSearch(
-        space=functools.partial(define_space, cfg=cfg),
-        metric=[QUALITY, cfg.cost],
-        mode=[QUALITY_MODE, "min"],
-        sampler=make_sampler(cfg),
+        space=space,
+        metric=list(objectives),
+        mode=["max", "min"],
+        sampler=sampler,
         study_name=study_name,
         storage=storage,
-        seed=cfg.seed,
-        iterations=cfg.training.iterations,
+        budget=budget,
+        rung_key=rung_key,
+    )
+
+
+def make_searcher(cfg, study_name: str, storage_dir: Path) -> BudgetAwareOptunaSearch:
+    """The SR search's searcher (``cfg``: a SearchConfig), its study kept in ``storage_dir``."""
+    from search.space import define_space
+    from search.study import QUALITY
+
+    return optuna_searcher(
+        functools.partial(define_space, cfg=cfg),
+        (QUALITY, cfg.cost),
+        "step",
+        cfg.training.iterations,
+        make_sampler(cfg.searcher, cfg.seed, cfg.startup_trials),
+        study_name,
+        storage_dir,
     )

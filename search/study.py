@@ -86,6 +86,18 @@ class StudyError(ValueError):
     """A study that cannot be started or resumed as asked; the message says what to do."""
 
 
+def missing_objectives(result: dict | None, keys: list[str] | tuple[str, ...]) -> list[str]:
+    """The objective keys of ``result`` that are absent or not a finite number (the searcher and
+    the verdict use this one test, so Optuna and MLflow agree on which trials failed)."""
+    result = result or {}
+    out = []
+    for k in keys:
+        v = result.get(k)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            out.append(k)
+    return out
+
+
 def fully_trained(step: float | None, iterations: int) -> bool:
     """The one definition: a trial is fully trained when its last validation is at the budget."""
     return step is not None and step >= iterations
@@ -327,9 +339,11 @@ class Study:
         params: dict[str, Any] | None = None,
         round: int = 1,
         number: int | None = None,
+        objectives: tuple[str, ...] = (),
     ) -> bool:
         """Write the trial's verdict, unless its run has one: complete or stopped (from its last
-        result's step and the budget), or failed (``error``). Returns whether it wrote.
+        result's step and the budget), or failed (``error``, or a last result without a finite
+        value for one of ``objectives``). Returns whether it wrote.
 
         The one writer of a trial run's end: Tune's callback calls it as each trial ends, and the
         driver again for every trial after the round (a driver killed between Tune's checkpoint and
@@ -342,6 +356,12 @@ class Study:
             return False
         run_id = run.info.run_id if run is not None else self.open_trial(trial_id, params or {}, round)
         step = (result or {}).get("step")
+        missing = missing_objectives(result, objectives) if error is None and result else []
+        if missing:
+            error = (
+                f"its last result (step {step}) has no finite {', '.join(missing)}, so it cannot be "
+                "placed against the other trials (the searcher was told FAIL)"
+            )
         if error is not None:
             verdict = FAILED
         else:
@@ -368,7 +388,7 @@ class Study:
         c.set_terminated(run_id, status="FAILED" if verdict == FAILED else "FINISHED")
         return True
 
-    def settle(self, results, round: int) -> int:
+    def settle(self, results, round: int, objectives: tuple[str, ...] = ()) -> int:
         """After a round: ``close_trial`` for each of Tune's results, in Tune's order of trials (a
         no-op where the callback wrote the verdict); returns how many it had to write."""
         written = 0
@@ -377,7 +397,9 @@ class Study:
             trial_id = m.get("trial_id") or (r.path and Path(r.path).name)
             error = error_line(r.error) if r.error else None
             config = dict(r.config or {})
-            written += self.close_trial(trial_id, m, error, params=config, round=round, number=number)
+            written += self.close_trial(
+                trial_id, m, error, params=config, round=round, number=number, objectives=objectives
+            )
         return written
 
     # ------------------------------------------------------------------ reading (writes nothing)
