@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
         cpus = float(os.cpu_count() or 1)
-        ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # a Ray of its own: never join a cluster that `ray start` left on this machine
+        ray.init(address="local", num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
         print(
             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
             f"Ray {ray.__version__}; {args.trials} trials per study, {args.max_concurrent} at a time",

@@ -1,5 +1,6 @@
 """Search efficiency on the smoke problem: hypervolume of (PSNR up, FLOPs down) against trials for
-TPE, NSGA-II and random search, and the compute the early-stopping rule saves.
+TPE, NSGA-II and random search, and the compute the early-stopping rule saves against MOASHA's
+rule and no stopping (the SR check of what benchmarks/bench_lcbench.py found on LCBench).
 
     python -m benchmarks.bench_search [--seeds 0 1 2] [--num-samples 8] [--out outputs/bench_search]
 
@@ -25,16 +26,25 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = (12.0, 0.12)  # (PSNR-Y dB, GFLOPs): below / above anything the smoke space produces
 
 
+# the early_stopping block of each scheduler: ours on its defaults, MOASHA's rank rule, none
+SCHEDULERS = {
+    "pareto": "early_stopping:\n  enabled: true\n",
+    "moasha": "early_stopping:\n  enabled: true\n  rule: rank\n  min_rung: 1\n  rung_factor: 3\n  eta: 3\n",
+    "none": "early_stopping:\n  enabled: false\n",
+}
+VARIANTS = [("tpe", "pareto"), ("random", "pareto"), ("tpe", "moasha"), ("tpe", "none")]
+
+
 def run_study(
     out: Path,
     searcher: str,
     seed: int,
     n: int,
-    early_stopping: bool,
+    scheduler: str,
     iterations: int,
     startup: int | None = None,
 ) -> dict:
-    tag = f"{searcher}-s{seed}-{'es' if early_stopping else 'noes'}"
+    tag = f"{searcher}-s{seed}-{scheduler}"
     cfg = out / f"{tag}.yaml"
     smoke = (ROOT / "search" / "configs" / "smoke.yaml").read_text()
     smoke = smoke.replace(
@@ -42,9 +52,8 @@ def run_study(
         f"  iterations: {iterations}\n  val_every: {iterations // 4}\n",
         1,
     )
-    smoke = smoke.replace(
-        "early_stopping:\n  enabled: true", f"early_stopping:\n  enabled: {str(early_stopping).lower()}"
-    )
+    block = smoke[smoke.index("early_stopping:\n") : smoke.index("registry:\n")]
+    smoke = smoke.replace(block, SCHEDULERS[scheduler])
     cfg.write_text(smoke)
     uri = f"sqlite:///{out / 'mlflow.db'}"
     cmd = [
@@ -83,15 +92,18 @@ def analyse(out: Path, tag: str) -> dict:
     report = json.loads((out / f"{tag}.json").read_text())
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     rows = sorted(report["trials"], key=lambda r: client.get_run(r["run_id"]).info.start_time)
-    curve = []
+    curve, by_steps, steps = [], [], 0
     for k in range(1, len(rows) + 1):
         pts = [(r["val_psnr_y"], r["cost"]) for r in rows[:k] if r["status"] == "complete"]
         curve.append(hypervolume_2d(pts, REFERENCE))
+        steps += rows[k - 1]["step"]
+        by_steps.append((steps, curve[-1]))
     wall = float((out / f"{tag}.wall").read_text()) if (out / f"{tag}.wall").exists() else float("nan")
     return {
         "tag": tag,
         "wall_s": wall,
         "curve": curve,
+        "by_steps": by_steps,  # (cumulative training steps, HV) in start order
         "steps": sum(r["step"] for r in rows),
         "summary": report["summary"],
     }
@@ -110,13 +122,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for seed in args.seeds:
-        for searcher, es in (("tpe", True), ("nsga2", True), ("random", True), ("tpe", False)):
-            tag = f"{searcher}-s{seed}-{'es' if es else 'noes'}"
-            if args.report_only:
+        for searcher, scheduler in VARIANTS:
+            tag = f"{searcher}-s{seed}-{scheduler}"
+            if args.report_only or (out / f"{tag}.json").exists():
                 results.append(analyse(out, tag))
             else:
                 results.append(
-                    run_study(out, searcher, seed, args.num_samples, es, args.iterations, args.startup_trials)
+                    run_study(
+                        out, searcher, seed, args.num_samples, scheduler, args.iterations, args.startup_trials
+                    )
                 )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(
@@ -125,18 +139,21 @@ def main() -> None:
     )
     groups: dict[str, list[dict]] = {}
     for r in results:
-        groups.setdefault(
-            r["tag"].split("-s")[0] + ("" if r["tag"].endswith("-es") else " (no early stop)"), []
-        ).append(r)
+        searcher, scheduler = r["tag"].split("-s")[0], r["tag"].rsplit("-", 1)[1]
+        groups.setdefault(f"{searcher}, {scheduler}", []).append(r)
     half = args.num_samples // 2
-    hv_cols = f"{'HV@' + str(half):>12s} {'HV@' + str(args.num_samples):>12s}"
-    print(f"{'searcher':24s} {hv_cols} {'steps':>6s} {'wall s':>7s}")
+    # equal compute: every run at the steps the cheapest group spent on average
+    equal = min(statistics.mean(r["steps"] for r in rs) for rs in groups.values())
+    hv_cols = f"{'HV@' + str(half):>12s} {'HV@' + str(args.num_samples):>18s} {f'HV@{equal:.0f} steps':>16s}"
+    print(f"{'searcher, scheduler':24s} {hv_cols} {'steps':>6s} {'wall s':>7s}")
     for name, rs in groups.items():
         hv_half = [r["curve"][half - 1] for r in rs]
         hv_end = [r["curve"][-1] for r in rs]
-        sd = statistics.stdev(hv_end) if len(hv_end) > 1 else 0.0
+        hv_equal = [max((hv for st, hv in r["by_steps"] if st <= equal), default=0.0) for r in rs]
+        se = lambda xs: statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0  # noqa: E731
         print(
-            f"{name:24s} {statistics.mean(hv_half):12.5f} {statistics.mean(hv_end):8.5f}±{sd:.5f} "
+            f"{name:24s} {statistics.mean(hv_half):12.5f} {statistics.mean(hv_end):10.5f}±{se(hv_end):.5f} "
+            f"{statistics.mean(hv_equal):10.5f}±{se(hv_equal):.5f} "
             f"{statistics.mean(r['steps'] for r in rs):6.0f} {statistics.mean(r['wall_s'] for r in rs):7.1f}"
         )
 

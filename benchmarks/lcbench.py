@@ -135,3 +135,33 @@ def lcbench_trial(config: dict, folder: str, task: str) -> None:
 
     for row in surrogate(folder).curve(task, config):
         compat.report({**row, "clock": time.time()})
+
+
+def main() -> None:
+    """How well a learning curve's early epochs predict its end: Spearman's rank correlation of
+    the accuracy (and the time) at epoch k with epoch 52, over random configs, per task."""
+    import argparse
+
+    from scipy.stats import spearmanr
+
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--configs", type=int, default=300)
+    p.add_argument("--data", help="the surrogate's folder (default $LCBENCH_DATA or ../shared/...)")
+    args = p.parse_args()
+    s = surrogate(str(data_dir(args.data)))
+    epochs = [1, 2, 4, 9, 18, 27]
+    configs = s.random_configs(args.configs, seed=5)
+    q, c = OUTPUTS.index(QUALITY), OUTPUTS.index(COST)
+    print(f"{args.configs} random configs; Spearman rho of the value at epoch k with epoch {BUDGET}")
+    print("| task | " + " | ".join(f"acc@{e}" for e in epochs) + " | time@1 |")
+    print("|---|" + "---:|" * (len(epochs) + 1))
+    for task in args.tasks:
+        out = s.predict(task, configs, [*epochs, BUDGET])
+        rho = [spearmanr(out[:, i, q], out[:, -1, q])[0] for i in range(len(epochs))]
+        rho_t = spearmanr(out[:, 0, c], out[:, -1, c])[0]
+        print(f"| {task} | " + " | ".join(f"{r:.2f}" for r in rho) + f" | {rho_t:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -141,7 +141,7 @@ class EarlyStoppingConfig(Checked):
 
     enabled: bool = True
     rule: str = "dominated"  # dominated: stopped when a peer as cheap is better; rank: MOASHA's rule
-    min_rung: int = num(1, ge=1)  # never stop a trial before this many validations
+    min_rung: int = num(2, ge=1)  # never stop a trial before this many validations (chosen on LCBench)
     rung_factor: float = num(1.0, ge=1)  # 1: every later validation is a rung; f: min_rung * f^k only
     margin_db: float = num(0.0, ge=0)  # a peer must be better by more than this to count
     eta: float = num(3.0, gt=1)  # rule rank: the best 1/eta at a rung continue

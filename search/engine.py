@@ -47,7 +47,7 @@ class StoppingRule:
     the LCBench benchmark chose (docs/benchmarks.md)."""
 
     rule: str = "dominated"
-    min_rung: int = 1
+    min_rung: int = 2  # LCBench: the first epoch barely predicts the last (docs/benchmarks.md)
     rung_factor: float = 1.0
     margin: float = 0.0
     eta: float = 3.0
