@@ -208,7 +208,7 @@ class SearchConfig(Checked):
     max_concurrent: int = num(2, ge=1)
     cpus_per_trial: float = num(1.0, gt=0)
     gpus_per_trial: float = num(0.0, ge=0)
-    searcher: str = "tpe"
+    searcher: str = "random"  # TPE and NSGA-II did not beat it on LCBench (docs/benchmarks.md)
     startup_trials: int = num(
         10, ge=2
     )  # random trials before TPE models (Optuna's default); NSGA-II's population

@@ -23,7 +23,7 @@ def write(tmp_path, text):
 
 def test_default_and_smoke_configs_load():
     cfg = load_config()
-    assert cfg.searcher == "tpe" and cfg.space.alpha.high == 1.0 and cfg.cost == "flops_g"
+    assert cfg.searcher == "random" and cfg.space.alpha.high == 1.0 and cfg.cost == "flops_g"
     smoke = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")
     assert smoke.base_model == "tiny" and smoke.training.iterations < cfg.training.iterations
 
