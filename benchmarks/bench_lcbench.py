@@ -425,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     atomic_write_bytes(refs_path, json.dumps(refs, indent=1).encode())
     if not args.report_only:
-        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no per-trial result files
+        # no per-trial result files; restored after, so that a caller's later Tune runs keep theirs
+        logger_setting = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         import ray
 
         # without those files, each ResultGrid warns it found none; the last results are in memory
@@ -458,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
         finally:
             ray.shutdown()
+            if logger_setting is None:
+                os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+            else:
+                os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = logger_setting
     report(out, args.baseline, args.baseline_searcher)
     return 0
 

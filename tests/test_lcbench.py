@@ -2,6 +2,7 @@
 study per scheduler through Ray Tune (the plumbing CI runs)."""
 
 import json
+import os
 
 import pytest
 
@@ -119,6 +120,8 @@ def test_the_benchmark_runs_every_scheduler_through_ray_tune(folder, tmp_path, m
         "random",
     ]
     assert bench.main(args) == 0
+    # the benchmark's Tune setting does not leak into later runs of this process (result files)
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"3945"}
     assert set(summary["3945"]) == {
