@@ -100,7 +100,6 @@ def run_one(
     try:
         results = engine.tune_run(
             trainable,
-            GOAL,
             search_alg,
             sched,
             trials,

@@ -9,7 +9,7 @@ the quality and the cost; a define-by-run space; then::
 
     from search import engine
     goal = engine.Objectives(quality="val_accuracy", cost="time", rung="epoch", budget=52)
-    results = engine.tune_run(trainable, goal, engine.make_searcher("tpe", space, goal, seed=0),
+    results = engine.tune_run(trainable, engine.make_searcher("tpe", space, goal, seed=0),
                               engine.make_scheduler("pareto", goal), num_samples=64,
                               name="mine", storage_path="/tmp/ray")
 """
@@ -106,7 +106,6 @@ def make_searcher(
 
 def tune_run(
     trainable,
-    goal: Objectives,
     searcher,
     scheduler,
     num_samples: int,

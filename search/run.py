@@ -46,7 +46,9 @@ def run_round(
     ray_name = "ray" if k == 1 else f"ray-r{k}"
     path = f"{ray_storage}/{ray_name}"
     if resume and tune.Tuner.can_restore(path):
-        # the scheduler and the verdict callback come back from Ray's state
+        # the scheduler and the verdict callback come back from Ray's state; a result without an
+        # objective fails its trial, not the run, as in tune_run
+        compat.tolerate_missing_metrics()
         return tune.Tuner.restore(
             path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         ).fit()
@@ -64,7 +66,6 @@ def run_round(
     )
     return engine.tune_run(
         trainable,
-        goal,
         make_searcher(cfg, study_name, storage),
         scheduler,
         cfg.num_samples,

@@ -174,7 +174,6 @@ def test_through_ray_tune_a_trial_without_its_cost_ends_failed_in_optuna_and_in_
     try:
         results = engine.tune_run(
             tune.with_resources(_toy_trial, {"cpu": 1}),
-            goal,
             searcher,
             None,
             8,
