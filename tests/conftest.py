@@ -1,6 +1,13 @@
-"""Shared test helpers: where ../shared lives, small image folders."""
+"""Shared test helpers: where ../shared lives, small image folders, one trace per exported network."""
 
+import hashlib
+import json
 import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +41,56 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+def tiny_model():
+    """The "tiny" preset with the same weights every call (the global random state untouched):
+    tests that export it share one trace (trace_each_network_once)."""
+    from model import build_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_model("tiny")
+
+
+_TRACES: dict[tuple, bytes] = {}
+
+
+def _trace_key(model, dummy, opset) -> tuple:
+    """What a trace depends on: the network's class, config and weights, the input's shape and
+    dtype (not its values) and the opset."""
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    net = (type(model).__qualname__, repr(model.cfg), weights.hexdigest())
+    return (*net, tuple(dummy.shape), dummy.dtype, opset)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trace_each_network_once():
+    """torch.onnx's dynamo trace takes about 5 s for the tiny network on 2 CPUs, and the suite
+    exports the same network many times (each version the agent's tests register, the same
+    checkpoint at several gates). A trace depends only on _trace_key, so the first trace of a key
+    is kept and a later export of it gets a fresh copy of that graph; every other step of
+    export_onnx (the checker, banned ops, the precision marks, ONNX Runtime against PyTorch, the
+    file) runs as always. Exports in subprocesses (the search, the command lines) trace as users'
+    do."""
+    import onnx
+
+    from model import export
+
+    real = export._trace
+
+    def traced_once(model, dummy, opset):
+        key = _trace_key(model, dummy, opset)
+        if key not in _TRACES:
+            _TRACES[key] = real(model, dummy, opset).SerializeToString()
+        return onnx.load_from_string(_TRACES[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "_trace", traced_once)
+        yield
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real MLflow tracking server (SQLite, served artifacts) for the module's tests."""
@@ -46,3 +103,44 @@ def mlflow_fail_fast(monkeypatch):
     # MLflow's client retries a dead server for minutes by default; the agent's CLI sets the same
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """The README's first command, once for the tests that read what it leaves behind: the smoke
+    search (``search/run.py --smoke-test``: local Ray, registration, the local edge agent,
+    selection) against a real MLflow server of its own. The client's password is given MLflow's
+    way (a planted secret, for the tests that look for it afterwards) and Ray's session folder is
+    kept under a short path of its own, where it can be grepped.
+
+    Tests that change what the study left behind put it back before they end."""
+    root = tmp_path_factory.mktemp("smoke")
+    secret = "planted-" + secrets.token_hex(8)
+    # Ray's Unix sockets need a short path (about 107 characters at most)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_USERNAME": "someuser",  # the test server has no auth: it ignores them
+        "MLFLOW_TRACKING_PASSWORD": secret,
+        "RAY_TMPDIR": str(ray_tmp),
+    }
+    work = root / "work"
+    work.mkdir()
+    try:
+        with mlflow_server(root / "mlflow") as uri:
+            cmd = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test", "--tracking-uri", uri]
+            cmd += ["--storage-dir", str(work / "s"), "--json", str(work / "r.json")]
+            out = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+            yield {
+                "uri": uri,
+                "out": out,
+                "report": json.loads((work / "r.json").read_text()),
+                "secret": secret,
+                "work": work,  # the working directory, with Ray's storage and the agent's log and state
+                "server_root": root / "mlflow",
+                "ray_tmp": ray_tmp,
+            }
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -25,9 +25,9 @@ from edge_agent import contract, power
 from edge_agent.agent import Agent, AgentConfig
 from edge_agent.measure import MeasureConfig
 from edge_agent.mlflow_io import Registry
-from model import build_model
 from search.registry import register_candidate
 
+from conftest import tiny_model
 from fakes import FakeIna3221
 from servers import free_port, mlflow_server
 
@@ -47,7 +47,7 @@ def register(uri: str, tmp: Path, model_name: str, devices=(DEVICE,)) -> tuple[s
     exp = client.get_experiment_by_name("edge-agent-tests") or None
     exp_id = exp.experiment_id if exp else client.create_experiment("edge-agent-tests")
     run = client.create_run(exp_id, tags={contract.ROLE: contract.ROLE_TRIAL})
-    net = build_model("tiny")
+    net = tiny_model()  # one weight set: its export is traced once
     ckpt = tmp / f"{run.info.run_id}.pt"
     torch.save({"model_config": asdict(net.cfg), "model": net.state_dict()}, ckpt)
     client.log_artifact(run.info.run_id, str(ckpt), "checkpoint")
@@ -507,7 +507,7 @@ def test_measure_cli_prints_json(tmp_path):
     from model.export import export_onnx
 
     onnx = tmp_path / "tiny.onnx"
-    export_onnx(build_model("tiny"), onnx, (1, 3, 16, 16))
+    export_onnx(tiny_model(), onnx, (1, 3, 16, 16))
     cmd = [
         sys.executable,
         "-m",

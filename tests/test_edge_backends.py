@@ -16,8 +16,9 @@ from edge_agent import backends, power
 from edge_agent.agent import measure_file
 from edge_agent.fileio import sha256_file
 from edge_agent.measure import MeasureConfig
-from model import build_model
 from model.export import export_onnx
+
+from conftest import tiny_model
 
 # the summary lines recorded in ../shared/fixtures/README.md (TensorRT 10.x trtexec)
 TRTEXEC_SUMMARY = """\
@@ -31,7 +32,7 @@ TRTEXEC_SUMMARY = """\
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    export_onnx(build_model("tiny"), path, (1, 3, 16, 16))
+    export_onnx(tiny_model(), path, (1, 3, 16, 16))
     return path
 
 

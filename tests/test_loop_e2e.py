@@ -7,11 +7,9 @@ import base64
 import json
 import os
 import pickle
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,23 +19,10 @@ from edge_agent import contract
 from search.pareto import pareto_front
 
 from fakes import FakeIna3221
-from servers import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e  # the whole loop: an MLflow server, Ray, the agent
 DEVICE = "local-cpu"  # search/configs/smoke.yaml's loop.device
-
-
-@pytest.fixture(scope="module")
-def server_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("mlflow")
-
-
-@pytest.fixture(scope="module")
-def server(server_root):
-    """conftest's server, with its root known here: its database and artifacts are grepped."""
-    with mlflow_server(server_root) as uri:
-        yield uri
 
 
 def search(
@@ -110,38 +95,20 @@ def assert_nothing_left_behind(secret: str, out, roots: list[Path], client, stud
     client.set_tag(study_run_id, "planted", secret)
     assert mlflow_holding(client, secret) == [f"run {study_run_id}: tag planted"]
     client.delete_tag(study_run_id, "planted")
+    shutil.rmtree(planted.parent)
 
 
-def test_smoke_run_measures_on_the_cpu_and_picks_a_champion(server, server_root, tmp_path):
-    """Also (issue 11): a password given the supported way (MLflow's own variable) is nowhere in
+def test_smoke_run_measures_on_the_cpu_and_picks_a_champion(smoke_study):
+    """Also: a password given the supported way (MLflow's own variable) is nowhere in
     what the run leaves, and no half-written checkpoint reached Ray's storage."""
     from mlflow.tracking import MlflowClient
 
-    secret = "planted-" + secrets.token_hex(8)
-    # Ray's session folder (its logs, tuner.pkl, searcher state) where it can be grepped; a short
-    # path, for Ray's Unix sockets (about 107 characters at most)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
-    env = {
-        "MLFLOW_TRACKING_USERNAME": "someuser",  # the test server has no auth: it ignores them
-        "MLFLOW_TRACKING_PASSWORD": secret,
-        "RAY_TMPDIR": str(ray_tmp),
-    }
-    try:
-        out = search(
-            ["--smoke-test", "--tracking-uri", server, "--experiment", "loop-cpu"]
-            + ["--storage-dir", str(tmp_path / "s"), "--json", str(tmp_path / "r.json")],
-            tmp_path,
-            env,
-        )
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        report = json.loads((tmp_path / "r.json").read_text())
-        # tmp_path: the working dir, the storage dir with Ray's storage and the agent's log and state
-        roots = [tmp_path, server_root, ray_tmp]
-        assert_nothing_left_behind(secret, out, roots, MlflowClient(server), report["study_run_id"])
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert "started the local edge agent" in out.stdout and "champion: v" in out.stdout
+    out, report, server = smoke_study["out"], smoke_study["report"], smoke_study["uri"]
+    # the working dir (Ray's storage, the agent's log and state), the server's, Ray's session folder
+    roots = [smoke_study["work"], smoke_study["server_root"], smoke_study["ray_tmp"]]
     client = MlflowClient(server)
+    assert_nothing_left_behind(smoke_study["secret"], out, roots, client, report["study_run_id"])
+    assert "started the local edge agent" in out.stdout and "champion: v" in out.stdout
     versions = [
         v
         for v in client.search_model_versions(f"name='{contract.REGISTERED_MODEL}'")

@@ -2,14 +2,12 @@
 experiment opens on its runs; trial runs are named by their knobs, each knob logged once, the
 config one artifact; early stops say why; one Pareto plot; the champion's reason and URI in the
 descriptions; the ONNX as an MLflow model with its signature; the agent's housekeeping out of the
-tags. A real MLflow server, a real local Ray and the local edge agent (search/configs/smoke.yaml).
+tags. A real MLflow server, a real local Ray and the local edge agent (search/configs/smoke.yaml, run
+once for the suite: conftest's smoke_study).
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,26 +15,20 @@ import pytest
 from edge_agent import contract
 from search import study
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 NAME = re.compile(r"^t\d\d C\d+ r\d+ a\d\.\d\d( · (stopped@\d+|failed))?$")
 
 
 @pytest.fixture(scope="module")
-def smoke(server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ui")
-    cmd = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test", "--tracking-uri", server]
-    cmd += ["--experiment", "ui", "--storage-dir", str(tmp / "s"), "--json", str(tmp / "r.json")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def smoke(smoke_study, tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(server)
-    exp = client.get_experiment_by_name("ui")
+    client = MlflowClient(smoke_study["uri"])
+    report = smoke_study["report"]
+    exp = client.get_experiment(client.get_run(report["study_run_id"]).info.experiment_id)
     runs = client.search_runs([exp.experiment_id])
-    report = json.loads((tmp / "r.json").read_text())
-    return {"client": client, "exp": exp, "runs": runs, "report": report, "uri": server, "tmp": tmp}
+    tmp, uri = tmp_path_factory.mktemp("ui"), smoke_study["uri"]
+    return {"client": client, "exp": exp, "runs": runs, "report": report, "uri": uri, "tmp": tmp}
 
 
 def fetch(smoke, run_id: str, path: str) -> Path:

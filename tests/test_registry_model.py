@@ -15,8 +15,9 @@ import torch
 
 from edge_agent import contract
 from edge_agent.mlflow_io import Registry
-from model import build_model
 from search.registry import describe_version, register_candidate
+
+from conftest import tiny_model
 
 DEVICE = "orin-nano"
 SIZE = 16  # LR input side; the tiny preset upscales x4
@@ -39,7 +40,7 @@ def trained_run(uri: str, exp_id: str, tmp: Path, psnr: float = 27.5) -> str:
 
     client = MlflowClient(uri)
     run_id = client.create_run(exp_id, tags={contract.ROLE: contract.ROLE_TRIAL}).info.run_id
-    net = build_model("tiny")
+    net = tiny_model()  # one weight set: its export is traced once
     ckpt = tmp / f"{run_id}.pt"
     torch.save({"model_config": asdict(net.cfg), "model": net.state_dict()}, ckpt)
     client.log_artifact(run_id, str(ckpt), "checkpoint")

@@ -27,44 +27,30 @@ def search(args, cwd, timeout=900, extra_env=None):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
+def test_smoke_search_registers_verified_onnx_versions(smoke_study):
+    """The smoke study (conftest's smoke_study): its front retrained for finalize.iterations steps
+    and registered as verified ONNX versions."""
     import mlflow
     import onnxruntime as ort
+    import yaml
     from mlflow.tracking import MlflowClient
 
-    cfg = tmp_path / "finalize.yaml"  # the smoke config, the front retrained for 8 steps
-    cfg.write_text((ROOT / "search" / "configs" / "smoke.yaml").read_text() + "finalize:\n  iterations: 8\n")
-    out = search(
-        [
-            "--config",
-            str(cfg),
-            "--tracking-uri",
-            server,
-            "--experiment",
-            "e2e",
-            "--num-samples",
-            "3",
-            "--storage-dir",
-            str(tmp_path / "s"),
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
-        tmp_path,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    report = json.loads((tmp_path / "r.json").read_text())
+    smoke = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
+    steps = smoke["finalize"]["iterations"]
+    assert steps > 0, "the smoke config no longer finalizes its front: this test checks finalization"
+    server, report = smoke_study["uri"], smoke_study["report"]
     client = MlflowClient(server)
-    exp = client.get_experiment_by_name("e2e")
     study_run = client.get_run(report["study_run_id"])
+    exp = client.get_experiment(study_run.info.experiment_id)
     assert study_run.info.status == "FINISHED" and study_run.data.tags[contract.ROLE] == contract.ROLE_STUDY
-    assert study_run.data.metrics["search_trials"] == 3
+    assert study_run.data.metrics["search_trials"] == smoke["num_samples"]
     assert {a.path for a in client.list_artifacts(study_run.info.run_id, "pareto")} >= {
         "pareto/pareto.png",
         "pareto/pareto.html",
         "pareto/trials.txt",
     }
     trials = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'")
-    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+    assert len(trials) == smoke["num_samples"] and all(t.info.status == "FINISHED" for t in trials)
     for t in trials:
         assert t.data.tags["mlflow.parentRunId"] == study_run.info.run_id
         assert {"embed_dim", "rank", "alpha"} <= set(t.data.params)
@@ -72,7 +58,7 @@ def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
     teacher = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TEACHER}'")
     assert len(teacher) == 1  # trained once for the whole study
 
-    versions = client.search_model_versions(f"name='{contract.REGISTERED_MODEL}'")
+    versions = client.search_model_versions(f"name='{contract.REGISTERED_MODEL}'")  # this study's alone
     front = [r for r in report["trials"] if r["version"] is not None]
     assert len(versions) == len(front) >= 1
     mlflow.set_tracking_uri(server)
@@ -91,7 +77,8 @@ def test_smoke_search_registers_verified_onnx_versions(server, tmp_path):
             final.data.tags[study.TAG_FINALIZED_FROM] == v.tags[contract.TAG_TRIAL_RUN]
             and v.run_id == final.info.run_id
         )
-        assert final.data.params["iterations"] == "8" and v.source.startswith(f"runs:/{final.info.run_id}/")
+        assert final.data.params["iterations"] == str(steps)
+        assert v.source.startswith(f"runs:/{final.info.run_id}/")
         trial = client.get_run(v.tags[contract.TAG_TRIAL_RUN])
         assert trial.data.metrics[FINAL_QUALITY] == final.data.metrics["val_psnr_y"]
 
