@@ -21,7 +21,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from search import compat, report, stages
+# MLflow's usage telemetry, off unless the user turns it on, before anything imports mlflow: where
+# its report cannot be sent (a cluster without internet access), its thread removes an environment
+# variable while a request reads the environment, and the search failed with KeyError
+# '_MLFLOW_TELEMETRY_SESSION_ID' (seen once in `ray up`'s test). Local Ray workers inherit it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from search import compat, report, stages  # noqa: E402
 from search.cli import config_from_args, parse_args
 from search.config import ConfigError, SearchConfig
 from search.study import QUALITY, Study, StudyError, TrialRow, absolute_tracking_uri, error_line

@@ -25,6 +25,23 @@ SHARED = ROOT.parent / "shared"
 BENCH = SHARED / "data" / "sr-benchmarks"
 
 
+def pytest_configure(config):
+    """Under ``-n N`` each xdist group runs on one worker: "ray" holds the tests that start Ray,
+    which would otherwise stop each other's Ray. pytest-xdist 3.8 loses the groups under pytest
+    9.2 (pytest-dev/pytest-xdist#1386, found here): refuse to run rather than spread them."""
+    from importlib.metadata import version
+
+    if not getattr(config.option, "numprocesses", None):
+        return
+    xdist = tuple(int(p) for p in version("pytest-xdist").split(".")[:2])
+    if pytest.version_tuple[:2] >= (9, 2) and xdist <= (3, 8):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} with pytest-xdist {version('pytest-xdist')} runs the tests of "
+            "one xdist group on several workers; install the versions the dev extra names "
+            "(pip install -e '.[dev]') or run without -n"
+        )
+
+
 @pytest.fixture
 def bench_dir() -> Path:
     """The shared SR test sets (present on developer machines and in CI)."""
@@ -105,15 +122,20 @@ def mlflow_fail_fast(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
+FINALIZE = "finalize:\n  iterations: 8\n"  # replaces the smoke config's last key (0 there)
+
+
 @pytest.fixture(scope="session")
 def smoke_study(tmp_path_factory):
     """The README's first command, once for the tests that read what it leaves behind: the smoke
-    search (``search/run.py --smoke-test``: local Ray, registration, the local edge agent,
-    selection) against a real MLflow server of its own. The client's password is given MLflow's
+    search (search/configs/smoke.yaml: local Ray, registration, the local edge agent, selection),
+    its front finalized (retrained for ``finalize.iterations``: 8 steps here, as the full search
+    does at length), against a real MLflow server of its own. The client's password is given MLflow's
     way (a planted secret, for the tests that look for it afterwards) and Ray's session folder is
     kept under a short path of its own, where it can be grepped.
 
-    Tests that change what the study left behind put it back before they end."""
+    Tests that change what the study left behind put it back before they end. Under pytest-xdist
+    they are in the xdist group "ray" (one worker, one study)."""
     root = tmp_path_factory.mktemp("smoke")
     secret = "planted-" + secrets.token_hex(8)
     # Ray's Unix sockets need a short path (about 107 characters at most)
@@ -129,8 +151,10 @@ def smoke_study(tmp_path_factory):
     work.mkdir()
     try:
         with mlflow_server(root / "mlflow") as uri:
-            cmd = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test", "--tracking-uri", uri]
-            cmd += ["--storage-dir", str(work / "s"), "--json", str(work / "r.json")]
+            config = work / "smoke-finalized.yaml"
+            config.write_text((ROOT / "search" / "configs" / "smoke.yaml").read_text() + FINALIZE)
+            cmd = [sys.executable, str(ROOT / "search" / "run.py"), "--config", str(config)]
+            cmd += ["--tracking-uri", uri, "--storage-dir", str(work / "s"), "--json", str(work / "r.json")]
             out = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
             yield {

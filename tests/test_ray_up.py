@@ -9,8 +9,9 @@ Only what a user changes is substituted in the file: the addresses, the user, th
 and where the known hosts are. The sshd gives the sessions a home of their own (SetEnv HOME), so the
 nodes' ~/venv, ~/mambalitesr and ~/mlflow live in a temporary folder, not in this user's home; that
 home holds what a user's nodes have of their own: the head's known hosts and ssh config (the port),
-and this machine's pip configuration. `ray up` and `ray down` stop every Ray of this machine's user
-(their `ray stop`): run this test where no other Ray runs, as CI does.
+and this machine's pip configuration and index (TORCH_INDEX_URL). `ray up` and `ray down` stop every
+Ray of this machine's user (their `ray stop`): run this test where no other Ray runs, as CI does (under
+pytest-xdist every test that starts Ray is in the xdist group "ray", which one worker runs in turn).
 """
 
 import getpass
@@ -30,7 +31,7 @@ from edge_agent import contract
 from servers import free_port, sshd_server
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
 RAY = Path(sys.executable).with_name("ray")
 NODES = ("127.0.0.2", "127.0.0.3")  # head, worker
 
@@ -52,7 +53,11 @@ def nodes(tmp_path):
         if conf.is_file():
             (home / conf.relative_to(Path.home())).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(conf, home / conf.relative_to(Path.home()))
-    extra = f"SetEnv HOME={home}\nMaxStartups 100\nMaxSessions 100\n"
+    # torch from the index this machine's pip uses (with its configuration above), as a CPU node
+    # without access to PyTorch's own index is set up (cluster_node.sh): a machine that reaches only
+    # the package registries spends minutes in pip's retries of download.pytorch.org otherwise
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")
+    extra = f"SetEnv HOME={home} TORCH_INDEX_URL={index}\nMaxStartups 100\nMaxSessions 100\n"
     with sshd_server(tmp_path / "sshd", addresses=NODES, extra=extra) as server:
         # the head's own: it starts the worker over SSH and checks its key (scripts/verified_ssh/ssh)
         (home / ".ssh").mkdir(mode=0o700)

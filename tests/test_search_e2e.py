@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from edge_agent import contract
 from search import study
 from search.trainable import FINAL_QUALITY
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.e2e  # search/run.py in a subprocess: Ray, MLflow
+# search/run.py in a subprocess: Ray, MLflow (pytest-xdist: one worker runs the "ray" group)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
 RUN = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test"]
 
 
@@ -27,17 +29,25 @@ def search(args, cwd, timeout=900, extra_env=None):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def search_only(tmp_path: Path) -> list[str]:
+    """``--config`` of the smoke search without its loop stages (the local edge agent, selection),
+    for the tests about trials: nothing here waits for measurements."""
+    cfg = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
+    cfg["loop"].update(local_agent=False, select=False, agent_args=[])
+    path = tmp_path / "search-only.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return ["--config", str(path)]
+
+
 def test_smoke_search_registers_verified_onnx_versions(smoke_study):
-    """The smoke study (conftest's smoke_study): its front retrained for finalize.iterations steps
+    """The smoke study (conftest's smoke_study), its front retrained for finalize.iterations steps
     and registered as verified ONNX versions."""
     import mlflow
     import onnxruntime as ort
-    import yaml
     from mlflow.tracking import MlflowClient
 
-    smoke = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
+    smoke = yaml.safe_load((smoke_study["work"] / "smoke-finalized.yaml").read_text())
     steps = smoke["finalize"]["iterations"]
-    assert steps > 0, "the smoke config no longer finalizes its front: this test checks finalization"
     server, report = smoke_study["uri"], smoke_study["report"]
     client = MlflowClient(server)
     study_run = client.get_run(report["study_run_id"])
@@ -131,6 +141,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [
+        *search_only(tmp_path),
         "--tracking-uri",
         uri,
         "--experiment",
@@ -144,7 +155,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(RUN + args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(RUN[:-1] + args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     client, finished = MlflowClient(uri), []
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
@@ -218,6 +229,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         out = search(
             [
+                *search_only(tmp_path),
                 "--address",
                 f"127.0.0.1:{port}",
                 "--tracking-uri",
