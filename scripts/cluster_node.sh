@@ -14,6 +14,8 @@
 # torch: PyPI's Linux wheel is the CUDA build (several GB), right for GPU nodes. A node without
 # nvidia-smi also looks in PyTorch's CPU index (pip takes 2.13.0+cpu from there, or from a wheel the
 # node's own pip configuration offers). TORCH_INDEX_URL, when set, is the only index used for torch.
+# pip installs without compiling every module to bytecode (--no-compile: over half of the install's
+# time on a small node); Python compiles what the node imports, once, beside the sources.
 set -euo pipefail
 VENV=$HOME/venv
 REPO=$HOME/mambalitesr
@@ -58,8 +60,8 @@ case "${1:-}" in
         else
             torch_from=()
         fi
-        "$VENV/bin/python" -m pip install --quiet "${torch_from[@]}" "torch==2.13.0"
-        "$VENV/bin/python" -m pip install --quiet -e "$REPO"
+        "$VENV/bin/python" -m pip install --quiet --no-compile "${torch_from[@]}" "torch==2.13.0"
+        "$VENV/bin/python" -m pip install --quiet --no-compile -e "$REPO"
         if ! grep -q "mambalitesr cluster node" "$HOME/.bashrc" 2>/dev/null; then
             cat >>"$HOME/.bashrc" <<'EOF'
 # mambalitesr cluster node (scripts/cluster_node.sh): Ray's commands find ray here, and

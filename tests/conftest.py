@@ -108,9 +108,10 @@ def trace_each_network_once():
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """A real MLflow tracking server (SQLite, served artifacts) for the module's tests."""
+    """A real MLflow tracking server (SQLite, served artifacts) shared by the session's tests (one
+    per pytest-xdist worker): each test works in experiments and registered models of its own names."""
     with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
 

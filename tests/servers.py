@@ -91,7 +91,7 @@ def mlflow_server(root: Path, timeout_s: float = 120.0, port: int | None = None)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
+            proc.wait(timeout=5)  # SQLite keeps what was committed: a slow stop is killed
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()

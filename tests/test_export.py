@@ -12,6 +12,8 @@ from edge_agent.fileio import sha256_file
 from model import build_model
 from model.export import BANNED_OPS, ExportError, export_onnx, main, op_census
 
+from conftest import tiny_model
+
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
@@ -46,7 +48,7 @@ def test_round_trip_and_census(tiny_export):
 
 
 def test_node_count_bounded_in_token_count(tmp_path):
-    net = build_model("tiny")
+    net = tiny_model()
     counts = {}
     for side in (16, 64):
         counts[side] = export_onnx(net, tmp_path / f"t{side}.onnx", (1, 3, side, side), n_checks=1).node_count
@@ -56,7 +58,7 @@ def test_node_count_bounded_in_token_count(tmp_path):
 
 def test_cli_writes_report(tmp_path, capsys):
     out, js = tmp_path / "cli.onnx", tmp_path / "report.json"
-    net = build_model("tiny")
+    net = tiny_model()
     ckpt = tmp_path / "tiny.pt"
     torch.save({"model_config": net.cfg.__dict__, "model": net.state_dict()}, ckpt)
     rc = main(
@@ -92,10 +94,10 @@ def test_cli_reports_bad_checkpoint(tmp_path, capsys):
 def test_failed_verification_leaves_no_file(tmp_path):
     out = tmp_path / "strict.onnx"
     with pytest.raises(ExportError, match="differs from PyTorch"):
-        export_onnx(build_model("tiny"), out, (1, 3, 16, 16), n_checks=1, tolerance=0.0)
+        export_onnx(tiny_model(), out, (1, 3, 16, 16), n_checks=1, tolerance=0.0)
     assert not out.exists()
     with pytest.raises(ExportError, match="input_shape"):
-        export_onnx(build_model("tiny"), out, (1, 1, 16, 16))
+        export_onnx(tiny_model(), out, (1, 1, 16, 16))
 
 
 def test_the_exported_graph_is_the_same_for_every_scan_form(tmp_path):
@@ -119,7 +121,7 @@ def test_the_exported_graph_is_the_same_for_every_scan_form(tmp_path):
 
 @pytest.mark.parametrize("where", ["directory", "proc"])
 def test_an_unwritable_destination_is_an_error_and_leaves_no_partial_file(tmp_path, capsys, where):
-    net = build_model("tiny")
+    net = tiny_model()
     ckpt = tmp_path / "tiny.pt"
     torch.save({"model_config": net.cfg.__dict__, "model": net.state_dict()}, ckpt)
     if where == "directory":
