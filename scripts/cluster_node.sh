@@ -4,8 +4,8 @@
 #   cluster_node.sh setup                 ~/venv with torch pinned first, then the project; ~/.bashrc
 #                                         puts ~/venv/bin on PATH (Ray's commands run `ray` from it)
 #   cluster_node.sh start-head            Ray's head (port 6379) and the MLflow server (port 5000),
-#                                         both on this node's address
-#   cluster_node.sh start-worker HEAD_IP  join the head
+#                                         both on this node's address; the cluster's Ray auth token
+#   cluster_node.sh start-worker HEAD_IP  join the head (with the head's token)
 #   cluster_node.sh stop                  the MLflow server (on the head) and Ray
 #
 # `ray down` runs `ray stop` on the head through a login shell; the `ray` function that `setup` adds
@@ -16,7 +16,14 @@
 # node's own pip configuration offers). TORCH_INDEX_URL, when set, is the only index used for torch.
 # pip installs without compiling every module to bytecode (--no-compile: over half of the install's
 # time on a small node); Python compiles what the node imports, once, beside the sources.
+# Ray token authentication, on for every node and every process of the cluster (RAY_AUTH_MODE=token,
+# also in ~/.bashrc for what `ray exec` runs): `start-head` creates the token ~/.ray/auth_token
+# (mode 0600) when the head has none, and the launcher copies it to each worker before the worker's
+# commands run (the cluster files' `cluster_synced_files`). It never appears in a command line or
+# a log; a process without it cannot join or use the cluster.
 set -euo pipefail
+export RAY_AUTH_MODE=token
+TOKEN=$HOME/.ray/auth_token
 VENV=$HOME/venv
 REPO=$HOME/mambalitesr
 DATA=${MLFLOW_DATA:-$HOME/mlflow}
@@ -31,6 +38,18 @@ node_ip() {
 
 is_local_address() {  # true when this machine has the address (a worker on the head's machine)
     "$VENV/bin/python" -c 'import socket, sys; socket.socket().bind((sys.argv[1], 0))' "$1" 2>/dev/null
+}
+
+ensure_token() {  # the head's: made once, kept across restarts of the cluster
+    mkdir -p "$HOME/.ray"
+    chmod 700 "$HOME/.ray"
+    if [[ ! -s $TOKEN ]]; then
+        (umask 077 && "$VENV/bin/python" -c \
+            'import secrets, sys; open(sys.argv[1], "w").write(secrets.token_hex(32))' "$TOKEN.new")
+        mv "$TOKEN.new" "$TOKEN"
+        echo "created the cluster's Ray auth token ($TOKEN)"
+    fi
+    chmod 600 "$TOKEN"
 }
 
 stop_mlflow() {
@@ -67,6 +86,7 @@ case "${1:-}" in
 # mambalitesr cluster node (scripts/cluster_node.sh): Ray's commands find ray here, and
 # `ray stop` (what `ray down` runs on the head) stops the MLflow server first
 export PATH="$HOME/venv/bin:$PATH"
+export RAY_AUTH_MODE=token
 ray() {
     if [ "${1:-}" = stop ]; then bash "$HOME/mambalitesr/scripts/cluster_node.sh" stop-mlflow; fi
     command ray "$@"
@@ -78,6 +98,7 @@ EOF
         ip=$(node_ip)
         "$VENV/bin/ray" stop
         stop_mlflow
+        ensure_token
         # Ray 2.60's v2 autoscaler, on by default, started no worker of the local provider (in
         # tests/test_ray_up.py it allocated the head alone); the v1 autoscaler starts them
         # (and it runs ssh with host-key checking off: scripts/verified_ssh/ssh puts it back)
@@ -90,6 +111,11 @@ EOF
     start-worker)
         head=${2:?usage: cluster_node.sh start-worker HEAD_IP}
         ip=$(node_ip)
+        if [[ ! -s $TOKEN ]]; then
+            echo "error: no Ray auth token at $TOKEN: the launcher copies the head's there" \
+                "(cluster_synced_files: [~/.ray/auth_token] in the cluster file)" >&2
+            exit 1
+        fi
         # a stale Ray of an earlier cluster goes first, unless this machine is the head's as well
         # (two nodes on one machine, as in tests/test_ray_up.py): `ray stop` would stop the head
         is_local_address "$head" || "$VENV/bin/ray" stop

@@ -9,5 +9,6 @@ if [[ -z ${MLFLOW_HOST:-} && -f $DATA/head_address ]]; then
     MLFLOW_HOST=$(cat "$DATA/head_address")
 fi
 HOST=${MLFLOW_HOST:-$(hostname -I | awk '{print $1}')}
+export RAY_AUTH_MODE=token  # the cluster's (scripts/cluster_node.sh): the token is ~/.ray/auth_token
 cd "$HOME/mambalitesr"
 exec "$HOME/venv/bin/python" search/run.py --address auto --tracking-uri "http://$HOST:5000" "$@"

@@ -21,7 +21,7 @@ def test_cluster_file_passes_ray_validation(name):
         "bash ~/mambalitesr/scripts/cluster_node.sh start-worker $RAY_HEAD_IP"
     ]
     node = (ROOT / "scripts" / "cluster_node.sh").read_text()
-    assert 'pip install --quiet -e "$REPO"' in node  # the project is installed on every node
+    assert 'pip install --quiet --no-compile -e "$REPO"' in node  # the project is installed on every node
     assert "start_mlflow.sh" in node  # the head runs the tracking server
     assert (ROOT / "scripts" / "head_search.sh").exists()
     # the header's commands are the ones the tested file documents

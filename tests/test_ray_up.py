@@ -3,7 +3,8 @@ this machine (head 127.0.0.2, worker 127.0.0.3: Ray turns a node address of 127.
 machine's own address, which the launcher does not know the node by) served by a real sshd with key
 authentication and verified host keys; a smoke search run on the head with the file's own command;
 its results read from the "workstation" through an SSH tunnel; `ray down`, after which nothing of
-the cluster runs.
+the cluster runs. The cluster uses Ray token authentication: the head's start-head made the token
+(owner-only, printed nowhere) and a driver without it is refused by the head.
 
 Only what a user changes is substituted in the file: the addresses, the user, the key, the SSH port
 and where the known hosts are. The sshd gives the sessions a home of their own (SetEnv HOME), so the
@@ -36,9 +37,14 @@ RAY = Path(sys.executable).with_name("ray")
 NODES = ("127.0.0.2", "127.0.0.3")  # head, worker
 
 
-def run(cmd, timeout=900, **kw):
+def run(cmd, timeout=900, extra_env=None, **kw):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # as a user's shell has it
+    env.update(extra_env or {})
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kw)
+
+
+# a driver joining the head (run with the nodes' Python, outside their home: without their token)
+JOIN = ["-c", f"import ray; ray.init(address='{NODES[0]}:6379', logging_level='ERROR'); print('JOINED')"]
 
 
 @pytest.fixture
@@ -137,6 +143,26 @@ def test_ray_up_runs_a_search_on_two_nodes_and_ray_down_leaves_nothing(nodes):
             timeout=1200,
         )
         assert search.returncode == 0, search.stdout[-4000:] + search.stderr[-4000:]
+
+        # token authentication: the head made the token (owner-only), nothing printed it, and a
+        # process without it is refused by the head
+        token_file = home / ".ray" / "auth_token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 32
+        for out in (up, search):
+            assert token not in out.stdout + out.stderr
+        # a driver without the token (auth off on its side, no token file in its home) is refused
+        python = str(home / "venv" / "bin" / "python")
+        refused = run([python, *JOIN], timeout=120, extra_env={"RAY_AUTH_MODE": "disabled"})
+        assert refused.returncode != 0 and "JOINED" not in refused.stdout, refused.stdout[-2000:]
+        assert "Authentication token is missing or incorrect" in refused.stderr, refused.stderr[-2000:]
+        joined = run(
+            [python, *JOIN],
+            timeout=120,
+            extra_env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)},
+        )
+        assert "JOINED" in joined.stdout, joined.stdout[-2000:] + joined.stderr[-2000:]
 
         # the workstation's view: the head's MLflow through an SSH tunnel, as the file's header says
         local = free_port()

@@ -106,7 +106,7 @@ def champion(uri: str, model: str) -> str:
 @pytest.fixture(scope="module")
 def powered(server):
     """Six candidates measured on orin-nano with power (one pending, one failed); an older study beside."""
-    exp, model = "sel-power", "m-power"
+    exp, model = "sel-power", "m-sel-power"
     # an older study with a candidate better in every way: never considered for the latest study
     _, old = make_study(
         server, exp, model, [("old", 48, 4, 0.5, 40.0)], start_time=int(time.time() * 1000) - 60_000
@@ -254,7 +254,7 @@ def test_device_given_without_power_compares_latency_only(powered):
 @pytest.fixture(scope="module")
 def unpowered(server):
     """Four candidates measured on a device without a power sensor."""
-    exp, model = "sel-nopower", "m-nopower"
+    exp, model = "sel-nopower", "m-sel-nopower"
     study, c = make_study(
         server,
         exp,
