@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and not args.tracking_uri:
         print("error: give --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
-    problem = contract.uri_credential_problem(getattr(args, "tracking_uri", None))
+    problem = contract.credential_problem(getattr(args, "tracking_uri", None))
     if problem and args.command != "deploy":  # deploy says where the credential goes on the device
         print(f"error: {problem}", file=sys.stderr)
         return 2

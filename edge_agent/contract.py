@@ -9,6 +9,7 @@ nothing beyond the standard library: it must load on a Jetson.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 
 EXPERIMENT = "mambalitesr"
@@ -112,3 +113,16 @@ def uri_credential_problem(tracking_uri: str | None) -> str | None:
         "files; give it without one (e.g. http://host:5000) and set MLFLOW_TRACKING_USERNAME / "
         "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN instead"
     )
+
+
+def credential_problem(tracking_uri: str | None) -> str | None:
+    """Why a command line must not run with ``tracking_uri`` (its --tracking-uri) or with the
+    environment's MLFLOW_TRACKING_URI, or None. The environment's URI is checked even when a flag
+    overrides it: the processes a command starts (Ray's workers, a local agent) inherit it."""
+    problem = uri_credential_problem(tracking_uri)
+    if problem:
+        return problem
+    problem = uri_credential_problem(os.environ.get("MLFLOW_TRACKING_URI"))
+    if problem:
+        return problem.replace("the tracking URI carries", "MLFLOW_TRACKING_URI (the environment) carries", 1)
+    return None

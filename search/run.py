@@ -27,6 +27,7 @@ from pathlib import Path
 # '_MLFLOW_TELEMETRY_SESSION_ID' (seen once in `ray up`'s test). Local Ray workers inherit it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from edge_agent import contract  # noqa: E402
 from search import compat, report, stages  # noqa: E402
 from search.cli import config_from_args, parse_args
 from search.config import ConfigError, SearchConfig
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    problem = contract.credential_problem(None)  # the config's URI is checked; here the environment's
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
     import ray

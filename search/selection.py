@@ -612,7 +612,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = contract.uri_credential_problem(args.tracking_uri)
+    problem = contract.credential_problem(args.tracking_uri)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -49,6 +49,17 @@ def test_a_credential_in_the_tracking_uri_is_refused(cli, uri, capsys):
     assert SECRET not in out + err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("cli", [run_search, run_select, run_train, run_evaluate, run_agent])
+def test_a_credential_in_mlflow_tracking_uri_is_refused(cli, capsys, monkeypatch):
+    """Even beside a clean --tracking-uri: what the command starts (Ray's workers, an agent)
+    inherits the environment."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", URIS[0])
+    assert cli("http://127.0.0.1:5999") == 2
+    out, err = capsys.readouterr()
+    assert "MLFLOW_TRACKING_URI (the environment) carries a credential" in err
+    assert SECRET not in out + err and "Traceback" not in err
+
+
 def test_uris_without_credentials_pass():
     from edge_agent.contract import uri_credential_problem
 

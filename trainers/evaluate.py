@@ -26,7 +26,7 @@ import torch
 
 from edge_agent import argtypes, preflight
 from edge_agent.backends import BackendError, OrtModel
-from edge_agent.contract import uri_credential_problem
+from edge_agent.contract import credential_problem
 from edge_agent.mlflow_io import RegistryError, server_errors
 from model.mambalitesr import SCALES
 from model.runtime import keep_freed_memory
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
     p.add_argument("--json", type=argtypes.writable_file, help="write per-set and per-image results here")
     args = p.parse_args(argv)
-    problem = uri_credential_problem(args.tracking_uri)
+    problem = credential_problem(args.tracking_uri)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_agent import argtypes, contract
-from edge_agent.contract import uri_credential_problem
+from edge_agent.contract import credential_problem
 from model import ModelConfig, build_model, count_flops, count_params, preset
 from model.mambalitesr import PRESETS, SCALES, MambaLiteSR, config_from_dict, load_model
 from model.runtime import keep_freed_memory
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    problem = uri_credential_problem(args.tracking_uri)
+    problem = credential_problem(args.tracking_uri)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
