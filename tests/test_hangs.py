@@ -65,6 +65,7 @@ def assert_one_sentence(proc: subprocess.CompletedProcess, *needles: str, rc: in
     [
         ("run.py", ["--smoke-test", "--storage-dir", "s"]),
         ("search.selection", ["--experiment", "x"]),
+        ("trainers.train", ["--role", "student", "--alpha", "0", "--iterations", "1", "--out-dir", "s"]),
     ],
 )
 def test_a_dead_tracking_server_is_named_at_once(script, args, tmp_path):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edge_agent import argtypes, contract
+from edge_agent import argtypes, contract, preflight
 from edge_agent.contract import credential_problem
 from model import ModelConfig, build_model, count_flops, count_params, preset
 from model.mambalitesr import PRESETS, SCALES, MambaLiteSR, config_from_dict, load_model
@@ -480,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.tracking_uri:  # a dead server is a sentence in seconds, not minutes of retries
+        preflight.limit_mlflow_retries()
+        problem = preflight.tracking_server_problem(args.tracking_uri)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     keep_freed_memory()
     tracker: Tracker = ConsoleTracker()
     if args.tracking_uri:
