@@ -95,8 +95,9 @@ def _check_device(device: str) -> None:
         raise ValueError(f"device name {device!r} must be letters, digits, '-' or '_' (e.g. orin-nano)")
 
 
-def uri_credential_problem(tracking_uri: str | None) -> str | None:
-    """Why ``tracking_uri`` must not be used as given (it carries a password or token), or None.
+def uri_credential_problem(tracking_uri: str | None, name: str = "the tracking URI") -> str | None:
+    """Why ``tracking_uri`` must not be used as given (it carries a password or token), or None;
+    ``name`` says where the URI came from.
 
     A URI is printed, logged, stored as an MLflow param and pickled by Ray: credentials belong in
     MLflow's own variables, which nothing here records.
@@ -109,7 +110,7 @@ def uri_credential_problem(tracking_uri: str | None) -> str | None:
     if "@" not in parsed.netloc and not in_query:  # no user:password@ (or token@) part, no ?token=
         return None
     return (
-        "the tracking URI carries a credential, which would end up in logs, MLflow params and Ray's "
+        f"{name} carries a credential, which would end up in logs, MLflow params and Ray's "
         "files; give it without one (e.g. http://host:5000) and set MLFLOW_TRACKING_USERNAME / "
         "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN instead"
     )
@@ -119,10 +120,6 @@ def credential_problem(tracking_uri: str | None) -> str | None:
     """Why a command line must not run with ``tracking_uri`` (its --tracking-uri) or with the
     environment's MLFLOW_TRACKING_URI, or None. The environment's URI is checked even when a flag
     overrides it: the processes a command starts (Ray's workers, a local agent) inherit it."""
-    problem = uri_credential_problem(tracking_uri)
-    if problem:
-        return problem
-    problem = uri_credential_problem(os.environ.get("MLFLOW_TRACKING_URI"))
-    if problem:
-        return problem.replace("the tracking URI carries", "MLFLOW_TRACKING_URI (the environment) carries", 1)
-    return None
+    return uri_credential_problem(tracking_uri) or uri_credential_problem(
+        os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI (the environment)"
+    )
