@@ -5,8 +5,10 @@ One pass (``Agent.poll_once``):
 1. deliver whatever waits in the outbox (reports the server could not take earlier);
 2. list the model's versions; a version is ours to measure when its ``edge.<device>.status`` is
    ``pending`` or missing (a device type added after registration measures old candidates too),
-   or ``measuring`` with a heartbeat older than ``takeover_s`` (its agent died);
-3. claim it: re-read the version, set ``measuring`` + ``claimed_by`` + ``heartbeat``, wait
+   or ``measuring`` with a heartbeat older than its claimer's ``takeover_s`` (its agent died;
+   the claimer writes that period into the claim, so agents started with different ones agree);
+3. claim it: re-read the version, set ``measuring`` + ``claimed_by`` + ``heartbeat`` +
+   ``stale_after_s``, wait
    ``claim_settle_s``, re-read; if another agent's id is there, it won and we move on; if a stop
    came during the wait, the claim goes back at once, before any download. The registry has no
    compare-and-set, so this is a claim with a settle window, not a lock: two agents of one
@@ -59,8 +61,8 @@ class AgentConfig:
     model_name: str = contract.REGISTERED_MODEL
     state_dir: Path = STATE_DIR
     poll_s: float = 30.0
-    takeover_s: float = 1800.0  # a claim without a heartbeat for this long is taken over
-    heartbeat_s: float | None = None  # refresh period while measuring; default takeover_s / 4 (>= 5 s)
+    takeover_s: float = 1800.0  # this agent's claims are taken over after this long without a heartbeat
+    heartbeat_s: float | None = None  # refresh period while measuring; see heartbeat_period
     claim_settle_s: float = 2.0
     backend: str = "auto"
     precision: str = "fp16"
@@ -74,7 +76,18 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         contract.status_tag(self.device)  # validates the name
+        if self.heartbeat_period >= self.takeover_s:
+            raise ValueError(
+                f"the heartbeat period ({self.heartbeat_period:g} s) must be shorter than the takeover "
+                f"time ({self.takeover_s:g} s), or other agents take over this agent's live claims"
+            )
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
+
+    @property
+    def heartbeat_period(self) -> float:
+        """Seconds between heartbeats: ``heartbeat_s``, else a quarter of ``takeover_s`` (at least
+        5 s, but at most half of ``takeover_s``)."""
+        return self.heartbeat_s or min(max(5.0, self.takeover_s / 4), self.takeover_s / 2)
 
 
 class JsonFormatter(logging.Formatter):
@@ -103,6 +116,16 @@ def setup_logging(level: int = logging.INFO, stream=sys.stdout) -> None:
 
 def _fields(**kw) -> dict:
     return {"fields": kw}
+
+
+def _tag_float(v: Version, key: str, default: float) -> float:
+    """A number a claim tag holds; ``default`` where it is missing or not a positive number (a
+    claim written by an older agent has no ``stale_after_s``)."""
+    try:
+        value = float(v.tags.get(key, ""))
+    except ValueError:
+        return default
+    return value if value > 0 and value == value else default
 
 
 class Agent:
@@ -174,8 +197,9 @@ class Agent:
         if status in (None, contract.PENDING):
             return True
         if status == contract.MEASURING:
-            beat = float(v.tags.get(contract.edge_key(self.cfg.device, contract.TAG_HEARTBEAT), "0") or 0)
-            return self._clock() - beat > self.cfg.takeover_s
+            return self._clock() - _tag_float(v, self._tag(contract.TAG_HEARTBEAT), 0.0) > _tag_float(
+                v, self._tag(contract.TAG_STALE_AFTER), self.cfg.takeover_s
+            )
         return False
 
     def claim(self, version: str) -> bool:
@@ -190,6 +214,7 @@ class Agent:
         tags = {
             self._tag(contract.TAG_CLAIMED_BY): self.cfg.agent_id,
             self._tag(contract.TAG_HEARTBEAT): f"{self._clock():.3f}",
+            self._tag(contract.TAG_STALE_AFTER): f"{self.cfg.takeover_s:g}",
             contract.status_tag(self.cfg.device): contract.MEASURING,  # last: a failed claim stays pending
         }
         for key, value in tags.items():
@@ -222,7 +247,7 @@ class Agent:
     def _beating(self, version: str):
         """Refresh the heartbeat while a long step runs (an engine build can take minutes)."""
         done = threading.Event()
-        period = self.cfg.heartbeat_s or max(5.0, self.cfg.takeover_s / 4)
+        period = self.cfg.heartbeat_period
 
         def beat():
             while not done.wait(period):

@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from edge_agent.measure import MeasureConfig, MeasurementError
 from edge_agent.mlflow_io import RegistryError
 from edge_agent.remote_measure import DEFAULT_AGENT_CMD, remote_measure
 from edge_agent.ssh import SYSTEM_KNOWN_HOSTS, USER_KNOWN_HOSTS, SshError
+
+log = logging.getLogger("edge_agent.cli")
 
 
 def device_name(text: str) -> str:
@@ -120,6 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # MLflow's client retries a dead server for minutes by default; the agent has its own
     # back-off and outbox, so fail fast (users can still override these in the environment)
     preflight.limit_mlflow_retries()
+    # the log is one JSON object per line: MLflow's download progress bars (on stderr, which a
+    # service's journal and the search's agent.log take in too) would break it
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     if args.once:  # one pass is a command, not a service: a dead server ends it at once
         problem = preflight.tracking_server_problem(args.tracking_uri)
         if problem:
@@ -140,6 +147,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     agent = Agent(cfg)
     previous = {sig: signal.signal(sig, agent.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if args.stop_with_parent is not None:
+        if os.getppid() != args.stop_with_parent:  # not our parent, or it died while we started
+            print(
+                f"error: --stop-with-parent {args.stop_with_parent}: that process is not (or no longer) "
+                "the one that started this agent; give the id of the starting process",
+                file=sys.stderr,
+            )
+            return 1
+        _stop_when_orphaned(agent, args.stop_with_parent)
     try:
         if args.once:
             agent.poll_once()
@@ -149,6 +165,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _stop_when_orphaned(agent: Agent, parent: int, period_s: float = 1.0) -> None:
+    """Stop ``agent`` (handing back an unfinished claim) once the process that started it is gone,
+    however it went (kill -9 included): this process is then re-parented, and its parent id
+    changes."""
+
+    def watch():
+        while not agent.stopping:
+            if os.getppid() != parent:
+                log.info("the process that started this agent exited; stopping")
+                agent.request_stop()
+                return
+            time.sleep(period_s)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _port(text: str) -> int:
@@ -317,9 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--takeover-s",
         type=argtypes.positive_float,
         default=AgentConfig.takeover_s,
-        help="take over claims idle this long",
+        help="seconds without a heartbeat after which other agents take over this agent's claims "
+        "(written into each claim; claims of older agents are judged by this value)",
     )
     p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument(
+        "--stop-with-parent",
+        type=argtypes.positive_int,
+        metavar="PID",
+        help="the id of the process that starts this agent: stop when it exits, even if it was "
+        "killed (a search's local agent)",
+    )
     _add_measure_options(p)
     p.set_defaults(func=cmd_run)
 

@@ -58,7 +58,10 @@ REPORT_TAGS = (TAG_BACKEND, TAG_POWER_SOURCE, TAG_POWER_NOTE)
 POWER_NOTE_CHARS = 250
 # Claim bookkeeping on the version while it is measured (the registry has no compare-and-set: see
 # edge_agent/agent.py); removed once the status is done or failed, or the claim is handed back.
-TAG_CLAIMED_BY, TAG_HEARTBEAT = "claimed_by", "heartbeat"
+# ``stale_after_s`` is the claimer's own takeover time: every agent judges a claim by the period
+# its claimer beats at, not by its own (agents of one type may be started with different ones).
+TAG_CLAIMED_BY, TAG_HEARTBEAT, TAG_STALE_AFTER = "claimed_by", "heartbeat", "stale_after_s"
+CLAIM_TAGS = (TAG_CLAIMED_BY, TAG_HEARTBEAT, TAG_STALE_AFTER)
 
 
 def edge_key(device: str, name: str) -> str:

@@ -135,9 +135,9 @@ class Registry:
         return hits[0]
 
     def release_claim(self, version: str, device: str) -> None:
-        """Remove the claim's tags (``claimed_by``, ``heartbeat``) from a version, where present."""
+        """Remove the claim's tags (``contract.CLAIM_TAGS``) from a version, where present."""
         tags = self.get(version).tags
-        for name in (contract.TAG_CLAIMED_BY, contract.TAG_HEARTBEAT):
+        for name in contract.CLAIM_TAGS:
             if contract.edge_key(device, name) in tags:
                 self.delete_tag(version, contract.edge_key(device, name))
 

@@ -9,8 +9,9 @@ with Loop, Scan, If or CumSum nodes (TensorRT runs loops sequentially and has wr
 CumSum), compare ONNX Runtime with PyTorch on fresh random inputs in float32 and, as TensorRT builds
 float16 engines, measure the error of a float16 graph (the model traced in half precision; the
 scan upcasts itself to float32, as its exponent range needs). Nodes traced inside the scan are
-named ``fp32_scan/...`` so a float16 TensorRT build can pin them to float32. The file appears at
-``--out`` only once every check has passed.
+named ``fp32_scan/...`` so a float16 TensorRT build can pin them to float32. The exporter's
+metadata (source paths and lines of the machine that traced it) is removed: a model file says
+nothing about where it was built. The file appears at ``--out`` only once every check has passed.
 
 This is the only module of model/ that imports onnx and onnxruntime.
 """
@@ -99,6 +100,25 @@ def _mark_scan_nodes(onnx_model) -> int:
             node.name = FP32_SCAN_PREFIX + node.name
             marked += 1
     return marked
+
+
+def _strip_metadata(onnx_model) -> None:
+    """Drop what the exporter records about the machine that traced the graph: every node's
+    metadata (its source file paths and lines, module names) and doc strings. Called once the
+    scan nodes are marked, the only use this module has for that metadata."""
+    graphs = [onnx_model.graph, *onnx_model.functions]
+    for graph in graphs:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+        graph.doc_string = ""
+        if hasattr(graph, "metadata_props"):
+            del graph.metadata_props[:]
+    for value in (*onnx_model.graph.input, *onnx_model.graph.output, *onnx_model.graph.value_info):
+        if hasattr(value, "metadata_props"):
+            del value.metadata_props[:]
+        value.doc_string = ""
+    onnx_model.doc_string = ""
 
 
 def _trace(model: MambaLiteSR, dummy: torch.Tensor, opset: int):
@@ -190,6 +210,8 @@ def export_onnx(
             f"found no node from {SCAN_NAMESPACE} in the exported graph; the exporter's metadata "
             "changed, so the float16 precision marks cannot be placed"
         )
+    _strip_metadata(proto)
+    _strip_metadata(proto16)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:

@@ -133,6 +133,8 @@ class LocalAgent:
         cmd = [sys.executable, "-m", "edge_agent", "run", "--tracking-uri", tracking_uri]
         cmd += ["--device", cfg.loop.device, "--model-name", cfg.registry.model_name, "--poll-s", "2"]
         cmd += ["--backend", "onnxruntime", "--state-dir", str(state_dir), *cfg.loop.agent_args]
+        # a search that dies, even by kill -9, leaves no agent behind
+        cmd += ["--stop-with-parent", str(os.getpid())]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -59,6 +59,7 @@ def register(uri: str, tmp: Path, model_name: str, devices=(DEVICE,)) -> tuple[s
 def make_agent(uri: str, tmp: Path, model_name: str, device: str = DEVICE, **kw) -> Agent:
     power_root = kw.pop("power_root", tmp / "no-sensor")
     reader_factory = kw.pop("reader_factory", None)
+    clock = kw.pop("clock", time.time)
     cfg = AgentConfig(
         tracking_uri=uri,
         device=device,
@@ -72,7 +73,7 @@ def make_agent(uri: str, tmp: Path, model_name: str, device: str = DEVICE, **kw)
         measure=kw.pop("measure", FAST),
         **kw,
     )
-    return Agent(cfg, reader_factory=reader_factory)
+    return Agent(cfg, reader_factory=reader_factory, clock=clock)
 
 
 def measurement(uri: str, tmp: Path, run_id: str, device: str = DEVICE) -> dict:
@@ -90,7 +91,7 @@ def edge_tags(tags: dict[str, str], device: str = DEVICE) -> set[str]:
     return {name for d, name in filter(None, map(contract.split_edge_key, tags)) if d == device}
 
 
-CLAIM_TAGS = {contract.TAG_CLAIMED_BY, contract.TAG_HEARTBEAT}
+CLAIM_TAGS = set(contract.CLAIM_TAGS)
 
 
 def test_pending_to_done_with_power_from_a_changing_sysfs_tree(server, tmp_path):
@@ -405,6 +406,32 @@ def test_stale_claim_is_taken_over_and_a_fresh_one_is_not(server, tmp_path):
     assert reg.get(version).status(DEVICE) == contract.DONE
 
 
+def test_a_live_claim_is_judged_by_its_claimers_takeover_time_not_the_observers(server, tmp_path):
+    _, version = register(server, tmp_path, "m-periods")
+    patient = make_agent(server, tmp_path, "m-periods", name="p", takeover_s=1000.0)
+    assert patient.claim(version)  # it beats every 250 s; the claim says: stale after 1000 s
+    tags = patient.registry.get(version).tags
+    assert tags[contract.edge_key(DEVICE, contract.TAG_STALE_AFTER)] == "1000"
+    beat = float(tags[contract.edge_key(DEVICE, contract.TAG_HEARTBEAT)])
+    # 100 s after the last beat: alive for its claimer, but twice an eager agent's own takeover time
+    eager = make_agent(server, tmp_path, "m-periods", name="e", takeover_s=50.0, clock=lambda: beat + 100)
+    assert eager.poll_once() == []
+    tags = eager.registry.get(version).tags
+    assert tags[contract.edge_key(DEVICE, contract.TAG_CLAIMED_BY)] == patient.cfg.agent_id
+    assert tags[contract.status_tag(DEVICE)] == contract.MEASURING
+    # 1001 s of silence: the claimer is gone by its own measure, and the eager agent takes over
+    late = make_agent(server, tmp_path, "m-periods", name="l", takeover_s=50.0, clock=lambda: beat + 1001)
+    assert late.poll_once() == [version]
+    assert not edge_tags(late.registry.get(version).tags) & CLAIM_TAGS  # all three claim tags gone
+
+
+def test_a_heartbeat_period_as_long_as_the_takeover_time_is_refused():
+    with pytest.raises(ValueError, match="heartbeat period .* shorter than the takeover"):
+        AgentConfig(tracking_uri="http://x", device=DEVICE, takeover_s=10.0, heartbeat_s=10.0)
+    assert AgentConfig(tracking_uri="http://x", device=DEVICE, takeover_s=4.0).heartbeat_period == 2.0
+    assert AgentConfig(tracking_uri="http://x", device=DEVICE).heartbeat_period == 450.0
+
+
 def test_heartbeat_is_refreshed_during_a_long_measurement(server, tmp_path):
     _, version = register(server, tmp_path, "m-beat")
     agent = make_agent(server, tmp_path, "m-beat", heartbeat_s=0.3, measure=replace(FAST, duration_s=2.0))
@@ -466,6 +493,9 @@ def test_sigterm_hands_the_claim_back(server, tmp_path):
     reader.join(timeout=10)
     out = "".join(lines)
     assert proc.returncode == 0, out
+    # stdout and stderr are one JSON log (journald's): no download progress bar, no other chatter
+    assert not [line for line in lines if line.strip() and not line.startswith("{")], out
+    assert all(isinstance(json.loads(line), dict) for line in lines if line.strip())
     assert "stopped during the loaded window" in out
     assert '"msg": "handed the claim back"' in out
     reg = Registry(server, "m-term")

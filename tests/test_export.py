@@ -47,6 +47,18 @@ def test_round_trip_and_census(tiny_export):
     assert abs(got - want).max() < 1e-4
 
 
+def test_an_exported_file_names_no_path_of_the_machine_that_built_it(tiny_export):
+    _, out, _ = tiny_export
+    data = out.read_bytes()
+    here = Path(__file__).resolve().parents[1]  # the project, where model/ was traced from
+    for path in {str(here), str(Path.home()), str(Path(torch.__file__).resolve().parent)}:
+        assert path.encode() not in data, f"{out} names {path}"
+    assert b"stack_trace" not in data and b'File "' not in data  # the exporter's source metadata
+    proto = onnx.load(str(out))
+    assert not [n for n in proto.graph.node if n.metadata_props]
+    assert any(n.name.startswith(SCAN_PREFIX) for n in proto.graph.node)  # marked before it went
+
+
 def test_node_count_bounded_in_token_count(tmp_path):
     net = tiny_model()
     counts = {}

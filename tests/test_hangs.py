@@ -210,3 +210,51 @@ def test_select_refuses_bad_numbers_naming_the_flag(flag, value, tmp_path, capsy
     assert exit_.value.code == 2
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "m.db").exists()
+
+
+def _exited(pid: int) -> bool:
+    """True once ``pid`` is gone or a zombie nobody reaped (a re-parented child in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_a_searchs_local_agent_exits_when_the_search_is_killed(tmp_path):
+    import time
+
+    driver = tmp_path / "driver.py"  # what search/run.py does: start the local agent, then work
+    driver.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from search.config import load_config\n"
+        "from search.loop import LocalAgent\n"
+        "agent = LocalAgent(sys.argv[1], load_config(), Path(sys.argv[2]))\n"
+        "print('PID', agent.proc.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the agent backs off from a server that is not there, and would keep doing so for ever
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), f"http://127.0.0.1:{free_port()}", str(tmp_path / "agent")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        agent = int(next(line for line in proc.stdout if line.startswith("PID")).split()[1])
+        log = tmp_path / "agent" / "agent.log"
+        deadline = time.monotonic() + 120
+        while "agent started" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline and not _exited(agent), log.read_text()
+            time.sleep(0.2)
+    finally:
+        proc.kill()  # the search dies without a word: no finally, no atexit
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while not _exited(agent) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not _exited(agent):
+        os.kill(agent, signal.SIGKILL)
+        pytest.fail("the local agent outlived the search that started it")
+    assert "the process that started this agent exited; stopping" in log.read_text()

@@ -112,7 +112,7 @@ def test_versions_show_the_onnx_model_the_measurement_and_no_housekeeping_tags(s
         assert v.tags[contract.status_tag("orin-nano")] == contract.PENDING
         assert "orin-nano: pending — waiting for an edge agent of this device type" in v.description
         assert v.tags[contract.status_tag("local-cpu")] == contract.DONE
-        assert not [k for k in v.tags if k.endswith((".claimed_by", ".heartbeat"))]
+        assert not [k for k in v.tags if k.endswith(tuple("." + t for t in contract.CLAIM_TAGS))]
         folder = fetch(smoke, v.run_id, contract.ONNX_ARTIFACT_DIR)
         inputs = Model.load(str(folder)).signature.inputs.to_dict()
         assert list(inputs[0]["tensor-spec"]["shape"]) == [1, 3, 32, 32]
