@@ -127,6 +127,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the log is one JSON object per line: MLflow's download progress bars (on stderr, which a
     # service's journal and the search's agent.log take in too) would break it
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    problem = preflight.missing_database_problem(args.tracking_uri)  # the agent measures what a search wrote
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     if args.once:  # one pass is a command, not a service: a dead server ends it at once
         problem = preflight.tracking_server_problem(args.tracking_uri)
         if problem:

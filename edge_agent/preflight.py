@@ -2,7 +2,8 @@
 
 MLflow's client retries a server that does not answer for minutes (7 retries with back-off, 120 s
 per request) and prints nothing meanwhile. A CLI calls ``limit_mlflow_retries()`` first, then
-``tracking_server_problem(uri)``; a problem is printed as ``error: ...`` and the CLI exits 1 (2 is
+``tracking_server_problem(uri)`` (and, where it reads what a search wrote,
+``missing_database_problem(uri)``); a problem is printed as ``error: ...`` and the CLI exits 1 (2 is
 kept for a wrong command line or config). Torch-free: the edge agent uses it too.
 """
 
@@ -57,6 +58,22 @@ def tracking_server_problem(tracking_uri: str, timeout_s: float = PROBE_TIMEOUT_
     return (
         f"no MLflow tracking server answers at {where} ({why}): start one there "
         f"(`mlflow server --host {parts.hostname} --port {port}`) or pass the right --tracking-uri"
+    )
+
+
+def missing_database_problem(tracking_uri: str | None) -> str | None:
+    """Why a ``sqlite:`` tracking URI names no database (None for any other URI, or a file that
+    exists). For commands that read what a search wrote: MLflow would create an empty database at
+    a mistyped path and then report that nothing is in it."""
+    prefix = "sqlite:///"
+    if not tracking_uri or not tracking_uri.startswith(prefix):
+        return None
+    path = urllib.parse.urlsplit(tracking_uri).path[1:]  # sqlite:///rel.db, sqlite:////abs.db
+    if not path or path == ":memory:" or os.path.isfile(path):
+        return None
+    return (
+        f"no MLflow database at {path} (from the tracking URI {tracking_uri}); check the path: "
+        "nothing was created there (a search creates the database)"
     )
 
 

@@ -15,7 +15,9 @@
 # nvidia-smi also looks in PyTorch's CPU index (pip takes 2.13.0+cpu from there, or from a wheel the
 # node's own pip configuration offers). TORCH_INDEX_URL, when set, is the only index used for torch.
 # pip installs without compiling every module to bytecode (--no-compile: over half of the install's
-# time on a small node); Python compiles what the node imports, once, beside the sources.
+# time on a small node); Python compiles what the node imports, once, beside the sources. `ray up`
+# runs `setup` at every start: pip runs only when pyproject.toml changed since the last install
+# (the project is installed editable: changed sources need no reinstall).
 # Ray token authentication, on for every node and every process of the cluster (RAY_AUTH_MODE=token,
 # also in ~/.bashrc for what `ray exec` runs): `start-head` creates the token ~/.ray/auth_token
 # (mode 0600) when the head has none, and the launcher copies it to each worker before the worker's
@@ -26,6 +28,7 @@ export RAY_AUTH_MODE=token
 TOKEN=$HOME/.ray/auth_token
 VENV=$HOME/venv
 REPO=$HOME/mambalitesr
+TORCH_PIN=torch==2.13.0
 DATA=${MLFLOW_DATA:-$HOME/mlflow}
 
 node_ip() {
@@ -71,16 +74,24 @@ stop_mlflow() {
 case "${1:-}" in
     setup)
         [[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
-        "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        if [[ -n ${TORCH_INDEX_URL:-} ]]; then
-            torch_from=(--index-url "$TORCH_INDEX_URL")
-        elif ! command -v nvidia-smi >/dev/null; then
-            torch_from=(--extra-index-url https://download.pytorch.org/whl/cpu)
+        want="$TORCH_PIN $(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+        stamp=$VENV/.mambalitesr-installed
+        if [[ -f $stamp && $(cat "$stamp") == "$want" && -x $VENV/bin/ray ]]; then
+            echo "the node's venv already holds what pyproject.toml asks for ($VENV)"
         else
-            torch_from=()
+            rm -f "$stamp"
+            "$VENV/bin/python" -m pip install --quiet --upgrade pip
+            if [[ -n ${TORCH_INDEX_URL:-} ]]; then
+                torch_from=(--index-url "$TORCH_INDEX_URL")
+            elif ! command -v nvidia-smi >/dev/null; then
+                torch_from=(--extra-index-url https://download.pytorch.org/whl/cpu)
+            else
+                torch_from=()
+            fi
+            "$VENV/bin/python" -m pip install --quiet --no-compile "${torch_from[@]}" "$TORCH_PIN"
+            "$VENV/bin/python" -m pip install --quiet --no-compile -e "$REPO"
+            echo "$want" >"$stamp"
         fi
-        "$VENV/bin/python" -m pip install --quiet --no-compile "${torch_from[@]}" "torch==2.13.0"
-        "$VENV/bin/python" -m pip install --quiet --no-compile -e "$REPO"
         if ! grep -q "mambalitesr cluster node" "$HOME/.bashrc" 2>/dev/null; then
             cat >>"$HOME/.bashrc" <<'EOF'
 # mambalitesr cluster node (scripts/cluster_node.sh): Ray's commands find ray here, and

@@ -22,7 +22,7 @@ fi
 
 port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 uri="http://127.0.0.1:$port"
-"$py" -m mlflow server --backend-store-uri "sqlite:///$db" --host 127.0.0.1 --port "$port" \
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$py" -m mlflow server --backend-store-uri "sqlite:///$db" --host 127.0.0.1 --port "$port" \
   >"${TMPDIR:-/tmp}/screenshot-mlflow.log" 2>&1 &
 server=$!
 trap 'pkill -P $server 2>/dev/null || true; kill $server 2>/dev/null || true' EXIT

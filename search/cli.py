@@ -52,8 +52,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--wait-timeout-s", type=argtypes.nonnegative_float, help="per round, for the agent's measurements"
     )
-    p.add_argument("--local-agent", action="store_true", default=None, help="run the edge agent here")
-    p.add_argument("--select", action="store_true", default=None, help="pick the champion at the end")
+    p.add_argument(
+        "--local-agent",
+        action=argparse.BooleanOptionalAction,
+        help="run the edge agent here (loop.local_agent)",
+    )
+    p.add_argument(
+        "--select", action=argparse.BooleanOptionalAction, help="pick the champion at the end (loop.select)"
+    )
     return p.parse_args(argv)
 
 
@@ -81,6 +87,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         )
         if getattr(args, attr) is not None
     }
+    if args.local_agent is False:  # --no-local-agent: the config's arguments for it go with it
+        overrides["loop.agent_args"] = []
     if args.config and args.smoke_test:
         raise ConfigError(
             "--smoke-test selects search/configs/smoke.yaml; it cannot be combined with --config"

@@ -152,7 +152,7 @@ def register_candidate(
             run_id, v.version, v.tags.get(contract.TAG_SHA256, ""), float("nan"), -1, v.description or ""
         )
     weights = weights_run_id or run_id
-    ckpt = study.single_file(study.download(f"runs:/{weights}/checkpoint", tracking_uri), ".pt")
+    ckpt = study.single_file(study.download(f"runs:/{weights}/{study.CHECKPOINT_DIR}", tracking_uri), ".pt")
     net = load_model(str(ckpt))
     quality = c.get_run(weights).data.metrics.get(study.QUALITY)  # the fp16 gate compares with it
     with tempfile.TemporaryDirectory() as tmp:

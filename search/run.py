@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -54,10 +55,13 @@ def run_round(
     path = f"{ray_storage}/{ray_name}"
     if resume and tune.Tuner.can_restore(path):
         # the scheduler and the verdict callback come back from Ray's state; a result without an
-        # objective fails its trial, not the run, as in tune_run
+        # objective fails its trial, not the run, as in tune_run. Errored trials run again, under
+        # their own ids (so in their own MLflow runs), from the start: the trials keep no Tune
+        # checkpoint. The cause may be gone (a disk full, a server down); a trial that had
+        # trained is reported from MLflow instead (Study.prepare_rerun)
         compat.tolerate_missing_metrics()
         return tune.Tuner.restore(
-            path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+            path, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
         ).fit()
     study_name = ctx.study.name if k == 1 else f"{ctx.study.name}-r{k}"
     if earlier:
@@ -161,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         status = "KILLED"
+        flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
         print(
-            f"interrupted: continue with `python search/run.py --resume --storage-dir {cfg.storage_dir}`",
+            f"interrupted: continue with `python search/run.py {shlex.join([*flags, '--resume'])}` "
+            "(the same flags, and --resume)",
             file=sys.stderr,
         )
         return 130

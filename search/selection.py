@@ -617,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     preflight.limit_mlflow_retries()
-    problem = preflight.tracking_server_problem(args.tracking_uri)
+    problem = preflight.missing_database_problem(args.tracking_uri) or preflight.tracking_server_problem(
+        args.tracking_uri
+    )
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1

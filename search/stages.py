@@ -62,25 +62,38 @@ def ensure_teacher(cfg: SearchConfig, study: Study, storage: Path) -> str | None
         raise ConfigError(
             f"{teacher_uri} cannot be fetched from {study.tracking_uri} ({first})", "teacher.checkpoint"
         ) from None
-    psnr = teacher_val_psnr(cfg, checkpoint)
+    psnr = teacher_val_psnr(cfg, checkpoint, given or teacher_uri)
     study.log_metrics({"teacher_val_psnr_y": psnr})
     study.set_tags({study_mod.TAG_TEACHER_URI: teacher_uri})  # last: a resumed study trusts it
     print(f"teacher {teacher_uri}: validation PSNR-Y {psnr:.2f} dB (the students' validation images)")
     return teacher_uri
 
 
-def teacher_val_psnr(cfg: SearchConfig, checkpoint: Path) -> float:
-    """The teacher's PSNR-Y on the trials' validation images, so its strength is on record."""
+def teacher_val_psnr(cfg: SearchConfig, checkpoint: Path, name: str) -> float:
+    """The teacher's PSNR-Y on the trials' validation images, so its strength is on record.
+
+    Raises:
+        ConfigError: the teacher upscales by another factor than the students (``name`` says
+            which teacher: what the config gave, or the URI it was logged at).
+    """
     import torch
 
-    from model.mambalitesr import load_model
-    from trainers.data import load_sets
+    from model.mambalitesr import PRESETS, load_model
+    from trainers.data import load_sets, require_measurable
     from trainers.train import validate
 
     net = load_model(str(checkpoint))
+    scale = PRESETS[cfg.base_model].scale
+    if net.cfg.scale != scale:
+        raise ConfigError(
+            f"{name} is a x{net.cfg.scale} model but the students ({cfg.base_model}) are x{scale}; "
+            f"give a x{scale} teacher, or none to train one",
+            "teacher.checkpoint",
+        )
     pairs = load_sets(list(cfg.training.val_data), "val", net.cfg.scale)
     if cfg.training.val_max_images:
         pairs = pairs[: cfg.training.val_max_images]
+    require_measurable(pairs, net.cfg.scale)  # before any trial trains for hours to be measured
     return validate(net, pairs, torch.device("cpu"))[study_mod.QUALITY]
 
 

@@ -48,6 +48,7 @@ TAG_ROUND = "search.round"  # the learning loop's round a trial ran in
 TAG_ROUNDS_DONE = "search.rounds_done"  # on the study run: rounds searched, registered and measured
 TAG_COST_SOURCE = "search.cost_source"  # costmodel | flops_fallback, for edge_* costs
 PARENT = "mlflow.parentRunId"
+CHECKPOINT_DIR = "checkpoint"  # a trial run's artifact folder holding its weights (trainers.train)
 NOTE = "mlflow.note.content"  # a run's or an experiment's description in the MLflow UI
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens a custom_model_development one on its runs
 TAG_WEIGHTS_RUN = "weights_run_id"  # on a version whose weights are its trial's finalization
@@ -186,7 +187,12 @@ class Study:
     def find(cls, cfg, tracking_uri: str) -> Study:
         """The study ``LATEST`` names, read back from MLflow (nothing written); refused when its
         configuration differs from ``cfg`` outside ``RESUMABLE``. ``reopen()`` then resumes it."""
+        from edge_agent.preflight import missing_database_problem
+
         name = latest_name(Path(cfg.storage_dir).resolve())
+        problem = missing_database_problem(tracking_uri)  # MLflow would make an empty one there
+        if problem:
+            raise StudyError(problem)
         experiment = client(tracking_uri).get_experiment_by_name(cfg.experiment)
         run = find_run(tracking_uri, experiment.experiment_id, **{TAG_STUDY: name}) if experiment else None
         if run is None:
@@ -316,17 +322,30 @@ class Study:
 
             client(self.tracking_uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def recorded_result(self, trial_id: str, quality: str) -> dict[str, float] | None:
-        """The result of a trial MLflow holds a verdict for (complete or stopped), to report again
-        when Ray reruns it after --resume (Ray's experiment state can lag behind MLflow); else None."""
+    def prepare_rerun(self, trial_id: str, quality: str) -> dict[str, float] | None:
+        """For a trial Ray runs again after --resume: the result MLflow shows it reached, to report
+        again instead of training (Ray's experiment state can lag behind MLflow), else None.
+
+        A trial has a result when its verdict is complete or stopped, or when it failed after its
+        last validation reached the budget with its checkpoint logged (a disk that filled once it
+        had trained, say). A failed verdict is removed: the rerun gets a verdict of its own.
+        """
         run = self._trial_run(trial_id)
-        if run is None or run.data.tags.get(TAG_VERDICT) not in (COMPLETE, STOPPED):
+        if run is None:
             return None
+        c, verdict = client(self.tracking_uri), run.data.tags.get(TAG_VERDICT)
+        if verdict == FAILED:
+            for tag in (TAG_VERDICT, TAG_ERROR):
+                if tag in run.data.tags:
+                    c.delete_tag(run.info.run_id, tag)
         if quality not in run.data.metrics:
             return None
-        history = client(self.tracking_uri).get_metric_history(run.info.run_id, quality)
-        last = max(history, key=lambda m: m.step)
-        return {**run.data.metrics, quality: last.value, "step": last.step}
+        last = max(c.get_metric_history(run.info.run_id, quality), key=lambda m: m.step)
+        trained = verdict in (COMPLETE, STOPPED) or (
+            fully_trained(last.step, self.iterations)
+            and bool(c.list_artifacts(run.info.run_id, CHECKPOINT_DIR))
+        )
+        return {**run.data.metrics, quality: last.value, "step": last.step} if trained else None
 
     # ------------------------------------------------------------------ verdicts (the driver)
 

@@ -228,8 +228,8 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
         "params": float(count_params(build_model(model))),
     }
     prediction = edge_cost(cfg, ctx, model, constants)
-    recorded = ctx.study.recorded_result(trial_id, QUALITY)
-    if recorded is not None:  # trained before the driver died; Ray reruns it after --resume
+    recorded = ctx.study.prepare_rerun(trial_id, QUALITY)
+    if recorded is not None:  # trained before the driver died or the trial failed; rerun by --resume
         compat.report({**constants, **recorded})
         return
     import ray

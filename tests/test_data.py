@@ -104,6 +104,40 @@ def test_bad_data_errors_name_the_file(tmp_path):
         PatchSampler(load_pairs(paired_folder(tmp_path / "small")), patch_size=64, scale=4)
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A few hundred bytes of PNG whose header announces width x height RGB pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + data
+
+
+def test_an_image_announcing_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    original = ImageFile.ImageFile.load
+
+    def decode(self):
+        assert self.size[0] < 10_000, "the huge image was decoded"
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
+    root = paired_folder(tmp_path / "huge")
+    # 144 megapixels: past the cap, below the size at which Pillow itself refuses to open a file
+    (root / "HR" / "img_001.png").write_bytes(png_claiming(12_000, 12_000))
+    with pytest.raises(DataError, match=r"img_001\.png is 12000x12000 \(144 megapixels\), more than the 50 "):
+        load_pairs(root)
+    # far past Pillow's own limit: still one sentence naming the file
+    (root / "HR" / "img_001.png").write_bytes(png_claiming(100_000, 100_000))
+    with pytest.raises(DataError, match=r"img_001\.png claims more pixels than Pillow will open"):
+        load_pairs(root)
+
+
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     from PIL import Image
 

@@ -258,3 +258,33 @@ def test_a_searchs_local_agent_exits_when_the_search_is_killed(tmp_path):
         os.kill(agent, signal.SIGKILL)
         pytest.fail("the local agent outlived the search that started it")
     assert "the process that started this agent exited; stopping" in log.read_text()
+
+
+def test_a_mistyped_sqlite_path_creates_no_database(tmp_path, capsys):
+    """Commands that read what a search wrote name the missing database instead of letting MLflow
+    create an empty one there (and then report that nothing is in it)."""
+    from edge_agent.cli import main as agent_main
+    from search.run import main as search_main
+    from trainers.evaluate import main as evaluate_main
+
+    typo = tmp_path / "mlfow.db"
+    uri = f"sqlite:///{typo}"
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "LATEST").write_text("s1")  # a study to resume, said to be in that database
+    commands = {
+        "select": lambda: select_main(["--experiment", "x", "--tracking-uri", uri]),
+        "edge-agent run": lambda: agent_main(["run", "--once", "--device", "cpu", "--tracking-uri", uri]),
+        "evaluate": lambda: evaluate_main(
+            ["--model", "models:/m/1", "--data", str(tmp_path), "--tracking-uri", uri]
+        ),
+        "search --resume": lambda: search_main(
+            ["--smoke-test", "--resume", "--tracking-uri", uri, "--storage-dir", str(tmp_path / "s")]
+        ),
+    }
+    for name, command in commands.items():
+        assert command() == (2 if name == "search --resume" else 1), name  # 2: a config error there
+        err = capsys.readouterr().err
+        assert f"error: no MLflow database at {typo} (from the tracking URI {uri}); check the path" in err, (
+            name
+        )
+        assert not typo.exists(), f"{name} created {typo}"

@@ -4,7 +4,8 @@ machine's own address, which the launcher does not know the node by) served by a
 authentication and verified host keys; a smoke search run on the head with the file's own command;
 its results read from the "workstation" through an SSH tunnel; `ray down`, after which nothing of
 the cluster runs. The cluster uses Ray token authentication: the head's start-head made the token
-(owner-only, printed nowhere) and a driver without it is refused by the head.
+(owner-only, printed nowhere) and a driver without it is refused by the head; the head's MLflow
+server runs MLflow's basic-auth app with credentials start-head made (refused without them).
 
 Only what a user changes is substituted in the file: the addresses, the user, the key, the SSH port
 and where the known hosts are. The sshd gives the sessions a home of their own (SetEnv HOME), so the
@@ -15,6 +16,7 @@ Ray of this machine's user (their `ray stop`): run this test where no other Ray 
 pytest-xdist every test that starts Ray is in the xdist group "ray", which one worker runs in turn).
 """
 
+import configparser
 import getpass
 import os
 import shutil
@@ -22,6 +24,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,10 +41,24 @@ RAY = Path(sys.executable).with_name("ray")
 NODES = ("127.0.0.2", "127.0.0.3")  # head, worker
 
 
-def run(cmd, timeout=900, extra_env=None, **kw):
+def user_env(extra_env=None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # as a user's shell has it
     env.update(extra_env or {})
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kw)
+    return env
+
+
+def run(cmd, timeout=900, extra_env=None, **kw):
+    print()
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=user_env(extra_env), **kw
+    )
+
+
+def start(cmd, extra_env=None) -> subprocess.Popen:
+    """``cmd`` in the background, its output kept for ``communicate``."""
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=user_env(extra_env)
+    )
 
 
 # a driver joining the head (run with the nodes' Python, outside their home: without their token)
@@ -114,12 +132,12 @@ def processes_of(home: Path) -> list[int]:
     return found
 
 
-def test_ray_up_runs_a_search_on_two_nodes_and_ray_down_leaves_nothing(nodes):
+def test_ray_up_runs_a_search_on_two_nodes_and_ray_down_leaves_nothing(nodes, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     path = cluster_file(nodes)
     home = nodes["home"]
-    tunnel = None
+    tunnel = refused = joined = None
     try:
         up = run([str(RAY), "up", "-y", "--no-config-cache", str(path)], timeout=1500)
         assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
@@ -135,34 +153,50 @@ def test_ray_up_runs_a_search_on_two_nodes_and_ray_down_leaves_nothing(nodes):
             alive = [line for line in out.stdout.splitlines() if line.startswith("ALIVE")]
             if alive and alive[-1] == "ALIVE 2":
                 break
-            time.sleep(10)
+            time.sleep(3)
         assert alive and alive[-1] == "ALIVE 2", out.stdout[-3000:] + out.stderr[-3000:]
 
+        # token authentication: a driver without the token (auth off on its side, no token file in
+        # its home) must be refused, one with it let in. Ray retries the refused one for about 20 s:
+        # both run while the search does
+        token_file = home / ".ray" / "auth_token"
+        python = str(home / "venv" / "bin" / "python")
+        refused = start([python, *JOIN], extra_env={"RAY_AUTH_MODE": "disabled"})
+        joined = start(
+            [python, *JOIN], extra_env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        )
+        # the search as a user runs it on a cluster whose device is elsewhere (no local agent)
         search = run(
-            [str(RAY), "exec", str(path), "bash ~/mambalitesr/scripts/head_search.sh --smoke-test"],
+            [
+                str(RAY),
+                "exec",
+                str(path),
+                "bash ~/mambalitesr/scripts/head_search.sh --smoke-test --no-local-agent --no-select",
+            ],
             timeout=1200,
         )
         assert search.returncode == 0, search.stdout[-4000:] + search.stderr[-4000:]
 
-        # token authentication: the head made the token (owner-only), nothing printed it, and a
-        # process without it is refused by the head
-        token_file = home / ".ray" / "auth_token"
+        # the head made the token (owner-only), nothing printed it, and the head refused a process
+        # without it
         assert token_file.stat().st_mode & 0o777 == 0o600
         token = token_file.read_text().strip()
         assert len(token) >= 32
+        # the MLflow server's credentials, likewise: made by start-head, owner-only, printed nowhere
+        credentials = configparser.ConfigParser()
+        credentials.read(home / ".mlflow" / "credentials")
+        assert (home / ".mlflow" / "credentials").stat().st_mode & 0o777 == 0o600
+        user = credentials["mlflow"]["mlflow_tracking_username"]
+        password = credentials["mlflow"]["mlflow_tracking_password"]
+        assert len(password) >= 32
         for out in (up, search):
-            assert token not in out.stdout + out.stderr
-        # a driver without the token (auth off on its side, no token file in its home) is refused
-        python = str(home / "venv" / "bin" / "python")
-        refused = run([python, *JOIN], timeout=120, extra_env={"RAY_AUTH_MODE": "disabled"})
-        assert refused.returncode != 0 and "JOINED" not in refused.stdout, refused.stdout[-2000:]
-        assert "Authentication token is missing or incorrect" in refused.stderr, refused.stderr[-2000:]
-        joined = run(
-            [python, *JOIN],
-            timeout=120,
-            extra_env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)},
-        )
-        assert "JOINED" in joined.stdout, joined.stdout[-2000:] + joined.stderr[-2000:]
+            for secret in (token, password):
+                assert secret not in out.stdout + out.stderr
+        out, err = refused.communicate(timeout=120)
+        assert refused.returncode != 0 and "JOINED" not in out, out[-2000:]
+        assert "Authentication token is missing or incorrect" in err, err[-2000:]
+        out, err = joined.communicate(timeout=120)
+        assert "JOINED" in out, out[-2000:] + err[-2000:]
 
         # the workstation's view: the head's MLflow through an SSH tunnel, as the file's header says
         local = free_port()
@@ -178,19 +212,30 @@ def test_ray_up_runs_a_search_on_two_nodes_and_ray_down_leaves_nothing(nodes):
             ]
             + [f"{getpass.getuser()}@{NODES[0]}"]
         )
-        client = MlflowClient(f"http://127.0.0.1:{local}")
+        url = f"http://127.0.0.1:{local}/api/2.0/mlflow/experiments/search?max_results=1"
         for _ in range(60):
             try:
-                exp = client.get_experiment_by_name("mambalitesr-smoke")
+                urllib.request.urlopen(url, timeout=10)
+                pytest.fail("the cluster's MLflow server answered a request without credentials")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401, exc  # refused: authentication required
                 break
-            except Exception:
+            except OSError:  # the tunnel is not up yet
                 time.sleep(0.5)
+        # the workstation with the credentials copied from the head (what README says to do)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        client = MlflowClient(f"http://127.0.0.1:{local}")
+        exp = client.get_experiment_by_name("mambalitesr-smoke")
         assert exp is not None
         trials = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'")
         assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
         assert len({t.data.tags["ray.node_id"] for t in trials}) == 2  # trials ran on both nodes
         assert client.search_model_versions(f"name='{contract.REGISTERED_MODEL}'")
     finally:
+        for proc in (refused, joined):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
         if tunnel is not None:
             tunnel.send_signal(signal.SIGTERM)
             tunnel.wait(timeout=10)

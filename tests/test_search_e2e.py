@@ -93,7 +93,7 @@ def test_smoke_search_registers_verified_onnx_versions(smoke_study):
         assert trial.data.metrics[FINAL_QUALITY] == final.data.metrics["val_psnr_y"]
 
 
-def test_failing_trials_are_recorded_and_the_study_goes_on(server, tmp_path):
+def test_failed_trials_are_recorded_and_rerun_by_resume_once_the_cause_is_gone(server, tmp_path):
     import dataclasses
 
     import torch
@@ -101,38 +101,48 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(server, tmp_path):
 
     from model import build_model
 
-    cfg = tmp_path / "fail.yaml"
-    smoke = (ROOT / "search" / "configs" / "smoke.yaml").read_text()
-    # every trial needs this teacher (alpha > 0), an x2 model for x4 students: each trial raises
-    teacher = build_model("tiny", scale=2)
+    from conftest import write_png
+
+    # the trials' training images, one of them damaged: every trial fails on it (the study's
+    # teacher is given, so nothing before the trials reads these images)
+    images = tmp_path / "train"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        write_png(images / f"{name}.png", rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    (images / "c.png").write_bytes(b"\x89PNG damaged in transfer")
+    teacher = build_model("tiny")
     torch.save(
-        {"model_config": dataclasses.asdict(teacher.cfg), "model": teacher.state_dict()}, tmp_path / "x2.pt"
+        {"model_config": dataclasses.asdict(teacher.cfg), "model": teacher.state_dict()}, tmp_path / "t.pt"
     )
-    cfg.write_text(smoke.replace("teacher:\n", f"teacher:\n  checkpoint: {tmp_path / 'x2.pt'}\n", 1))
-    out = search(
-        [
-            "--config",
-            str(cfg),
-            "--tracking-uri",
-            server,
-            "--experiment",
-            "e2e-fail",
-            "--num-samples",
-            "2",
-            "--storage-dir",
-            str(tmp_path / "s"),
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
-        tmp_path,
-    )
+    cfg = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
+    cfg["loop"].update(local_agent=False, select=False, agent_args=[])
+    cfg["teacher"]["checkpoint"] = str(tmp_path / "t.pt")
+    cfg["training"]["train_data"] = [str(images)]
+    (tmp_path / "fail.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(tmp_path / "fail.yaml"), "--tracking-uri", server, "--experiment", "e2e-fail"]
+    args += ["--num-samples", "2", "--storage-dir", str(tmp_path / "s"), "--json", str(tmp_path / "r.json")]
+    out = search(args, tmp_path)
     # both trials ran although the first failed; a study with no trial left is a failed study
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "all 2 trials of round 1 failed" in out.stderr and "teacher scale x2" in out.stderr
+    assert "all 2 trials of round 1 failed" in out.stderr and "c.png" in out.stderr
     client = MlflowClient(server)
     exp = client.get_experiment_by_name("e2e-fail")
-    runs = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'")
+    query = f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'"
+    runs = client.search_runs([exp.experiment_id], query)
     assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
+    assert all(r.data.tags[study.TAG_VERDICT] == study.FAILED for r in runs)
+
+    # the image is fixed; --resume runs the failed trials again, in their own runs
+    write_png(images / "c.png", rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    out = search([*args, "--resume"], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    again = client.search_runs([exp.experiment_id], query)
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in runs), out.stdout[-6000:]
+    assert all(r.info.status == "FINISHED" for r in again)
+    assert all(r.data.tags[study.TAG_VERDICT] in (study.COMPLETE, study.STOPPED) for r in again)
+    assert not [r for r in again if study.TAG_ERROR in r.data.tags]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [t["version"] for t in report["trials"] if t["version"]]  # the front is registered
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):

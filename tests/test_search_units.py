@@ -232,15 +232,25 @@ def test_each_trial_run_gets_one_verdict_from_what_tune_saw(tmp_path):
 
 def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path):
     """After --resume, Ray may rerun a trial MLflow already has a verdict for: complete or stopped
-    early, its recorded result is reported again; a run cut off mid-training is trained again."""
+    early, its recorded result is reported again; a run cut off mid-training is trained again. A
+    failed trial runs again (its failed verdict goes), unless it had trained fully and logged its
+    checkpoint before failing: then its result is reported."""
     s = _study(tmp_path, "rerun")
     c = study.client(s.tracking_uri)
+    weights = tmp_path / "last.pt"
+    weights.write_bytes(b"weights")
 
-    def run(trial_id: str, steps: list[int], status: str | None, verdict_step: int | None = None) -> None:
+    def run(
+        trial_id: str, steps: list[int], status: str | None, verdict_step: int | None = None, **kw
+    ) -> None:
         run_id = s.open_trial(trial_id, {"embed_dim": 8, "rank": 2, "alpha": 0.5})
         for step in steps:
             c.log_metric(run_id, "val_psnr_y", 20.0 + step, step=step)
-        if verdict_step is not None:
+        if kw.get("checkpoint"):
+            c.log_artifact(run_id, str(weights), study.CHECKPOINT_DIR)
+        if kw.get("error"):
+            s.close_trial(trial_id, {"step": steps[-1]}, error=kw["error"])
+        elif verdict_step is not None:
             s.close_trial(trial_id, {"step": verdict_step})
         elif status:
             c.set_terminated(run_id, status=status)
@@ -249,17 +259,40 @@ def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path):
     run("stopped", [2, 4], None, verdict_step=4)
     run("cut", [2, 4], "KILLED")
     run("cut-finished", [2, 4], "FINISHED")  # closed without a verdict: not trusted
-    done = {
-        t: s.recorded_result(t, "val_psnr_y") for t in ("full", "stopped", "cut", "cut-finished", "never")
-    }
+    run("failed-trained", [2, 4, 6, 8], None, checkpoint=True, error="OSError: No space left on device")
+    run("failed-no-weights", [2, 4, 6, 8], None, error="OSError: No space left on device")
+    run("failed-cut", [2, 4], None, checkpoint=True, error="RuntimeError: server gone")
+    names = (
+        "full",
+        "stopped",
+        "cut",
+        "cut-finished",
+        "failed-trained",
+        "failed-no-weights",
+        "failed-cut",
+        "never",
+    )
+    done = {t: s.prepare_rerun(t, "val_psnr_y") for t in names}
     assert {t: r is not None for t, r in done.items()} == {
         "full": True,
         "stopped": True,
         "cut": False,
         "cut-finished": False,
+        "failed-trained": True,
+        "failed-no-weights": False,
+        "failed-cut": False,
         "never": False,
     }
-    assert [(done[t]["step"], done[t]["val_psnr_y"]) for t in ("full", "stopped")] == [(8, 28.0), (4, 24.0)]
+    assert [(done[t]["step"], done[t]["val_psnr_y"]) for t in ("full", "stopped", "failed-trained")] == [
+        (8, 28.0),
+        (4, 24.0),
+        (8, 28.0),
+    ]
+    for t in ("failed-trained", "failed-no-weights", "failed-cut"):  # each gets a verdict of its rerun
+        tags = s._trial_run(t).data.tags
+        assert study.TAG_VERDICT not in tags and study.TAG_ERROR not in tags, t
+    assert s.close_trial("failed-trained", {**done["failed-trained"]})  # the driver's verdict, again
+    assert s._trial_run("failed-trained").data.tags[study.TAG_VERDICT] == study.COMPLETE
 
 
 def test_trial_labels_carry_the_knobs():

@@ -230,6 +230,28 @@ def test_a_full_disk_during_training_is_one_sentence(tmp_path, monkeypatch, caps
     assert partial_files(tmp_path) == [] and load_checkpoint(out / "last.pt")["step"] == 2
 
 
+def test_a_validation_image_too_small_to_measure_is_named_before_training(tmp_path, capsys):
+    import numpy as np
+
+    from trainers import train as train_module
+
+    from conftest import write_png
+
+    val = tmp_path / "val"
+    write_png(val / "big.png", np.full((40, 40, 3), 128, np.uint8))
+    write_png(val / "thumb.png", np.full((16, 24, 3), 128, np.uint8))  # 16 rows: 8 after the x4 border
+    out = tmp_path / "run"
+    argv = ["--role", "teacher", "--preset", "tiny", "--batch-size", "2", "--patch-size", "16"]
+    argv += ["--iterations", "4", "--val-data", str(val), "--out-dir", str(out)]
+    assert train_module.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "error: validation image thumb is 24x16: too small to be measured at x4 (SSIM needs 11x11 "
+        "pixels once a 4-pixel border is cropped, so at least 19x19); remove it from the validation set"
+    )
+    assert not (out / "last.pt").exists()  # refused when the set was loaded, before any step
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real = PatchSampler.batch
 

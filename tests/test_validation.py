@@ -132,6 +132,38 @@ def test_search_flags_that_would_be_ignored_are_errors(tmp_path, capsys, flags, 
     assert named in err and "Traceback" not in err
 
 
+def test_the_loops_switches_turn_off_what_a_config_turns_on(tmp_path):
+    from search.cli import config_from_args, parse_args
+
+    on = config_from_args(parse_args(["--smoke-test", "--storage-dir", str(tmp_path)]))
+    assert on.loop.local_agent and on.loop.select and on.loop.agent_args
+    off = ["--smoke-test", "--storage-dir", str(tmp_path), "--no-local-agent", "--no-select"]
+    cfg = config_from_args(parse_args(off))
+    # the smoke config's arguments for the agent go with it, not into a "would be ignored" error
+    assert (cfg.loop.local_agent, cfg.loop.select, cfg.loop.agent_args) == (False, False, ())
+
+
+def test_the_resume_hint_repeats_the_flags_the_run_was_given(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    import ray
+
+    from search import resources, run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the study
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(resources, "trial_fit_problem", lambda *args, **kwargs: None)
+    monkeypatch.setattr(run, "run_study", interrupted)
+    argv = ["--smoke-test", "--num-samples", "3", "--experiment", "my study", "--storage-dir", str(tmp_path)]
+    argv += ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert run.main(argv) == 130
+    hint = f"interrupted: continue with `python search/run.py {shlex.join(argv)} --resume`"
+    assert hint in capsys.readouterr().err
+
+
 def _study(tmp_path, latest: str | None, run: str | None) -> list[str]:
     """A storage folder whose LATEST is ``latest``; ``run``: "none" (no study run in MLflow), "bare"
     (a study run without its config artifact) or "whole" (started as the search starts one).
@@ -143,6 +175,8 @@ def _study(tmp_path, latest: str | None, run: str | None) -> list[str]:
     flags = ["--smoke-test", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage-dir", str(storage)]
     cfg = config_from_args(parse_args(flags))
     uri = study.absolute_tracking_uri(cfg.tracking_uri)
+    if latest is not None:
+        study.ensure_experiment(uri, "another study")  # a database, without this study in it
     if run == "whole":
         latest = study.Study.start(cfg, uri).name
     elif run == "bare":
@@ -188,8 +222,12 @@ def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
     found = study.Study.find(cfg, study.absolute_tracking_uri(cfg.tracking_uri))
     assert cfg.loop.rounds == 2 and found.rounds_done() == 0
     # the same study under another tracking server: a sentence, not a traceback
+    other = f"sqlite:///{tmp_path}/other.db"
+    with pytest.raises(study.StudyError, match="no MLflow database at .*other.db"):
+        study.Study.find(cfg, other)  # none there: none made
+    study.ensure_experiment(other, "something else")
     with pytest.raises(study.StudyError, match="has no run in experiment"):
-        study.Study.find(cfg, f"sqlite:///{tmp_path}/other.db")
+        study.Study.find(cfg, other)
 
 
 TRAIN_CASES = [
@@ -245,5 +283,25 @@ def test_a_teacher_uri_that_cannot_be_fetched_is_a_config_error(tmp_path):
     with pytest.raises(
         ConfigError, match="teacher.checkpoint: runs:/0123456789abcdef/t.pt cannot be fetched"
     ):
+        ensure_teacher(cfg, s, tmp_path / "s")
+    assert s.teacher_uri is None  # not taken as the study's teacher by a --resume
+
+
+def test_a_teacher_of_another_scale_is_a_config_error_before_any_trial(tmp_path):
+    from dataclasses import asdict
+
+    from model import build_model
+    from search import study
+    from search.config import load_config
+    from search.stages import ensure_teacher
+
+    teacher = build_model("tiny", scale=2)
+    path = tmp_path / "x2.pt"
+    torch.save({"model_config": asdict(teacher.cfg), "model": teacher.state_dict()}, path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = load_config(CONFIG_DIR / "smoke.yaml", {"teacher.checkpoint": str(path), "tracking_uri": uri})
+    exp = study.ensure_experiment(uri, "t")
+    s = study.Study(uri, exp, study.client(uri).create_run(exp).info.run_id, "s", cfg.training.iterations)
+    with pytest.raises(ConfigError, match=r"teacher.checkpoint: .*x2\.pt is a x2 model but the students"):
         ensure_teacher(cfg, s, tmp_path / "s")
     assert s.teacher_uri is None  # not taken as the study's teacher by a --resume

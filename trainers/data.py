@@ -13,6 +13,7 @@ resumed at step k draws exactly what an uninterrupted run would have.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,10 @@ BUILTIN_TRAIN = (
 )
 BUILTIN_VAL = ("chelsea.png", "coffee.png", "camera.png")  # camera is grayscale on purpose
 BUILTIN = "builtin"
+# The most pixels an image may have: 50 megapixels (an 8660x5773 photo) take 150 MB as uint8 and
+# over 1 GB in the float work of bicubic degradation. The header's size is checked before any
+# pixel is decoded, so a file that only claims to be huge costs nothing.
+MAX_PIXELS = 50_000_000
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +59,33 @@ class ImagePair:
     lr: np.ndarray  # (H / s, W / s[, 3]) uint8
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An image as uint8 (H, W, 3), or (H, W) when it has a single channel.
+
+    An image whose header announces more than ``max_pixels`` pixels is refused before decoding.
 
     16-bit images are scaled to 8 bits (v / 257, rounded: 65535 -> 255); Pillow already reads 16-bit
     RGB PNGs as 8-bit RGB. 32-bit integer or float pixels (modes "I", "F") have no defined range and
     are refused, naming the file, rather than clipped.
 
     Raises:
-        DataError: the file cannot be read as an image, or its pixel format is refused.
+        DataError: the file cannot be read as an image, is larger than ``max_pixels``, or its pixel
+            format is refused.
     """
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow's warning size is above MAX_PIXELS: the check below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            width, height = im.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise DataError(
+                    f"{path} is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the "
+                    f"{max_pixels / 1e6:g} megapixels an image may have here; downscale it or cut it "
+                    "into tiles (nothing of it was decoded)"
+                )
             im.load()
             mode = im.mode
             if mode.startswith("I;16"):
@@ -79,6 +97,12 @@ def load_image(path: str | Path) -> np.ndarray:
                 arr = np.asarray(im.convert("L"))
             else:
                 arr = np.asarray(im.convert("RGB"))
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own check, at twice its warning size
+        raise DataError(
+            f"{path} claims more pixels than Pillow will open ({exc}); downscale it or cut it into tiles"
+        ) from exc
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
     if arr is None:
@@ -182,6 +206,26 @@ def load_sets(folders: list[str] | None, split: str, scale: int) -> list[ImagePa
     if not folders or list(folders) == [BUILTIN]:
         return builtin_pairs(split, scale)
     return [pair for folder in folders for pair in load_pairs(folder, scale)]
+
+
+def require_measurable(pairs: list[ImagePair], scale: int, what: str = "validation") -> None:
+    """Refuse, naming it, an image too small for the metrics (PSNR and SSIM after a border of
+    ``scale`` pixels is cropped from each side): found when the set is loaded, not after training.
+
+    Raises:
+        DataError: the first image that is too small.
+    """
+    from trainers.metrics import SSIM_WINDOW
+
+    need = SSIM_WINDOW + 2 * scale
+    for pair in pairs:
+        h, w = pair.hr.shape[:2]
+        if min(h, w) < need:
+            raise DataError(
+                f"{what} image {pair.name} is {w}x{h}: too small to be measured at x{scale} (SSIM needs "
+                f"{SSIM_WINDOW}x{SSIM_WINDOW} pixels once a {scale}-pixel border is cropped, so at least "
+                f"{need}x{need}); remove it from the {what} set"
+            )
 
 
 def _rgb_chw(image: np.ndarray) -> torch.Tensor:

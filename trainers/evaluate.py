@@ -32,7 +32,7 @@ from model.mambalitesr import SCALES
 from model.runtime import keep_freed_memory
 from model.tiling import upscale_tiled
 from trainers.checkpoint import CheckpointError
-from trainers.data import DataError, ImagePair, load_pairs
+from trainers.data import DataError, ImagePair, load_pairs, require_measurable
 from trainers.degrade import imresize
 from trainers.inference import resolve_device, super_resolve
 from trainers.metrics import finite_or_none, psnr, ssim, to_uint8
@@ -200,16 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.startswith(("models:/", "runs:/")) or "://" in args.model:
         preflight.limit_mlflow_retries()  # a dead server is a sentence in seconds, not minutes of retries
         server = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        problem = preflight.tracking_server_problem(server) if server else None
+        problem = (
+            preflight.missing_database_problem(server) or preflight.tracking_server_problem(server)
+            if server
+            else None
+        )
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 1
     keep_freed_memory()
     try:
         upscale, scale = resolve_model(args.model, args.scale, args.device, args.tracking_uri)
-        results = [
-            evaluate_set(upscale, load_pairs(folder, scale), scale, Path(folder).name) for folder in args.data
-        ]
+        sets = [(load_pairs(folder, scale), Path(folder).name) for folder in args.data]
+        for pairs, name in sets:  # every image is checked before the first is upscaled
+            require_measurable(pairs, scale, name)
+        results = [evaluate_set(upscale, pairs, scale, name) for pairs, name in sets]
     except (DataError, CheckpointError, BackendError, RegistryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -67,11 +67,16 @@ def _ssim_2d(img: np.ndarray, ref: np.ndarray) -> float:
     return float(ssim_map.mean())
 
 
+SSIM_WINDOW = 11  # the Gaussian window's side: SSIM needs at least this many pixels each way
+
+
 def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool = True) -> float:
     """Structural similarity; on the Y channel by default, else averaged over channels."""
     img, ref = _prepare(img, ref, crop_border, y_channel)
-    if min(img.shape[:2]) < 11:
-        raise ValueError(f"SSIM needs at least 11x11 pixels after cropping, got {img.shape[:2]}")
+    if min(img.shape[:2]) < SSIM_WINDOW:
+        raise ValueError(
+            f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after cropping, got {img.shape[:2]}"
+        )
     if img.ndim == 2:
         return _ssim_2d(img, ref)
     return float(np.mean([_ssim_2d(img[..., c], ref[..., c]) for c in range(img.shape[2])]))

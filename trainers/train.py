@@ -33,7 +33,7 @@ from model.mambalitesr import PRESETS, SCALES, MambaLiteSR, config_from_dict, lo
 from model.runtime import keep_freed_memory
 from model.scan import SCAN_FORMS, resolve_scan
 from trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainers.data import DataError, ImagePair, PatchSampler, load_sets
+from trainers.data import DataError, ImagePair, PatchSampler, load_sets, require_measurable
 from trainers.energy import EnergyMeter, EnergyReading
 from trainers.evaluate import evaluate_set
 from trainers.inference import resolve_device, super_resolve
@@ -196,6 +196,7 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
     val_pairs = load_sets(list(cfg.val_data), "val", cfg.model.scale)
     if cfg.val_max_images:
         val_pairs = val_pairs[: cfg.val_max_images]
+    require_measurable(val_pairs, cfg.model.scale)
     sampler = PatchSampler(train_pairs, cfg.patch_size, cfg.model.scale, seed=cfg.seed)
     teacher = _load_teacher(cfg, device)
 
