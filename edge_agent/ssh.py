@@ -307,9 +307,13 @@ def run_remote(client: paramiko.SSHClient, command: str, *, timeout_s: float) ->
     finally:
         chan.close()
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    if status < 0:  # the channel closed without an exit status: the device's end of it went away
+        raise SshError(
+            f"{label} closed the SSH session running `{command}` before it finished (no exit status); "
+            f"check the device (rebooted, out of memory, sshd restarted). {output_tail(stderr or stdout)}"
+        )
     if status != 0:
-        what = f"exited with status {status}" if status >= 0 else "was killed (no exit status)"
-        raise SshError(f"`{command}` on {label} {what}. {output_tail(stderr or stdout)}")
+        raise SshError(f"`{command}` on {label} exited with status {status}. {output_tail(stderr or stdout)}")
     return stdout, stderr
 
 

@@ -7,6 +7,9 @@ pyproject.toml), and an upgrade should start by reading this file and running th
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from typing import Any
 
 TESTED = {"ray": "2.60", "optuna": "5.0"}  # the minor versions the tests ran with
@@ -40,16 +43,39 @@ def trial_identity() -> tuple[str, str]:
     return ctx.get_trial_id(), ctx.get_trial_name()
 
 
-def trial_statuses(results: Any) -> list[str]:
-    """Tune's status of every trial of a finished ``Tuner.fit()``: ``ResultGrid`` lists only the
-    trials that produced a result, so Ray 2.60 exposes the others only on its private analysis."""
-    return [t.status for t in results._experiment_analysis.trials]
+class CtrlC:
+    """Tells a Ctrl-C during ``Tuner.fit()`` apart from a fit that returned with fewer results
+    (a damaged experiment state restored fewer trials): Tune catches SIGINT itself and returns
+    either way, and only says so in its log.
 
+    Inside ``during_fit()``, Tune's own SIGINT handler is off (``TUNE_DISABLE_SIGINT_HANDLER``)
+    and this one records the press, then sends the process SIGUSR1, on which Ray 2.60's
+    ``tune.run`` stops the same way (saving its state); a second press is the usual
+    KeyboardInterrupt. Until Tune has put its SIGUSR1 handler in place, SIGUSR1 raises
+    KeyboardInterrupt here instead of ending the process.
+    """
 
-def interrupted(results: Any, num_samples: int) -> bool:
-    """True when ``Tuner.fit()`` returned before every trial ended (Tune catches SIGINT itself)."""
-    statuses = trial_statuses(results)
-    return len(statuses) < num_samples or any(s not in ("TERMINATED", "ERROR") for s in statuses)
+    def __init__(self) -> None:
+        self.pressed = False
+
+    @contextlib.contextmanager
+    def during_fit(self):
+        def pressed(sig, frame):
+            self.pressed = True
+            signal.signal(signal.SIGINT, previous_int)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+        def not_yet(sig, frame):
+            raise KeyboardInterrupt
+
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        previous_int = signal.signal(signal.SIGINT, pressed)
+        previous_usr1 = signal.signal(signal.SIGUSR1, not_yet)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGUSR1, previous_usr1)
 
 
 def tell_unfinished(searcher: Any, trial_id: str, state: Any) -> bool:

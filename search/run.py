@@ -27,6 +27,7 @@ from pathlib import Path
 # variable while a request reads the environment, and the search failed with KeyError
 # '_MLFLOW_TELEMETRY_SESSION_ID' (seen once in `ray up`'s test). Local Ray workers inherit it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars in a log help nobody
 
 from edge_agent import contract  # noqa: E402
 from search import compat, report, stages  # noqa: E402
@@ -38,33 +39,152 @@ log = logging.getLogger("search")
 
 
 def run_round(
-    k: int, cfg: SearchConfig, resume: bool, ctx, storage: Path, ray_storage: str, earlier: list[TrialRow]
-):
-    """One Ray Tune run of ``cfg.num_samples`` trials; round k > 1 starts from the earlier trials."""
+    k: int,
+    cfg: SearchConfig,
+    resume: bool,
+    ctx,
+    storage: Path,
+    ray_storage: str,
+    earlier: list[TrialRow],
+    ctrl_c,
+) -> list:
+    """Round k's trials through Ray Tune; returns Tune's results (``ray.tune.Result`` each).
+
+    Round k > 1 starts its searcher from the earlier rounds' trials. With ``resume``, Ray's saved
+    state of the round carries on (unfinished and errored trials run again), and MLflow, the
+    study's record, decides what is left: saved state that cannot be read, or a searcher database
+    that cannot be opened, is set aside with one sentence, and new trials make up the round's
+    ``num_samples`` beside the trials MLflow has a verdict for (those are kept, not run again).
+    """
     from ray import tune
 
-    from search import engine, loop
-    from search.callbacks import VerdictCallback
-    from search.searcher import make_searcher
     from search.trainable import run_trial
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     )
     ray_name = "ray" if k == 1 else f"ray-r{k}"
-    path = f"{ray_storage}/{ray_name}"
-    if resume and tune.Tuner.can_restore(path):
-        # the scheduler and the verdict callback come back from Ray's state; a result without an
-        # objective fails its trial, not the run, as in tune_run. Errored trials run again, under
-        # their own ids (so in their own MLflow runs), from the start: the trials keep no Tune
-        # checkpoint. The cause may be gone (a disk full, a server down); a trial that had
-        # trained is reported from MLflow instead (Study.prepare_rerun)
-        compat.tolerate_missing_metrics()
-        return tune.Tuner.restore(
-            path, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
-        ).fit()
+    names = (ray_name, f"{ray_name}-more")  # the round's first Tune run, and the one making it up
     study_name = ctx.study.name if k == 1 else f"{ctx.study.name}-r{k}"
-    if earlier:
+    if not resume:
+        return _fresh_round(
+            k, cfg, ctx, storage, ray_storage, ray_name, study_name, cfg.num_samples, earlier, ctrl_c
+        )
+    results = []
+    for name in names:
+        path = f"{ray_storage}/{name}"
+        if tune.Tuner.can_restore(path):
+            results += _restored(path, trainable, k, ctrl_c)
+        if ctrl_c.pressed:
+            return results
+    ctx.study.settle(results, k, (QUALITY, cfg.cost))  # verdicts of trials Tune had ended: counted below
+    rows = ctx.study.trials(cfg.cost)
+    left = cfg.num_samples - sum(r.round == k for r in rows)
+    if left <= 0:
+        return results
+    name = next((n for n in names if not _exists(f"{ray_storage}/{n}")), None)
+    if name is None:
+        raise StudyFailed(
+            f"round {k} needs {left} more trial(s), but {ray_storage} holds Ray's state of both of its "
+            f"runs ({', '.join(names)}); move them away and resume again"
+        )
+    print(
+        f"round {k}: MLflow holds {cfg.num_samples - left} of its {cfg.num_samples} trials; {left} new "
+        "trial(s) make up the round"
+    )
+    return results + _fresh_round(
+        k,
+        cfg,
+        ctx,
+        storage,
+        ray_storage,
+        name,
+        study_name,
+        left,
+        [r for r in rows if r.round < k],
+        ctrl_c,
+        rows,
+    )
+
+
+def _exists(path: str) -> bool:
+    """Whether a Tune run's folder is there (on a remote storage: whether it can be restored)."""
+    from ray import tune
+
+    return Path(path).exists() if "://" not in path else tune.Tuner.can_restore(path)
+
+
+def _restored(path: str, trainable, k: int, ctrl_c) -> list:
+    """Tune's saved run at ``path``, carried on; [] after one sentence when it cannot be read (it is
+    then set aside, or left where it is on a remote storage)."""
+    from ray import tune
+
+    # the scheduler and the verdict callback come back from Ray's state; a result without an
+    # objective fails its trial, not the run, as in tune_run. Errored trials run again, under
+    # their own ids (so in their own MLflow runs), from the start: the trials keep no Tune
+    # checkpoint. The cause may be gone (a disk full, a server down); a trial that had
+    # trained is reported from MLflow instead (Study.prepare_rerun)
+    compat.tolerate_missing_metrics()
+    try:
+        with ctrl_c.during_fit():
+            tuner = tune.Tuner.restore(
+                path, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+            )
+            return list(tuner.fit())
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        where = "left where it is"
+        if "://" not in path:
+            aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(path, aside)
+            where = f"set aside as {aside}"
+        print(
+            f"round {k}: Ray's saved state in {path} cannot be read ({error_line(exc)}); {where}. What is "
+            "left of the round is decided from MLflow"
+        )
+        return []
+
+
+def _searcher(cfg: SearchConfig, study_name: str, storage: Path, k: int, known: list[TrialRow]):
+    """The round's searcher on its Optuna database; a database that cannot be opened is set aside
+    and a new one is seeded with the trials MLflow holds (the searcher's model starts again from
+    those)."""
+    from search import loop
+    from search.searcher import make_searcher
+
+    db = storage / "optuna.db"
+    try:
+        import optuna
+
+        optuna.storages.RDBStorage(f"sqlite:///{db}").get_all_studies()
+    except Exception as exc:
+        aside = db.with_name(f"optuna.db.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.rename(db, aside)
+        scored = [(r.config, r.val_psnr_y, r.cost) for r in known if r.status == "complete"]
+        added = loop.seed_study(storage, study_name, cfg, scored)
+        print(
+            f"round {k}: the searcher's database {db} cannot be opened ({error_line(exc)}); set aside as "
+            f"{aside}. The searcher starts again from the {added} fully trained trial(s) MLflow holds"
+        )
+    return make_searcher(cfg, study_name, storage)
+
+
+def _fresh_round(
+    k, cfg, ctx, storage, ray_storage, ray_name, study_name, n, earlier, ctrl_c, known=None
+) -> list:
+    """A new Tune run of ``n`` trials for round k (``earlier``: the rounds before, which seed the
+    searcher of a new round; ``known``: every trial MLflow holds, for a rebuilt searcher)."""
+    from ray import tune
+
+    from search import engine, loop
+    from search.callbacks import VerdictCallback
+    from search.trainable import run_trial
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
+    )
+    if earlier and known is None:
         scored = [(r.config, r.val_psnr_y, r.cost) for r in earlier if r.status == "complete"]
         added = loop.seed_study(storage, study_name, cfg, scored)
         print(f"round {k}: the searcher starts from {added} earlier trials, re-scored with the current cost")
@@ -75,17 +195,21 @@ def run_round(
     reporter = tune.CLIReporter(
         metric_columns=["step", QUALITY, cfg.cost], parameter_columns=["embed_dim", "rank", "alpha"]
     )
-    return engine.tune_run(
-        trainable,
-        make_searcher(cfg, study_name, storage),
-        scheduler,
-        cfg.num_samples,
-        ray_name,
-        ray_storage,
-        max_concurrent=cfg.max_concurrent,
-        callbacks=[VerdictCallback(ctx.study, k, scheduler, (QUALITY, cfg.cost))],
-        progress_reporter=reporter,
-    )
+    searcher = _searcher(cfg, study_name, storage, k, known if known is not None else earlier)
+    with ctrl_c.during_fit():
+        return list(
+            engine.tune_run(
+                trainable,
+                searcher,
+                scheduler,
+                n,
+                ray_name,
+                ray_storage,
+                max_concurrent=cfg.max_concurrent,
+                callbacks=[VerdictCallback(ctx.study, k, scheduler, (QUALITY, cfg.cost))],
+                progress_reporter=reporter,
+            )
+        )
 
 
 class StudyFailed(RuntimeError):
@@ -139,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         print("marked the interrupted study's unfinished runs KILLED; their trials rerun")
     study = resumed or Study.start(cfg, tracking_uri)
     print(f"study {study.name}: MLflow run {study.run_id} in experiment '{cfg.experiment}' at {tracking_uri}")
-    status, agents = "FAILED", []
+    status, agents, stage = "FAILED", [], ["starting"]
+    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+    resume_hint = f"python search/run.py {shlex.join([*flags, '--resume'])}"
+    reported = False
     try:
-        summary, champion, timings = run_study(cfg, study, args.resume, agents)
+        summary, champion, timings = run_study(cfg, study, args.resume, agents, stage)
         if args.json:
             rows = study.trials(cfg.cost, model_name=cfg.registry.model_name)
             loop.rescore(rows, cfg, study.tracking_uri, study.experiment_id)
@@ -165,35 +292,76 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         status = "KILLED"
-        flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        print(f"interrupted: continue with `{resume_hint}` (the same flags, and --resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        why = _lost_resource(exc, tracking_uri)
+        if why is None:
+            raise  # a fault of the search itself: its traceback is what to report
+        reported = True
         print(
-            f"interrupted: continue with `python search/run.py {shlex.join([*flags, '--resume'])}` "
-            "(the same flags, and --resume)",
+            f"error: while {stage[0]}, {why[0]}; what was logged before is kept: {why[1]}, then continue "
+            f"with `{resume_hint}`",
             file=sys.stderr,
         )
-        return 130
+        return 1
     finally:
         for agent in agents:
             agent.stop()
-        study.close(status)
+        try:
+            study.close(status)
+        except Exception as exc:
+            why = _lost_resource(exc, tracking_uri)
+            if why is None:
+                raise
+            if not reported:
+                print(
+                    f"error: study {study.name} could not be marked {status}: {why[0]}; {why[1]} (a "
+                    "--resume marks it again)",
+                    file=sys.stderr,
+                )
         ray.shutdown()
 
 
-def run_study(cfg: SearchConfig, study: Study, resume: bool, agents: list) -> tuple[dict, dict | None, dict]:
+def _lost_resource(exc: BaseException, tracking_uri: str) -> tuple[str, str] | None:
+    """(what was lost, what to do) when the study could not go on because something outside it
+    failed: a full disk, a tracking server that stopped answering; None for any other failure."""
+    import errno
+
+    from edge_agent import preflight
+
+    seen = exc
+    while seen is not None:  # the OSError may be the cause of what MLflow or Ray raised
+        words = (os.strerror(errno.ENOSPC), "database or disk is full")  # the OS's, SQLite's
+        said = [line.strip() for line in str(seen).splitlines() if any(w in line for w in words)]
+        if said or (isinstance(seen, OSError) and seen.errno == errno.ENOSPC):
+            return f"the disk filled up ({(said or [error_line(seen)])[0][:300]})", "free some space"
+        seen = seen.__cause__ or seen.__context__
+    if preflight.tracking_server_problem(tracking_uri):
+        return f"the tracking server at {tracking_uri} stopped answering", "start it again"
+    return None
+
+
+def run_study(
+    cfg: SearchConfig, study: Study, resume: bool, agents: list, stage: list[str]
+) -> tuple[dict, dict | None, dict]:
     """The teacher, then each round not done yet (search, register, measure), then the champion.
 
     Returns (the summary of the last round, the champion or None, the stages' wall times). A local
-    edge agent started here is appended to ``agents`` for the caller to stop.
+    edge agent started here is appended to ``agents`` for the caller to stop; ``stage[0]`` says
+    what the study is doing, for an error message.
     """
     from search import loop
     from search.costmodel import TARGETS
     from search.trainable import StudyContext
 
+    ctrl_c = compat.CtrlC()
     storage = Path(cfg.storage_dir).resolve() / study.name
     edge_cost = cfg.cost in TARGETS
     wait = edge_cost or cfg.loop.local_agent or cfg.loop.select
     timings, summary = {}, {}
     t0 = time.monotonic()
+    stage[0] = "preparing the teacher"
     teacher_uri = stages.ensure_teacher(cfg, study, storage)
     timings["teacher_s"] = time.monotonic() - t0
     ray_storage = f"{cfg.ray_storage.rstrip('/')}/{study.name}" if cfg.ray_storage else str(storage)
@@ -206,8 +374,9 @@ def run_study(cfg: SearchConfig, study: Study, resume: bool, agents: list) -> tu
             cfg.to_dict(), study, teacher_uri, round=k, cost_model=model.to_dict() if model else None
         )
         t0 = time.monotonic()
-        results = run_round(k, cfg, resume, ctx, storage.parent, ray_storage, rows)
-        if compat.interrupted(results, cfg.num_samples):  # Ctrl-C: Tune saved its state and returned
+        stage[0] = f"running round {k}'s trials"
+        results = run_round(k, cfg, resume, ctx, storage.parent, ray_storage, rows, ctrl_c)
+        if ctrl_c.pressed:  # Tune saved its state and returned
             raise KeyboardInterrupt
         timings[f"round{k}_search_s"] = time.monotonic() - t0
         study.settle(results, k, (QUALITY, cfg.cost))
@@ -217,6 +386,7 @@ def run_study(cfg: SearchConfig, study: Study, resume: bool, agents: list) -> tu
         loop.rescore(rows, cfg, study.tracking_uri, study.experiment_id)
         registered = {r.version for r in rows if r.version}
         t0 = time.monotonic()
+        stage[0] = f"registering and reporting round {k}'s front"
         report.mark_front(rows)
         stages.register_front(rows, cfg, study, ctx, storage / "finalize")
         summary = report.write_report(study, rows, cfg.cost, cfg.experiment, storage / "report")
@@ -228,6 +398,7 @@ def run_study(cfg: SearchConfig, study: Study, resume: bool, agents: list) -> tu
             if cfg.loop.local_agent and not agents:
                 agents.append(loop.LocalAgent(study.tracking_uri, cfg, storage / "agent"))
             t0 = time.monotonic()
+            stage[0] = f"waiting for round {k}'s measurements"
             loop.wait_for_measurements(
                 study.tracking_uri,
                 cfg.registry.model_name,
@@ -247,6 +418,7 @@ def run_study(cfg: SearchConfig, study: Study, resume: bool, agents: list) -> tu
     champion = None
     if cfg.loop.select:
         t0 = time.monotonic()
+        stage[0] = "selecting the champion"
         champion = stages.select(cfg, study)
         timings["select_s"] = time.monotonic() - t0
     study.log_metrics({f"wall_{key}": value for key, value in timings.items()})

@@ -25,10 +25,34 @@ SHARED = ROOT.parent / "shared"
 BENCH = SHARED / "data" / "sr-benchmarks"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Which tests that start Ray (marked ``ray``) may run at once, under ``-n N``.
+
+    Local Rays of different processes live side by side; what they cannot live beside is a
+    ``ray start`` cluster (a local ``ray.init()`` joins it) or its ``ray stop`` (which stops every
+    Ray of the user). Only ``ray up``'s test makes such a cluster, and where the machine allows PID
+    namespaces its nodes run in one of their own with a Ray temp folder of their own
+    (tests/test_ray_up.py): then only the tests that share the session's smoke study are kept on
+    one worker (xdist group "smoke", so the study is made once). Elsewhere every test that starts
+    Ray is in the group "ray", which one worker runs in turn.
+    """
+    from servers import pid_namespaces
+
+    isolated = pid_namespaces()
+    for item in items:
+        if item.get_closest_marker("ray") is None:
+            continue
+        if not isolated:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif "smoke_study" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smoke"))
+
+
 def pytest_configure(config):
-    """Under ``-n N`` each xdist group runs on one worker: "ray" holds the tests that start Ray,
-    which would otherwise stop each other's Ray. pytest-xdist 3.8 loses the groups under pytest
-    9.2 (pytest-dev/pytest-xdist#1386, found here): refuse to run rather than spread them."""
+    """Under ``-n N`` each xdist group runs on one worker (see pytest_collection_modifyitems).
+    pytest-xdist 3.8 loses the groups under pytest 9.2 (pytest-dev/pytest-xdist#1386, found
+    here): refuse to run rather than spread them."""
     from importlib.metadata import version
 
     if not getattr(config.option, "numprocesses", None):
@@ -136,7 +160,7 @@ def smoke_study(tmp_path_factory):
     kept under a short path of its own, where it can be grepped.
 
     Tests that change what the study left behind put it back before they end. Under pytest-xdist
-    they are in the xdist group "ray" (one worker, one study)."""
+    they are in one xdist group (one worker, one study: pytest_collection_modifyitems)."""
     root = tmp_path_factory.mktemp("smoke")
     secret = "planted-" + secrets.token_hex(8)
     # Ray's Unix sockets need a short path (about 107 characters at most)

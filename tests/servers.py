@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import shutil
@@ -116,12 +117,30 @@ class SshServer:
         return f"{self.user}@{self.host}:{self.port}"
 
 
+@functools.cache
+def pid_namespaces() -> bool:
+    """Whether this machine lets the tests start a process in a PID namespace of its own
+    (``unshare --pid``: root, or user namespaces allowed)."""
+    if shutil.which("unshare") is None:
+        return False
+    cmd = ["unshare", "--pid", "--fork", "--mount-proc", "true"]
+    return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+
+
 @contextmanager
 def sshd_server(
-    root: Path, timeout_s: float = 20.0, addresses: tuple[str, ...] = ("127.0.0.1",), extra: str = ""
+    root: Path,
+    timeout_s: float = 20.0,
+    addresses: tuple[str, ...] = ("127.0.0.1",),
+    extra: str = "",
+    own_pids: bool = False,
 ):
     """A real OpenSSH server on ``addresses`` (one port) with fresh keys, key authentication only;
-    ``extra``: more sshd_config lines. Yields SshServer (``host``: the first address)."""
+    ``extra``: more sshd_config lines. Yields SshServer (``host``: the first address).
+
+    ``own_pids``: the server and every session run in a PID namespace of their own (needs
+    ``pid_namespaces()``): what they run sees, and can stop, only their own processes (a node's
+    ``ray stop`` leaves the tests' other Rays alone), and all of it ends with the server."""
     if not SSHD.is_file() or shutil.which("ssh-keygen") is None:
         pytest.skip(f"{SSHD} or ssh-keygen not found: apt-get install openssh-server (CI installs it)")
     root.mkdir(parents=True, exist_ok=True)
@@ -153,7 +172,10 @@ LogLevel VERBOSE
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation dir
     log = open(root / "sshd.log", "wb")
-    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    cmd = [str(SSHD), "-D", "-e", "-f", str(config)]
+    if own_pids:
+        cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *cmd]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         ready = _port_open(port, addresses[0])
         _wait_ready(ready, proc, timeout_s, f"sshd did not start; see {root / 'sshd.log'}", 0.1)

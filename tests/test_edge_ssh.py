@@ -386,3 +386,19 @@ def test_remote_measure_command_passes_arguments_and_prints_json(server, tmp_pat
     args = parser().parse_args(argv[:3] + ["--agent-cmd", "false"] + argv[5:])
     assert args.func(args) == 1
     assert "remote-measure: `false measure" in capsys.readouterr().err
+
+
+def test_a_session_the_device_closes_during_remote_measure_is_one_sentence(server, tmp_path, capsys):
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    # the device's side of the session goes away mid-measurement: its sshd process is killed
+    dying = "kill -9 $PPID; sleep 30; echo"
+    argv = ["remote-measure", server.target, str(model), "--agent-cmd", dying]
+    argv += ["--identity", str(server.client_key), "--known-hosts", str(server.known_hosts)]
+    args = parser().parse_args(argv)
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one sentence
+    assert f"{server.target} closed the SSH session running `{dying} measure" in lines[0], err
+    assert "before it finished (no exit status); check the device" in lines[0]

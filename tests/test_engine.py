@@ -148,7 +148,7 @@ def _toy_trial(config):
         compat.report(result)
 
 
-@pytest.mark.xdist_group("ray")  # starts Ray
+@pytest.mark.ray
 @pytest.mark.e2e
 def test_through_ray_tune_a_trial_without_its_cost_ends_failed_in_optuna_and_in_mlflow(tmp_path, monkeypatch):
     """The seam as Tune drives it: Ray's own OptunaSearch would leave such an Optuna trial

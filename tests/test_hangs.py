@@ -101,7 +101,7 @@ def test_the_probe_names_what_it_found():
 # ---------------------------------------------------------------------------------- Ray resources
 
 
-@pytest.mark.xdist_group("ray")  # starts Ray
+@pytest.mark.ray
 @pytest.mark.e2e
 def test_a_trial_no_node_can_hold_fails_before_any_trial(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -95,7 +95,7 @@ def test_pareto_options_are_checked():
             bench.parse_rule(bad)
 
 
-@pytest.mark.xdist_group("ray")  # starts Ray
+@pytest.mark.ray
 @pytest.mark.e2e
 def test_the_benchmark_runs_every_scheduler_through_ray_tune(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

@@ -21,8 +21,8 @@ from search.pareto import pareto_front
 from fakes import FakeIna3221
 
 ROOT = Path(__file__).resolve().parents[1]
-# the whole loop: an MLflow server, Ray, the agent (pytest-xdist: one worker runs the "ray" group)
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
+# the whole loop: an MLflow server, Ray, the agent
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 DEVICE = "local-cpu"  # search/configs/smoke.yaml's loop.device
 
 

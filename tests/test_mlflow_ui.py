@@ -15,7 +15,7 @@ import pytest
 from edge_agent import contract
 from search import study
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]  # the smoke study runs Ray
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]  # the smoke study runs Ray
 NAME = re.compile(r"^t\d\d C\d+ r\d+ a\d\.\d\d( · (stopped@\d+|failed))?$")
 
 

@@ -11,9 +11,13 @@ Only what a user changes is substituted in the file: the addresses, the user, th
 and where the known hosts are. The sshd gives the sessions a home of their own (SetEnv HOME), so the
 nodes' ~/venv, ~/mambalitesr and ~/mlflow live in a temporary folder, not in this user's home; that
 home holds what a user's nodes have of their own: the head's known hosts and ssh config (the port),
-and this machine's pip configuration and index (TORCH_INDEX_URL). `ray up` and `ray down` stop every
-Ray of this machine's user (their `ray stop`): run this test where no other Ray runs, as CI does (under
-pytest-xdist every test that starts Ray is in the xdist group "ray", which one worker runs in turn).
+and this machine's pip configuration and index (TORCH_INDEX_URL).
+
+The nodes' `ray stop` (in start-head and `ray down`) stops every Ray of the user that it sees, and
+a local `ray.init()` joins a `ray start` cluster it finds in Ray's temp folder. Where the machine
+allows it, the sshd and so the nodes run in a PID namespace of their own and with a Ray temp folder
+of their own (RAY_TMPDIR): the test then runs beside the suite's other Rays. Elsewhere it runs
+alone (tests/conftest.py).
 """
 
 import configparser
@@ -23,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,10 +38,10 @@ import yaml
 
 from edge_agent import contract
 
-from servers import free_port, sshd_server
+from servers import free_port, pid_namespaces, sshd_server
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 RAY = Path(sys.executable).with_name("ray")
 NODES = ("127.0.0.2", "127.0.0.3")  # head, worker
 
@@ -81,19 +86,26 @@ def nodes(tmp_path):
     # without access to PyTorch's own index is set up (cluster_node.sh): a machine that reaches only
     # the package registries spends minutes in pip's retries of download.pytorch.org otherwise
     index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")
-    extra = f"SetEnv HOME={home} TORCH_INDEX_URL={index}\nMaxStartups 100\nMaxSessions 100\n"
-    with sshd_server(tmp_path / "sshd", addresses=NODES, extra=extra) as server:
+    # a short path: Ray's Unix sockets live under its temp folder (about 107 characters at most)
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    env = f"HOME={home} TORCH_INDEX_URL={index} RAY_TMPDIR={ray_tmp}"
+    extra = f"SetEnv {env}\nMaxStartups 100\nMaxSessions 100\n"
+    own_pids = pid_namespaces()
+    with sshd_server(tmp_path / "sshd", addresses=NODES, extra=extra, own_pids=own_pids) as server:
         # the head's own: it starts the worker over SSH and checks its key (scripts/verified_ssh/ssh)
         (home / ".ssh").mkdir(mode=0o700)
         shutil.copy(server.known_hosts, home / ".ssh" / "known_hosts")
         (home / ".ssh" / "config").write_text(f"Host {' '.join(NODES)}\n  Port {server.port}\n")
-        yield {
-            "port": server.port,
-            "key": server.client_key,
-            "known_hosts": server.known_hosts,
-            "home": home,
-            "tmp": tmp_path,
-        }
+        try:
+            yield {
+                "port": server.port,
+                "key": server.client_key,
+                "known_hosts": server.known_hosts,
+                "home": home,
+                "tmp": tmp_path,
+            }
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def cluster_file(nodes) -> Path:

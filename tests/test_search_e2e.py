@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,10 +19,13 @@ from edge_agent import contract
 from search import study
 from search.trainable import FINAL_QUALITY
 
+from servers import pid_namespaces
+
 ROOT = Path(__file__).resolve().parents[1]
-# search/run.py in a subprocess: Ray, MLflow (pytest-xdist: one worker runs the "ray" group)
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
+# search/run.py in a subprocess: Ray, MLflow
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 RUN = [sys.executable, str(ROOT / "search" / "run.py"), "--smoke-test"]
+SMALL_DISK_KB = 600  # room for the study's first files, not for its trials' results
 
 
 def search(args, cwd, timeout=900, extra_env=None):
@@ -203,3 +208,113 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     for run_id, steps in steps_before.items():  # the finished trials were not trained again
         assert sorted(m.step for m in client.get_metric_history(run_id, "val_psnr_y")) == steps
     assert len(client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'teacher'")) == 1
+
+
+def test_ctrl_c_is_an_interruption_and_a_damaged_state_resumes_from_mlflow(tmp_path):
+    """Ctrl-C (SIGINT) after a trial finished: exit 130 and a hint with the run's flags. Then Ray's
+    saved state and the searcher's database are damaged: --resume says so in a sentence each and
+    makes up the round from what MLflow holds, without training the finished trial again."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "s"
+    args = [*search_only(tmp_path), "--tracking-uri", uri, "--experiment", "e2e-ctrl-c", "--num-samples", "3"]
+    args += ["--max-concurrent", "1", "--storage-dir", str(storage)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    logs = [open(tmp_path / "first.out", "w"), open(tmp_path / "first.err", "w")]  # not pipes: never full
+    proc = subprocess.Popen(RUN[:-1] + args, cwd=tmp_path, env=env, stdout=logs[0], stderr=logs[1])
+    client, finished = MlflowClient(uri), []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not finished:
+        exp = client.get_experiment_by_name("e2e-ctrl-c") if (tmp_path / "mlflow.db").exists() else None
+        if exp is not None:
+            query = f"tags.`{contract.ROLE}` = 'trial' and tags.`{study.TAG_VERDICT}` = '{study.COMPLETE}'"
+            finished = client.search_runs([exp.experiment_id], query)
+        time.sleep(0.3)
+    assert proc.poll() is None, "the first run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=300)
+    for log in logs:
+        log.close()
+    out, err = (tmp_path / "first.out").read_text(), (tmp_path / "first.err").read_text()
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    assert "--resume` (the same flags, and --resume)" in err and "--num-samples 3" in err, err[-2000:]
+    steps_before = {
+        r.info.run_id: sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_psnr_y"))
+        for r in finished
+    }
+
+    name = (storage / "LATEST").read_text().strip()
+    (storage / name / "ray" / "tuner.pkl").write_bytes(b"damaged")
+    (storage / "optuna.db").write_bytes(b"not a database")
+    out = search(["--resume", *args], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"round 1: Ray's saved state in {storage / name / 'ray'} cannot be read" in out.stdout
+    assert f"round 1: the searcher's database {storage / 'optuna.db'} cannot be opened" in out.stdout
+    assert "Traceback" not in out.stderr
+    runs = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = 'trial'")
+    judged = [r for r in runs if r.data.tags.get(study.TAG_VERDICT)]
+    assert len(judged) == 3, out.stdout[-4000:]  # the round's number: the kept trials and new ones
+    for run_id, steps in steps_before.items():  # the finished trials were not trained again
+        assert sorted(m.step for m in client.get_metric_history(run_id, "val_psnr_y")) == steps
+
+
+def test_a_tracking_server_that_stops_mid_study_is_one_sentence(tmp_path):
+    """The server dies once the trials are done: registration, the report or the study's closing
+    meets it dead. One sentence saying what the study was doing and how to continue, exit 1."""
+    from mlflow.tracking import MlflowClient
+
+    from servers import mlflow_server
+
+    args = [*search_only(tmp_path), "--experiment", "e2e-dies", "--num-samples", "2"]
+    args += ["--storage-dir", str(tmp_path / "s")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    logs = [open(tmp_path / "out", "w"), open(tmp_path / "err", "w")]
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        proc = subprocess.Popen(
+            RUN[:-1] + [*args, "--tracking-uri", uri], cwd=tmp_path, env=env, stdout=logs[0], stderr=logs[1]
+        )
+        client, judged = MlflowClient(uri), []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None and len(judged) < 2:
+            exp = client.get_experiment_by_name("e2e-dies")
+            if exp is not None:
+                judged = client.search_runs([exp.experiment_id], f"tags.`{study.TAG_VERDICT}` != ''")
+            time.sleep(0.2)
+        assert proc.poll() is None and len(judged) == 2, (tmp_path / "err").read_text()[-3000:]
+    proc.wait(timeout=300)  # the server is gone from here on
+    for log in logs:
+        log.close()
+    err = (tmp_path / "err").read_text()
+    assert proc.returncode == 1, (tmp_path / "out").read_text()[-3000:] + err[-3000:]
+    assert f"the tracking server at {uri} stopped answering; what was logged before is kept" in err, err
+    assert "then continue with `python search/run.py" in err and "--resume`" in err
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_disk_that_fills_mid_search_is_one_sentence(tmp_path):
+    """The search's storage folder on a small disk of its own (a tmpfs in a mount namespace of the
+    search's own): once it is full, one sentence saying what filled and how to continue, exit 1."""
+    if not pid_namespaces():
+        pytest.fail("this test needs `unshare` (root, or user namespaces) to give the search a small disk")
+    full = tmp_path / "small-disk"
+    full.mkdir()
+    args = [
+        *search_only(tmp_path),
+        "--experiment",
+        "e2e-full",
+        "--num-samples",
+        "2",
+        "--storage-dir",
+        str(full),
+    ]
+    args += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    script = f'mount -t tmpfs -o size={SMALL_DISK_KB}k tmpfs {shlex.quote(str(full))} && exec "$@"'
+    cmd = ["unshare", "--mount", "sh", "-c", script, "sh", *RUN[:-1], *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    said = re.search(r"error: while (.*), the disk filled up \((.*)\); what was logged before", out.stderr)
+    assert said and re.search("No space left on device|database or disk is full", said[2]), out.stderr[-3000:]
+    assert "free some space, then continue with `python search/run.py" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
