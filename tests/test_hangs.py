@@ -220,6 +220,7 @@ def _exited(pid: int) -> bool:
         return True
 
 
+@pytest.mark.e2e  # the loop's command lines: a search's process and its edge agent
 def test_a_searchs_local_agent_exits_when_the_search_is_killed(tmp_path):
     import time
 
