@@ -77,6 +77,12 @@ def missing_database_problem(tracking_uri: str | None) -> str | None:
     )
 
 
+def study_store_problem(tracking_uri: str) -> str | None:
+    """For commands that read what a search wrote: ``missing_database_problem``, else
+    ``tracking_server_problem``."""
+    return missing_database_problem(tracking_uri) or tracking_server_problem(tracking_uri)
+
+
 def _reason(exc: object, timeout_s: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout_s:g} s"

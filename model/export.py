@@ -210,8 +210,7 @@ def export_onnx(
             f"found no node from {SCAN_NAMESPACE} in the exported graph; the exporter's metadata "
             "changed, so the float16 precision marks cannot be placed"
         )
-    _strip_metadata(proto)
-    _strip_metadata(proto16)
+    _strip_metadata(proto)  # the one written out; the float16 graph is only run here
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:

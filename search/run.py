@@ -58,23 +58,18 @@ def run_round(
     """
     from ray import tune
 
-    from search.trainable import run_trial
-
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    )
     ray_name = "ray" if k == 1 else f"ray-r{k}"
     names = (ray_name, f"{ray_name}-more")  # the round's first Tune run, and the one making it up
     study_name = ctx.study.name if k == 1 else f"{ctx.study.name}-r{k}"
-    if not resume:
+    if not resume:  # a new round's searcher starts from the earlier rounds' trials
         return _fresh_round(
-            k, cfg, ctx, storage, ray_storage, ray_name, study_name, cfg.num_samples, earlier, ctrl_c
+            k, cfg, ctx, storage, ray_storage, ray_name, study_name, cfg.num_samples, earlier, earlier, ctrl_c
         )
     results = []
     for name in names:
         path = f"{ray_storage}/{name}"
         if tune.Tuner.can_restore(path):
-            results += _restored(path, trainable, k, ctrl_c)
+            results += _restored(path, _trainable(cfg, ctx), k, ctrl_c)
         if ctrl_c.pressed:
             return results
     ctx.study.settle(results, k, (QUALITY, cfg.cost))  # verdicts of trials Tune had ended: counted below
@@ -92,19 +87,24 @@ def run_round(
         f"round {k}: MLflow holds {cfg.num_samples - left} of its {cfg.num_samples} trials; {left} new "
         "trial(s) make up the round"
     )
-    return results + _fresh_round(
-        k,
-        cfg,
-        ctx,
-        storage,
-        ray_storage,
-        name,
-        study_name,
-        left,
-        [r for r in rows if r.round < k],
-        ctrl_c,
-        rows,
+    # the round's searcher has its trials already (a rebuilt one gets every trial MLflow holds)
+    return results + _fresh_round(k, cfg, ctx, storage, ray_storage, name, study_name, left, [], rows, ctrl_c)
+
+
+def _trainable(cfg: SearchConfig, ctx):
+    """A trial as Tune runs it: ``run_trial`` with the study's context and a trial's resources."""
+    from ray import tune
+
+    from search.trainable import run_trial
+
+    return tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     )
+
+
+def _scored(rows: list[TrialRow]) -> list[tuple[dict, float, float]]:
+    """(knobs, PSNR, cost) of the fully trained trials among ``rows``: what seeds a searcher."""
+    return [(r.config, r.val_psnr_y, r.cost) for r in rows if r.status == "complete"]
 
 
 def _exists(path: str) -> bool:
@@ -161,8 +161,7 @@ def _searcher(cfg: SearchConfig, study_name: str, storage: Path, k: int, known: 
     except Exception as exc:
         aside = db.with_name(f"optuna.db.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
         os.rename(db, aside)
-        scored = [(r.config, r.val_psnr_y, r.cost) for r in known if r.status == "complete"]
-        added = loop.seed_study(storage, study_name, cfg, scored)
+        added = loop.seed_study(storage, study_name, cfg, _scored(known))
         print(
             f"round {k}: the searcher's database {db} cannot be opened ({error_line(exc)}); set aside as "
             f"{aside}. The searcher starts again from the {added} fully trained trial(s) MLflow holds"
@@ -170,23 +169,17 @@ def _searcher(cfg: SearchConfig, study_name: str, storage: Path, k: int, known: 
     return make_searcher(cfg, study_name, storage)
 
 
-def _fresh_round(
-    k, cfg, ctx, storage, ray_storage, ray_name, study_name, n, earlier, ctrl_c, known=None
-) -> list:
-    """A new Tune run of ``n`` trials for round k (``earlier``: the rounds before, which seed the
-    searcher of a new round; ``known``: every trial MLflow holds, for a rebuilt searcher)."""
+def _fresh_round(k, cfg, ctx, storage, ray_storage, ray_name, study_name, n, seed, known, ctrl_c) -> list:
+    """A new Tune run of ``n`` trials for round k. ``seed``: trials the searcher starts from (the
+    earlier rounds', for a new round); ``known``: what a searcher rebuilt from a damaged database
+    starts from."""
     from ray import tune
 
     from search import engine, loop
     from search.callbacks import VerdictCallback
-    from search.trainable import run_trial
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    )
-    if earlier and known is None:
-        scored = [(r.config, r.val_psnr_y, r.cost) for r in earlier if r.status == "complete"]
-        added = loop.seed_study(storage, study_name, cfg, scored)
+    if seed:
+        added = loop.seed_study(storage, study_name, cfg, _scored(seed))
         print(f"round {k}: the searcher starts from {added} earlier trials, re-scored with the current cost")
     goal = engine.Objectives(QUALITY, cfg.cost, "step", cfg.training.iterations, cfg.training.val_every)
     es = cfg.early_stopping
@@ -195,11 +188,11 @@ def _fresh_round(
     reporter = tune.CLIReporter(
         metric_columns=["step", QUALITY, cfg.cost], parameter_columns=["embed_dim", "rank", "alpha"]
     )
-    searcher = _searcher(cfg, study_name, storage, k, known if known is not None else earlier)
+    searcher = _searcher(cfg, study_name, storage, k, known)
     with ctrl_c.during_fit():
         return list(
             engine.tune_run(
-                trainable,
+                _trainable(cfg, ctx),
                 searcher,
                 scheduler,
                 n,

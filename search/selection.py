@@ -617,9 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     preflight.limit_mlflow_retries()
-    problem = preflight.missing_database_problem(args.tracking_uri) or preflight.tracking_server_problem(
-        args.tracking_uri
-    )
+    problem = preflight.study_store_problem(args.tracking_uri)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1

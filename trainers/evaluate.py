@@ -200,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.startswith(("models:/", "runs:/")) or "://" in args.model:
         preflight.limit_mlflow_retries()  # a dead server is a sentence in seconds, not minutes of retries
         server = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        problem = (
-            preflight.missing_database_problem(server) or preflight.tracking_server_problem(server)
-            if server
-            else None
-        )
+        problem = preflight.study_store_problem(server) if server else None
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 1

@@ -44,7 +44,10 @@ def psnr(img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool = T
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+SSIM_WINDOW = 11  # the Gaussian window's side: SSIM needs at least this many pixels each way
+
+
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = 1.5) -> np.ndarray:
     x = np.arange(size) - size // 2
     g = np.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
@@ -65,9 +68,6 @@ def _ssim_2d(img: np.ndarray, ref: np.ndarray) -> float:
     s12 = _filter_valid(img * ref, g) - mu1 * mu2
     ssim_map = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1**2 + mu2**2 + c1) * (s11 + s22 + c2))
     return float(ssim_map.mean())
-
-
-SSIM_WINDOW = 11  # the Gaussian window's side: SSIM needs at least this many pixels each way
 
 
 def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool = True) -> float:
