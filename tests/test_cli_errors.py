@@ -381,6 +381,40 @@ def test_edge_agent_run_once_against_a_dead_server_exits_in_seconds(tmp_path, ca
     assert f"127.0.0.1:{port}" in err and "Traceback" not in err
 
 
+def test_an_agent_told_to_stop_with_a_process_that_is_not_its_parent_refuses_to_start(tmp_path, capsys):
+    argv = ["run", "--tracking-uri", f"http://127.0.0.1:{free_port()}", "--device", DEVICE]
+    argv += ["--state-dir", str(tmp_path), "--stop-with-parent", str(os.getpid())]  # our id, not our parent's
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"--stop-with-parent {os.getpid()}: that process is not (or no longer) the one" in err
+    assert "Traceback" not in err
+
+
+def test_an_agent_stops_once_its_parent_is_gone_and_not_before():
+    """The watcher behind --stop-with-parent: the parent id it was given is compared with this
+    process's parent, which changes when the real parent dies (the agent is re-parented)."""
+    import threading
+
+    class Stoppable:
+        def __init__(self):
+            self.stopped = threading.Event()
+
+        @property
+        def stopping(self):
+            return self.stopped.is_set()
+
+        def request_stop(self):
+            self.stopped.set()
+
+    alive = Stoppable()
+    cli._stop_when_orphaned(alive, os.getppid(), period_s=0.01)
+    assert not alive.stopped.wait(0.2)  # the parent is still there
+    alive.request_stop()  # ends its watcher
+    orphaned = Stoppable()
+    cli._stop_when_orphaned(orphaned, os.getppid() + 1, period_s=0.01)  # as if re-parented
+    assert orphaned.stopped.wait(5)
+
+
 @pytest.mark.usefixtures("mlflow_fail_fast")
 def test_a_registry_call_to_a_dead_server_is_a_registry_error():
     """What the daemon logs, and what ``run --once`` prints, when the server dies mid-pass."""

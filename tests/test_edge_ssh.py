@@ -28,8 +28,15 @@ BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)  # a venv made fr
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with sshd_server(tmp_path_factory.mktemp("sshd")) as srv:
+def remote_tmp(tmp_path_factory) -> Path:
+    """The sessions' TMPDIR: where remote_measure's temporary folders go on "the device". One per
+    server, so a test that counts them does not see another worker's."""
+    return tmp_path_factory.mktemp("remote-tmp")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, remote_tmp):
+    with sshd_server(tmp_path_factory.mktemp("sshd"), extra=f"SetEnv TMPDIR={remote_tmp}\n") as srv:
         yield srv
 
 
@@ -79,8 +86,8 @@ def tiny_onnx(path: Path) -> Path:
     return path
 
 
-def remote_temp_dirs() -> set[Path]:
-    return set(Path("/tmp").glob("edge-agent.*"))
+def remote_temp_dirs(remote_tmp: Path) -> set[Path]:
+    return set(remote_tmp.glob("edge-agent.*"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,9 +316,9 @@ def test_deploy_installs_the_agent_and_renders_the_unit(server, tmp_path, monkey
     assert (venv / "bin" / "python").stat().st_ino == venv_python
 
 
-def test_remote_measure_round_trip(server, tmp_path):
+def test_remote_measure_round_trip(server, remote_tmp, tmp_path):
     model = tiny_onnx(tmp_path / "tiny.onnx")
-    before = remote_temp_dirs()
+    before = remote_temp_dirs(remote_tmp)
     result = remote_measure(
         server.target,
         model,
@@ -322,19 +329,19 @@ def test_remote_measure_round_trip(server, tmp_path):
         known_hosts=server.known_hosts,
     )
     assert result["latency_ms_p50"] > 0 and result["latency_ms_p99"] >= result["latency_ms_p50"]
-    assert remote_temp_dirs() == before
+    assert remote_temp_dirs(remote_tmp) == before
 
 
-def test_remote_measure_rejects_output_that_is_not_json(server, tmp_path):
+def test_remote_measure_rejects_output_that_is_not_json(server, remote_tmp, tmp_path):
     model = tiny_onnx(tmp_path / "tiny.onnx")
-    before = remote_temp_dirs()
+    before = remote_temp_dirs(remote_tmp)
     with pytest.raises(
-        SshError, match="did not print a JSON object; its output began: 'measure /tmp/edge-agent"
+        SshError, match=f"did not print a JSON object; its output began: 'measure {remote_tmp}/edge-agent"
     ):
         remote_measure(
             server.target, model, agent_cmd="echo", identity=server.client_key, known_hosts=server.known_hosts
         )
-    assert remote_temp_dirs() == before
+    assert remote_temp_dirs(remote_tmp) == before
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ def test_ssim_matches_scikit_image():
     )
     assert ssim(img, ref, crop_border=0, y_channel=False) == pytest.approx(want, abs=1e-9)
     assert ssim(ref, ref, 0, y_channel=False) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="SSIM needs at least 11x11 pixels after cropping, got \\(10, 36\\)"):
+        ssim(img[:14], ref[:14], crop_border=2, y_channel=False)
 
 
 @pytest.mark.parametrize(

@@ -40,11 +40,29 @@ def driver_tracebacks(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "Traceback" in line and "pid=" not in line]
 
 
-def search_only(tmp_path: Path) -> list[str]:
+def given_teacher(tmp_path: Path) -> Path:
+    """A teacher checkpoint for the config's ``teacher.checkpoint`` (the tiny network, untrained):
+    for the tests about trials, which need not train the study's teacher first."""
+    import dataclasses
+
+    import torch
+
+    from model import build_model
+
+    teacher = build_model("tiny")
+    path = tmp_path / "teacher.pt"
+    torch.save({"model_config": dataclasses.asdict(teacher.cfg), "model": teacher.state_dict()}, path)
+    return path
+
+
+def search_only(tmp_path: Path, teacher: Path | None = None) -> list[str]:
     """``--config`` of the smoke search without its loop stages (the local edge agent, selection),
-    for the tests about trials: nothing here waits for measurements."""
+    for the tests about trials: nothing here waits for measurements. ``teacher``: a checkpoint the
+    study takes as its teacher instead of training one."""
     cfg = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
     cfg["loop"].update(local_agent=False, select=False, agent_args=[])
+    if teacher is not None:
+        cfg["teacher"]["checkpoint"] = str(teacher)
     path = tmp_path / "search-only.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return ["--config", str(path)]
@@ -105,12 +123,7 @@ def test_smoke_search_registers_verified_onnx_versions(smoke_study):
 
 
 def test_failed_trials_are_recorded_and_rerun_by_resume_once_the_cause_is_gone(server, tmp_path):
-    import dataclasses
-
-    import torch
     from mlflow.tracking import MlflowClient
-
-    from model import build_model
 
     from conftest import write_png
 
@@ -121,16 +134,11 @@ def test_failed_trials_are_recorded_and_rerun_by_resume_once_the_cause_is_gone(s
     for name in ("a", "b"):
         write_png(images / f"{name}.png", rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
     (images / "c.png").write_bytes(b"\x89PNG damaged in transfer")
-    teacher = build_model("tiny")
-    torch.save(
-        {"model_config": dataclasses.asdict(teacher.cfg), "model": teacher.state_dict()}, tmp_path / "t.pt"
-    )
-    cfg = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
-    cfg["loop"].update(local_agent=False, select=False, agent_args=[])
-    cfg["teacher"]["checkpoint"] = str(tmp_path / "t.pt")
+    config = search_only(tmp_path, teacher=given_teacher(tmp_path))
+    cfg = yaml.safe_load(Path(config[1]).read_text())
     cfg["training"]["train_data"] = [str(images)]
-    (tmp_path / "fail.yaml").write_text(yaml.safe_dump(cfg))
-    args = ["--config", str(tmp_path / "fail.yaml"), "--tracking-uri", server, "--experiment", "e2e-fail"]
+    Path(config[1]).write_text(yaml.safe_dump(cfg))
+    args = [*config, "--tracking-uri", server, "--experiment", "e2e-fail"]
     args += ["--num-samples", "2", "--storage-dir", str(tmp_path / "s"), "--json", str(tmp_path / "r.json")]
     out = search(args, tmp_path)
     # both trials ran although the first failed; a study with no trial left is a failed study
@@ -224,7 +232,14 @@ def test_ctrl_c_is_an_interruption_and_a_damaged_state_resumes_from_mlflow(tmp_p
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "s"
-    args = [*search_only(tmp_path), "--tracking-uri", uri, "--experiment", "e2e-ctrl-c", "--num-samples", "2"]
+    args = [
+        *search_only(tmp_path, given_teacher(tmp_path)),
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "e2e-ctrl-c",
+    ]
+    args += ["--num-samples", "2"]
     args += ["--max-concurrent", "1", "--storage-dir", str(storage)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     logs = [open(tmp_path / "first.out", "w"), open(tmp_path / "first.err", "w")]  # not pipes: never full
@@ -272,7 +287,7 @@ def test_a_tracking_server_that_stops_mid_study_is_one_sentence(tmp_path):
 
     from servers import mlflow_server
 
-    args = [*search_only(tmp_path), "--experiment", "e2e-dies", "--num-samples", "1"]
+    args = [*search_only(tmp_path, given_teacher(tmp_path)), "--experiment", "e2e-dies", "--num-samples", "1"]
     args += ["--storage-dir", str(tmp_path / "s")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     logs = [open(tmp_path / "out", "w"), open(tmp_path / "err", "w")]

@@ -204,6 +204,24 @@ def test_a_full_disk_leaves_the_old_checkpoint_and_no_partial_file(tmp_path, mon
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
+def test_a_checkpoint_that_is_not_ours_or_lacks_a_key_or_cannot_be_written_is_named(tmp_path):
+    import torch
+
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)  # another program's checkpoint
+    with pytest.raises(CheckpointError, match=f"{other} is not a mambalitesr-checkpoint-v1 checkpoint"):
+        load_checkpoint(other)
+    path = save_checkpoint({"model_config": {}, "step": 3}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"lacks \['model'\]; it cannot be resumed"):
+        load_checkpoint(path)
+    blocked = tmp_path / "file"  # a file where the checkpoint's folder should be
+    blocked.write_text("")
+    with pytest.raises(
+        CheckpointError, match=f"cannot write the checkpoint {blocked}/c.pt: .*writable --out-dir"
+    ):
+        save_checkpoint({"model_config": {}, "model": {}, "step": 1}, blocked / "c.pt")
+
+
 def test_a_full_disk_during_training_is_one_sentence(tmp_path, monkeypatch, capsys):
     from trainers import train as train_module
 
