@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--select", action=argparse.BooleanOptionalAction, help="pick the champion at the end (loop.select)"
     )
+    p.add_argument(
+        "--register",
+        action=argparse.BooleanOptionalAction,
+        help="export and register the front for the edge agent (registry.register; --no-register: "
+        "report the front only)",
+    )
     return p.parse_args(argv)
 
 
@@ -84,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
             ("loop.wait_timeout_s", "wait_timeout_s"),
             ("loop.local_agent", "local_agent"),
             ("loop.select", "select"),
+            ("registry.register", "register"),
         )
         if getattr(args, attr) is not None
     }

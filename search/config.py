@@ -156,6 +156,7 @@ class RegistryConfig(Checked):
     model_name: str = contract.REGISTERED_MODEL
     devices: tuple[str, ...] = ("orin-nano",)  # edge.<device>.status=pending is set for each
     input_size: int = num(64, ge=1)  # static ONNX input (1, 3, n, n)
+    register: bool = True  # false: the front is reported, but nothing is exported or registered
 
     def check(self) -> None:
         if not self.model_name:
@@ -238,6 +239,16 @@ class SearchConfig(Checked):
         problem = contract.uri_credential_problem(self.tracking_uri)
         if problem:
             raise ConfigError(problem, "tracking_uri")
+        if not self.registry.register:  # what needs registered versions: measuring, selecting
+            needs = [key for key in ("loop.local_agent", "loop.select") if getattr(self.loop, key[5:])]
+            needs += [f"cost {self.cost}"] if self.cost.startswith("edge_") else []
+            if needs:
+                verb = "needs" if len(needs) == 1 else "need"
+                raise ConfigError(
+                    f"false, but {' and '.join(needs)} {verb} the front's registered versions "
+                    "(register them, or turn that off)",
+                    "registry.register",
+                )
         unbuildable_space(self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -381,7 +381,8 @@ def run_study(
         t0 = time.monotonic()
         stage[0] = f"registering and reporting round {k}'s front"
         report.mark_front(rows)
-        stages.register_front(rows, cfg, study, ctx, storage / "finalize")
+        if cfg.registry.register:
+            stages.register_front(rows, cfg, study, ctx, storage / "finalize")
         summary = report.write_report(study, rows, cfg.cost, cfg.experiment, storage / "report")
         study.describe("Result", report.describe_result(rows, summary, cfg.cost))
         print(report.format_table(rows, cfg.cost))

@@ -42,6 +42,14 @@ def test_default_and_smoke_configs_load():
         ("teacher: {preset: giant}\n", "teacher.preset"),
         ("- a list\n", "mapping at the top level"),
         ("space: [1, 2]\n", "space: must be a mapping"),
+        (
+            "registry: {register: false}\nloop: {select: true}\n",
+            r"registry.register: false, but loop.select needs",
+        ),
+        (
+            "registry: {register: false}\ncost: edge_latency\n",
+            "but cost edge_latency needs the front's registered",
+        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, match):
@@ -58,6 +66,17 @@ def test_cli_config_error_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse refuses the flag, naming it
         main(["--smoke-test", "--num-samples", "0"])
     assert exc.value.code == 2 and "--num-samples" in capsys.readouterr().err
+
+
+def test_no_register_is_refused_beside_what_needs_the_registered_front(capsys):
+    from search.cli import config_from_args, parse_args
+
+    cfg = config_from_args(parse_args(["--smoke-test", "--no-register", "--no-local-agent", "--no-select"]))
+    assert cfg.registry.register is False and config_from_args(parse_args(["--smoke-test"])).registry.register
+    with pytest.raises(ConfigError, match="but loop.local_agent and loop.select need the front's registered"):
+        config_from_args(
+            parse_args(["--smoke-test", "--no-register"])
+        )  # the smoke config measures and selects
 
 
 def test_main_saves_rays_state_at_every_step_under_the_entry_point_too(tmp_path, monkeypatch):
