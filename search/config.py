@@ -104,6 +104,9 @@ class SpaceConfig(Checked):
             raise ConfigError(f"must be positive, got low {self.lr.low}", "lr")
 
 
+INITS = ("auto", "teacher", "scratch")  # training.init
+
+
 @dataclass(frozen=True)
 class TrainingConfig(Checked):
     iterations: int = num(600, ge=1)  # steps per fully trained trial
@@ -114,8 +117,14 @@ class TrainingConfig(Checked):
     train_data: tuple[str, ...] = ()  # folders reachable from every worker; empty: built-in images
     val_data: tuple[str, ...] = ()
     val_max_images: int = num(0, ge=0)  # 0: all
+    # where students' weights start: teacher (picked from the study's teacher, model/inherit.py),
+    # scratch, or auto: teacher when every student of the space fits inside the teacher. scratch
+    # until inheritance is measured against it on this project's recipe
+    init: str = "scratch"
 
     def check(self) -> None:
+        if self.init not in INITS:
+            raise ConfigError(f"must be one of {INITS}, got {self.init!r}", "init")
         if self.val_every > self.iterations:
             raise ConfigError(
                 f"must not exceed iterations ({self.iterations}), got {self.val_every}", "val_every"

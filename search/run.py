@@ -357,6 +357,10 @@ def run_study(
     stage[0] = "preparing the teacher"
     teacher_uri = stages.ensure_teacher(cfg, study, storage)
     timings["teacher_s"] = time.monotonic() - t0
+    init, why = stages.student_init(cfg, study, teacher_uri)
+    start = "from the teacher's weights" if init == "teacher" else "from scratch"
+    print(f"students start {start}: {why}")
+    study.describe("Students", f"Start {start}: {why}.")
     ray_storage = f"{cfg.ray_storage.rstrip('/')}/{study.name}" if cfg.ray_storage else str(storage)
     for k in range(study.rounds_done() + 1, cfg.loop.rounds + 1):
         rows = study.trials(cfg.cost, model_name=cfg.registry.model_name)  # the earlier rounds'
@@ -364,7 +368,12 @@ def run_study(
         if edge_cost:
             print(loop.cost_model_line(k, cfg, model, n))
         ctx = StudyContext(
-            cfg.to_dict(), study, teacher_uri, round=k, cost_model=model.to_dict() if model else None
+            cfg.to_dict(),
+            study,
+            teacher_uri,
+            round=k,
+            cost_model=model.to_dict() if model else None,
+            init=init,
         )
         t0 = time.monotonic()
         stage[0] = f"running round {k}'s trials"

@@ -69,6 +69,40 @@ def ensure_teacher(cfg: SearchConfig, study: Study, storage: Path) -> str | None
     return teacher_uri
 
 
+def student_init(cfg: SearchConfig, study: Study, teacher_uri: str | None) -> tuple[str, str]:
+    """Where the study's students start: ("teacher" or "scratch", why), one choice for the whole
+    study so that its trials compare like with like. ``training.init: auto`` takes the teacher when
+    every student of the space fits inside it (model/inherit.py), else scratch, saying why.
+
+    Raises:
+        ConfigError: ``training.init: teacher`` where the students cannot inherit.
+    """
+    from model.inherit import compatibility_problem
+    from model.mambalitesr import load_model
+    from search.space import model_config
+
+    asked = cfg.training.init
+    if asked == "scratch":
+        return "scratch", "training.init is scratch"
+    if teacher_uri is None:
+        problem = "the study has no teacher (space.alpha allows no distillation)"
+    else:
+        checkpoint = study_mod.single_file(study_mod.download(teacher_uri, study.tracking_uri), ".pt")
+        teacher = load_model(str(checkpoint)).cfg
+        space = cfg.space
+        widest = model_config({"embed_dim": space.embed_dim.high}, cfg)  # the rank is free
+        problem = compatibility_problem(teacher, widest)
+        if problem is None:
+            return "teacher", (
+                f"every student of the space fits inside the teacher (embed dim {teacher.embed_dim}, "
+                f"{teacher.n_groups}x{teacher.blocks_per_group} blocks, d_state {teacher.d_state})"
+            )
+        problem = f"for the widest student of the space, {problem}"
+    if asked == "teacher":
+        raise ConfigError(f"teacher, but {problem}", "training.init")
+    return "scratch", problem
+
+
 def teacher_val_psnr(cfg: SearchConfig, checkpoint: Path, name: str) -> float:
     """The teacher's PSNR-Y on the trials' validation images, so its strength is on record.
 

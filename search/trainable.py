@@ -34,6 +34,7 @@ class StudyContext:
     teacher_uri: str | None  # runs:/... of the teacher checkpoint
     round: int = 1  # the learning loop's round (search/run.py --rounds)
     cost_model: dict[str, Any] | None = None  # search.costmodel.CostModel.to_dict(), for edge_* costs
+    init: str = "scratch"  # where the students' weights start (search.stages.student_init)
 
     @property
     def search(self) -> SearchConfig:
@@ -123,7 +124,7 @@ def train_teacher(ctx: StudyContext, out_dir: str) -> str:
     )
     tags = {contract.ROLE: contract.ROLE_TEACHER, study.PARENT: ctx.study.run_id}
     tracker = SearchRunTracker(
-        ctx.tracking_uri, cfg.experiment, run_name="teacher", tags=tags, keep=("iterations",)
+        ctx.tracking_uri, cfg.experiment, run_name="teacher", tags=tags, keep=("iterations", "init")
     )
     status = "FAILED"
     try:
@@ -139,15 +140,16 @@ def student_config(ctx: StudyContext, params: dict[str, Any], iterations: int, v
     cfg = ctx.search
     alpha = float(params.get("alpha", 0.0))
     teacher = None
-    if alpha > 0:
+    if alpha > 0 or ctx.init == "teacher":
         if not ctx.teacher_uri:
-            raise RuntimeError("alpha > 0 but the study has no teacher")
+            raise RuntimeError("alpha > 0 or init teacher, but the study has no teacher")
         teacher = str(study.single_file(study.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
     return TrainConfig(
         role="student",
         model=model_config(params, cfg),
         teacher=teacher,
         alpha=alpha,
+        init=ctx.init,
         lr=float(params.get("lr", cfg.training.lr)),
         iterations=iterations,
         val_every=val_every,
@@ -179,7 +181,7 @@ def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: 
         study.TAG_FINALIZED_FROM: trial_run_id,
     }
     tracker = SearchRunTracker(
-        ctx.tracking_uri, cfg.experiment, run_name="finalize", tags=tags, keep=("iterations",)
+        ctx.tracking_uri, cfg.experiment, run_name="finalize", tags=tags, keep=("iterations", "init")
     )
     status = "FAILED"
     try:
@@ -238,7 +240,7 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     if prediction:
         tags[study.TAG_COST_SOURCE] = prediction[2]
     run_id = ctx.study.open_trial(trial_id, params, ctx.round, tags)
-    mlflow_tracker = SearchRunTracker(ctx.tracking_uri, run_id=run_id)
+    mlflow_tracker = SearchRunTracker(ctx.tracking_uri, run_id=run_id, keep=("init",))
     try:  # from here on, whatever fails is recorded on the trial's run
         mlflow_tracker.log_metrics({"flops_g": constants["flops_g"], "params": constants["params"]}, 0)
         if prediction and prediction[2] == "costmodel":

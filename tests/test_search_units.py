@@ -314,6 +314,71 @@ def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path):
     assert s._trial_run("failed-trained").data.tags[study.TAG_VERDICT] == study.COMPLETE
 
 
+def test_the_studys_students_start_from_the_teacher_only_where_every_one_fits(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from model import build_model, preset
+    from search import stages
+    from search.trainable import StudyContext, student_config
+
+    s = _study(tmp_path, "init")
+    teacher = preset("tiny", embed_dim=12)
+    path = tmp_path / "teacher.pt"
+    torch.save(
+        {"model_config": dataclasses.asdict(teacher), "model": build_model(teacher).state_dict()}, path
+    )
+    uri = s.log_artifact(path, "teacher")
+    smoke = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")  # students C 4..12
+
+    def cfg(init, high=12):
+        space = dataclasses.replace(
+            smoke.space, embed_dim=dataclasses.replace(smoke.space.embed_dim, high=high)
+        )
+        return dataclasses.replace(
+            smoke, space=space, training=dataclasses.replace(smoke.training, init=init)
+        )
+
+    init, why = stages.student_init(cfg("auto"), s, uri)
+    assert init == "teacher" and why.startswith("every student of the space fits inside the teacher")
+    assert stages.student_init(cfg("teacher"), s, uri)[0] == "teacher"
+    assert stages.student_init(cfg("scratch"), s, uri) == ("scratch", "training.init is scratch")
+    narrow_teacher = build_model("tiny")  # embed dim 8
+    torch.save(
+        {"model_config": dataclasses.asdict(narrow_teacher.cfg), "model": narrow_teacher.state_dict()}, path
+    )
+    narrow = s.log_artifact(path, "teacher8")
+    init, why = stages.student_init(cfg("auto"), s, narrow)
+    assert init == "scratch" and why == (
+        "for the widest student of the space, the student's embed dim is 12, wider than the teacher's 8; "
+        "give it at most 8"
+    )
+    assert stages.student_init(cfg("auto", high=8), s, narrow)[0] == "teacher"
+    with pytest.raises(ConfigError, match="training.init: teacher, but for the widest student"):
+        stages.student_init(cfg("teacher"), s, narrow)
+    assert stages.student_init(cfg("auto"), s, None) == (
+        "scratch",
+        "the study has no teacher (space.alpha allows no distillation)",
+    )
+    with pytest.raises(ConfigError, match="training.init: teacher, but the study has no teacher"):
+        stages.student_init(cfg("teacher"), s, None)
+    with pytest.raises(ConfigError, match="training.init: must be one of"):
+        load_config(None, {"training.init": "maybe"})
+
+    # a trial of a study whose students inherit: its training starts from the teacher, alpha 0 too
+    ctx = StudyContext(cfg("auto").to_dict(), s, uri, init="teacher")
+    train_cfg = student_config(ctx, {"embed_dim": 8, "rank": 2, "alpha": 0.0}, 8, 4)
+    assert train_cfg.init == "teacher" and train_cfg.teacher.endswith(".pt") and train_cfg.alpha == 0.0
+    assert student_config(replace_init(ctx, "scratch"), {"embed_dim": 8, "alpha": 0.0}, 8, 4).teacher is None
+
+
+def replace_init(ctx, init):
+    import dataclasses
+
+    return dataclasses.replace(ctx, init=init)
+
+
 def test_trial_labels_carry_the_knobs():
     assert study.trial_label(3, {"embed_dim": 32, "rank": 4, "alpha": 0.6}) == "t03 C32 r4 a0.60"
     assert study.trial_label(12, {"embed_dim": 8, "rank": 1, "alpha": 0.0}, 2) == "R2 t12 C8 r1 a0.00"

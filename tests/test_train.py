@@ -94,6 +94,47 @@ def test_student_distills_from_a_teacher_and_reports_its_cost(tmp_path):
         train(tiny_cfg(tmp_path / "x", role="student", alpha=0.5), Recorder())
 
 
+def test_a_student_can_start_from_its_teachers_weights(tmp_path):
+    """--init teacher: the student's first weights are the ones model.inherit picks from the
+    teacher (here a learning rate too small to move them in one step shows them); init is a param."""
+    from model import build_model
+    from model.inherit import inherit
+    from model.mambalitesr import load_model
+
+    teacher_cfg = preset("tiny", embed_dim=12, rank=4)
+    teacher = train(tiny_cfg(tmp_path / "t", model=teacher_cfg, iterations=2, val_every=2), Recorder())
+    student_cfg = preset("tiny", embed_dim=8, rank=2)
+    rec = Recorder()
+    kw = dict(role="student", model=student_cfg, teacher=teacher.checkpoint, alpha=0.0, iterations=1)
+    train(tiny_cfg(tmp_path / "s", init="teacher", lr=1e-12, val_every=1, **kw), rec)
+    assert rec.params["init"] == "teacher"
+    expected = inherit(load_model(teacher.checkpoint), student_cfg, seed=0).state_dict()
+    got = weights(tmp_path / "s" / "run" / "last.pt")
+    assert all(torch.allclose(got[k], v, atol=1e-9) for k, v in expected.items())
+    scratch = build_model(student_cfg).state_dict()
+    assert not torch.allclose(got["conv_first.weight"], scratch["conv_first.weight"], atol=1e-3)
+    with pytest.raises(ValueError, match="init 'teacher' is for a student"):
+        tiny_cfg(tmp_path, init="teacher")
+    with pytest.raises(ValueError, match="--init teacher needs the teacher checkpoint"):
+        train(tiny_cfg(tmp_path / "x", role="student", alpha=0.0, init="teacher"), Recorder())
+
+
+def test_a_student_wider_than_its_teacher_is_refused_with_exit_2(tmp_path, capsys):
+    from trainers import train as train_module
+
+    teacher = train(tiny_cfg(tmp_path / "t", iterations=1, val_every=1), Recorder())  # embed dim 8
+    argv = ["--role", "student", "--preset", "tiny", "--embed-dim", "12", "--init", "teacher"]
+    argv += ["--teacher", teacher.checkpoint, "--batch-size", "2", "--patch-size", "16", "--iterations", "1"]
+    argv += ["--val-max-images", "1", "--out-dir", str(tmp_path / "s")]
+    assert train_module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: --init teacher: the student's embed dim is 12, wider than the teacher's 8" in err
+    assert "Traceback" not in err
+    # --alpha 0 with a teacher is refused only when the teacher is not used at all
+    assert train_module.main([*argv[:6], "--teacher", teacher.checkpoint, "--alpha", "0"]) == 2
+    assert "drop --teacher, give alpha > 0 or --init teacher" in capsys.readouterr().err
+
+
 def weights(path):
     return load_checkpoint(path)["model"]
 

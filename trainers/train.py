@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from edge_agent import argtypes, contract, preflight
 from edge_agent.contract import credential_problem
 from model import ModelConfig, build_model, count_flops, count_params, preset
+from model.inherit import DEFAULT_CRITERION, InheritError, compatibility_problem, inherit
 from model.mambalitesr import PRESETS, SCALES, MambaLiteSR, config_from_dict, load_model
 from model.runtime import keep_freed_memory
 from model.scan import SCAN_FORMS, resolve_scan
@@ -42,6 +43,7 @@ from trainers.tracking import ConsoleTracker, MLflowTracker, MultiTracker, Track
 
 log = logging.getLogger(__name__)
 ROLES = ("teacher", "student")
+INITS = ("scratch", "teacher")  # where a student's weights start: random, or picked from its teacher
 EXPERIMENT = contract.EXPERIMENT  # MLflow experiment of standalone training runs
 
 
@@ -55,6 +57,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: PRESETS["student"])
     teacher: str | None = None  # teacher checkpoint; required by a student with alpha > 0
     alpha: float = 0.5  # weight of L1(student, teacher); 1 - alpha goes to L1(student, HR)
+    init: str = "scratch"  # "teacher": the student starts from its teacher's weights (model/inherit.py)
     lr: float = 2e-4  # Adam, as the paper
     lr_milestones: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)  # fractions of the run where lr halves
     lr_gamma: float = 0.5
@@ -75,6 +78,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"TrainConfig.role must be one of {ROLES}, got {self.role!r}")
+        if self.init not in INITS:
+            raise ValueError(f"TrainConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.init == "teacher" and self.role != "student":
+            raise ValueError("init 'teacher' is for a student; a teacher starts from scratch")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"TrainConfig.alpha must be in [0, 1], got {self.alpha}")
         for name in ("batch_size", "patch_size", "iterations", "val_every", "log_every"):
@@ -151,9 +158,12 @@ def validate(net: MambaLiteSR, pairs: list[ImagePair], device: torch.device) -> 
 
 
 def _load_teacher(cfg: TrainConfig, device: torch.device) -> MambaLiteSR | None:
-    if cfg.role != "student" or cfg.alpha == 0:
+    """The frozen teacher: for distillation (alpha > 0) and for a student that starts from it."""
+    if cfg.role != "student" or (cfg.alpha == 0 and cfg.init != "teacher"):
         return None
     if not cfg.teacher:
+        if cfg.init == "teacher":
+            raise ValueError("a student with --init teacher needs the teacher checkpoint (--teacher PATH)")
         raise ValueError(
             "a student with alpha > 0 needs a teacher checkpoint (--teacher PATH), or use --alpha 0"
         )
@@ -165,6 +175,10 @@ def _load_teacher(cfg: TrainConfig, device: torch.device) -> MambaLiteSR | None:
         raise CheckpointError(f"cannot load the teacher: {exc}") from exc
     if teacher.cfg.scale != cfg.model.scale:
         raise ValueError(f"teacher scale x{teacher.cfg.scale} differs from the student's x{cfg.model.scale}")
+    if cfg.init == "teacher":
+        problem = compatibility_problem(teacher.cfg, cfg.model)
+        if problem:
+            raise InheritError(f"--init teacher: {problem}")
     teacher.to(device).eval().requires_grad_(False)
     return teacher
 
@@ -201,7 +215,11 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
     teacher = _load_teacher(cfg, device)
 
     torch.manual_seed(cfg.seed)
-    net = build_model(cfg.model).to(device)
+    net = build_model(cfg.model)
+    if cfg.init == "teacher" and not resume:  # a resumed run takes its weights from its checkpoint
+        net = inherit(teacher, cfg.model, seed=cfg.seed)
+        log.info("the student starts from its teacher's weights (%s criterion)", DEFAULT_CRITERION)
+    net = net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = _step_lr(cfg, optimizer)
     step, metrics = 0, {}
@@ -388,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--alpha", type=argtypes.fraction, help=f"distillation weight (student role, default {d.alpha})"
     )
+    p.add_argument(
+        "--init",
+        choices=INITS,
+        default=d.init,
+        help="where the student's weights start: scratch (random) or teacher (picked from --teacher's)",
+    )
     p.add_argument("--lr", type=argtypes.positive_float, default=d.lr)
     p.add_argument(
         "--milestones",
@@ -434,6 +458,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model=model_cfg,
         teacher=args.teacher,
         alpha=TrainConfig.alpha if args.alpha is None else args.alpha,
+        init=args.init,
         lr=args.lr,
         lr_milestones=tuple(args.milestones),
         lr_gamma=args.gamma,
@@ -457,8 +482,8 @@ def ignored_flags(args: argparse.Namespace) -> str | None:
     """Why a given flag would have no effect (None if every flag counts)."""
     if args.role == "teacher" and (args.teacher or args.alpha is not None):
         return "--teacher and --alpha are for --role student; a teacher trains on L1 to HR alone"
-    if args.teacher and args.alpha == 0:
-        return "--alpha 0 trains without the teacher; drop --teacher or give alpha > 0"
+    if args.teacher and args.alpha == 0 and args.init != "teacher":
+        return "--alpha 0 trains without the teacher; drop --teacher, give alpha > 0 or --init teacher"
     if not args.tracking_uri and (args.run_name or args.experiment != EXPERIMENT):
         return "--experiment and --run-name name an MLflow run: add --tracking-uri or drop them"
     return None
@@ -505,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except InheritError as exc:  # a student that does not fit inside its teacher: a usage error
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (TrainingDiverged, CheckpointError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
