@@ -9,11 +9,12 @@
 #   ITERATIONS=600 ALPHA=0.2 bash benchmarks/quality_cpu.sh OUT_DIR    # the alpha sweep's runs
 #
 # Knobs (environment): ITERATIONS, ALPHA, SEED, LR, BATCH, PATCH; PRESET (the student's model
-# preset, default student); TEACHER (default: DVMSR's weights
-# from ../shared, else the pinned download); TRAIN_DATA and BENCH (folders); EVAL=onnx (default: the
-# device's path, 64x64 tiles in ONNX Runtime) or EVAL=pytorch (whole images, no export: quicker, for
-# sweeps). Leaves in OUT_DIR: student.pt, student.onnx (EVAL=onnx), student_eval.json,
-# bicubic_eval.json, summary.json, and a log per stage.
+# preset, default student); INIT (scratch, or teacher: the student starts from the teacher's
+# weights); TEACHER (default: DVMSR's weights from ../shared, else the pinned download);
+# TRAIN_DATA and BENCH (folders); EVAL=onnx (default: the device's path, 64x64 tiles in ONNX
+# Runtime) or EVAL=pytorch (whole images, no export: quicker, for sweeps). Leaves in OUT_DIR:
+# student.pt, student.onnx (EVAL=onnx), student_eval.json, bicubic_eval.json, summary.json, and a
+# log per stage.
 # Exit status: 0 target met, 3 target missed, anything else a stage failed (its log says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ LR=${LR:-2e-3}
 BATCH=${BATCH:-16}
 PATCH=${PATCH:-32}
 PRESET=${PRESET:-student}
+INIT=${INIT:-scratch}
 EVAL=${EVAL:-onnx}
 TRAIN_DATA=${TRAIN_DATA:-../shared/data/train/SunHays80}
 BENCH=${BENCH:-../shared/data/sr-benchmarks}
@@ -65,9 +67,9 @@ START=$(date +%s)
 # evaluated is the last one, never the best on Set5, so Set5 is not used to choose anything.
 # alpha 0 is plain L1 to HR: no teacher (trainers.train refuses one it would not use)
 TEACHER_ARGS=(--teacher "$TEACHER")
-[[ $ALPHA =~ ^0*\.?0*$ ]] && TEACHER_ARGS=()
+[[ $ALPHA =~ ^0*\.?0*$ && $INIT != teacher ]] && TEACHER_ARGS=()
 stage train "$PY" -m trainers.train --role student --preset "$PRESET" "${TEACHER_ARGS[@]}" \
-    --alpha "$ALPHA" --lr "$LR" --batch-size "$BATCH" --patch-size "$PATCH" \
+    --init "$INIT" --alpha "$ALPHA" --lr "$LR" --batch-size "$BATCH" --patch-size "$PATCH" \
     --iterations "$ITERATIONS" --val-every $(( (ITERATIONS + 3) / 4 )) --log-every 50 --seed "$SEED" \
     --train-data "$TRAIN_DATA" --val-data "$BENCH/Set5" --out-dir "$OUT/train" --json "$OUT/train.json"
 cp "$OUT/train/last.pt" "$OUT/student.pt"

@@ -163,3 +163,38 @@ def test_the_activations_criterion_needs_patches():
         inherit(trained_like(TEACHER), TEACHER, "activations")
     with pytest.raises(ValueError, match="criterion must be one of"):
         inherit(trained_like(TEACHER), TEACHER, "luck")
+
+
+def test_the_benchmark_draws_each_arms_curve_from_its_starting_weights(tmp_path, capsys):
+    """benchmarks/inherit_curve.py at toy size: every arm's curve starts at step 0 (scratch and the
+    inherited weights differ there), the validation photos are held out of training, and the test
+    sets are evaluated once."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from benchmarks import inherit_curve
+
+    from conftest import write_png
+
+    rng = np.random.default_rng(0)
+    photos, bench = tmp_path / "photos", tmp_path / "bench" / "Mini"
+    for i in range(4):
+        write_png(photos / f"p{i}.png", rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    write_png(bench / "b.png", rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    teacher = trained_like(ModelConfig(embed_dim=8, n_groups=2, blocks_per_group=1, d_state=4, rank=2))
+    path = tmp_path / "teacher.pt"
+    torch.save({"model_config": dataclasses.asdict(teacher.cfg), "model": teacher.state_dict()}, path)
+    argv = ["--out", str(tmp_path / "out"), "--teacher", str(path), "--train-data", str(photos)]
+    argv += ["--val-images", "1", "--preset", "tiny", "--embed-dim", "4", "--rank", "1", "--steps", "2"]
+    argv += ["--val-every", "1", "--batch-size", "2", "--patch-size", "8", "--test-data", str(bench)]
+    assert inherit_curve.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "curves.json").read_text())["arms"]
+    assert sorted(result) == ["scratch", "teacher:activations", "teacher:weights"]
+    for arm in result.values():
+        assert list(arm["val_psnr_y"]) == ["0", "1", "2"] and list(arm["test_psnr_y"]) == ["Mini"]
+    assert result["scratch"]["val_psnr_y"]["0"] != result["teacher:weights"]["val_psnr_y"]["0"]
+    assert sorted(p.name for p in (tmp_path / "out" / "data" / "val").iterdir()) == ["p3.png"]
+    assert "p3.png" not in {p.name for p in (tmp_path / "out" / "data" / "train").iterdir()}
+    assert "(validation PSNR-Y, dB, by step)" in capsys.readouterr().out

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from edge_agent import argtypes, contract, preflight
 from edge_agent.contract import credential_problem
 from model import ModelConfig, build_model, count_flops, count_params, preset
-from model.inherit import DEFAULT_CRITERION, InheritError, compatibility_problem, inherit
+from model.inherit import CRITERIA, DEFAULT_CRITERION, InheritError, compatibility_problem, inherit
 from model.mambalitesr import PRESETS, SCALES, MambaLiteSR, config_from_dict, load_model
 from model.runtime import keep_freed_memory
 from model.scan import SCAN_FORMS, resolve_scan
@@ -58,6 +58,7 @@ class TrainConfig:
     teacher: str | None = None  # teacher checkpoint; required by a student with alpha > 0
     alpha: float = 0.5  # weight of L1(student, teacher); 1 - alpha goes to L1(student, HR)
     init: str = "scratch"  # "teacher": the student starts from its teacher's weights (model/inherit.py)
+    init_criterion: str = DEFAULT_CRITERION  # which channels it keeps: "weights" or "activations"
     lr: float = 2e-4  # Adam, as the paper
     lr_milestones: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)  # fractions of the run where lr halves
     lr_gamma: float = 0.5
@@ -80,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.role must be one of {ROLES}, got {self.role!r}")
         if self.init not in INITS:
             raise ValueError(f"TrainConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.init_criterion not in CRITERIA:
+            raise ValueError(
+                f"TrainConfig.init_criterion must be one of {CRITERIA}, got {self.init_criterion!r}"
+            )
         if self.init == "teacher" and self.role != "student":
             raise ValueError("init 'teacher' is for a student; a teacher starts from scratch")
         if not 0.0 <= self.alpha <= 1.0:
@@ -217,8 +222,12 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
     torch.manual_seed(cfg.seed)
     net = build_model(cfg.model)
     if cfg.init == "teacher" and not resume:  # a resumed run takes its weights from its checkpoint
-        net = inherit(teacher, cfg.model, seed=cfg.seed)
-        log.info("the student starts from its teacher's weights (%s criterion)", DEFAULT_CRITERION)
+        # the activations criterion measures the teacher on the first training batch's LR patches
+        calibration = (
+            sampler.batch(0, cfg.batch_size)[0].to(device) if cfg.init_criterion == "activations" else None
+        )
+        net = inherit(teacher, cfg.model, cfg.init_criterion, calibration, seed=cfg.seed)
+        log.info("the student starts from its teacher's weights (%s criterion)", cfg.init_criterion)
     net = net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = _step_lr(cfg, optimizer)
@@ -412,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.init,
         help="where the student's weights start: scratch (random) or teacher (picked from --teacher's)",
     )
+    p.add_argument(
+        "--init-criterion",
+        choices=CRITERIA,
+        help="with --init teacher: keep the channels with the largest weights or activations "
+        f"(default {DEFAULT_CRITERION})",
+    )
     p.add_argument("--lr", type=argtypes.positive_float, default=d.lr)
     p.add_argument(
         "--milestones",
@@ -459,6 +474,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         teacher=args.teacher,
         alpha=TrainConfig.alpha if args.alpha is None else args.alpha,
         init=args.init,
+        init_criterion=args.init_criterion or DEFAULT_CRITERION,
         lr=args.lr,
         lr_milestones=tuple(args.milestones),
         lr_gamma=args.gamma,
@@ -484,6 +500,8 @@ def ignored_flags(args: argparse.Namespace) -> str | None:
         return "--teacher and --alpha are for --role student; a teacher trains on L1 to HR alone"
     if args.teacher and args.alpha == 0 and args.init != "teacher":
         return "--alpha 0 trains without the teacher; drop --teacher, give alpha > 0 or --init teacher"
+    if args.init_criterion and args.init != "teacher":
+        return "--init-criterion chooses what a student keeps of its teacher: add --init teacher or drop it"
     if not args.tracking_uri and (args.run_name or args.experiment != EXPERIMENT):
         return "--experiment and --run-name name an MLflow run: add --tracking-uri or drop them"
     return None
