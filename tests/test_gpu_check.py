@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e  # the GPU check's command line as a process of its own, every part of it
 def test_gpu_check_runs_on_the_cpu(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(

@@ -153,6 +153,7 @@ def test_resume_gives_the_same_weights(tmp_path, exc):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.e2e  # a training command line as a process of its own, killed and resumed
 def test_resume_after_kill_9(tmp_path):
     """A real process killed mid-run, resumed by the CLI, ends with the uninterrupted weights."""
     args = [
