@@ -71,12 +71,10 @@ def split(photos: Path, val_images: int, root: Path) -> tuple[Path, Path]:
 
 def run_arm(arm: str, args, train_dir: Path, val_dir: Path) -> dict:
     """One arm's curve: step 0 (the starting weights) and every validation of its training."""
-    from model import dvmsr
-    from model.inherit import inherit
-    from model.mambalitesr import build_model, load_model, preset
-    from trainers.data import load_sets
+    from model.mambalitesr import load_model, preset
+    from trainers.data import PatchSampler, load_sets
     from trainers.evaluate import evaluate_set, super_resolve
-    from trainers.train import TrainConfig, train, validate
+    from trainers.train import TrainConfig, load_teacher, starting_network, train, validate
 
     init, _, criterion = arm.partition(":")
     model = preset(args.preset, embed_dim=args.embed_dim, rank=args.rank, **TOPOLOGIES[args.topology])
@@ -102,22 +100,10 @@ def run_arm(arm: str, args, train_dir: Path, val_dir: Path) -> dict:
     device = torch.device("cpu")
     val_pairs = load_sets([str(val_dir)], "val", model.scale)
     # step 0: the weights training starts from, built as train() builds them
-    torch.manual_seed(cfg.seed)
-    if init == "teacher":
-        teacher = load_model(
-            str(dvmsr.resolve(args.teacher)) if dvmsr.is_spec(args.teacher) else args.teacher
-        )
-        calibration = None
-        if cfg.init_criterion == "activations":
-            from trainers.data import PatchSampler
-
-            sampler = PatchSampler(
-                load_sets([str(train_dir)], "train", model.scale), cfg.patch_size, model.scale, seed=cfg.seed
-            )
-            calibration = sampler.batch(0, cfg.batch_size)[0]
-        start = inherit(teacher, model, cfg.init_criterion, calibration, seed=cfg.seed)
-    else:
-        start = build_model(model)
+    sampler = PatchSampler(
+        load_sets([str(train_dir)], "train", model.scale), cfg.patch_size, model.scale, seed=cfg.seed
+    )
+    start = starting_network(cfg, load_teacher(cfg, device), sampler)
     curve = Curve()
     curve.psnr[0] = validate(start, val_pairs, device)["val_psnr_y"]
     t0 = time.monotonic()

@@ -104,11 +104,11 @@ def _activation_energy(teacher: MambaLiteSR, calibration: torch.Tensor):
     hooks = []
 
     def on_residual(_module, _inputs, out):
-        residual.add_(out.double().pow(2).mean(dim=(0, 2, 3)))
+        residual.add_(out.double().pow(2).mean(dim=(0, 2, 3)).cpu())
 
     def on_inner(key):
         def hook(_module, inputs):
-            inner[key] = inputs[0].double().pow(2).mean(dim=(0, 1))
+            inner[key] = inputs[0].double().pow(2).mean(dim=(0, 1)).cpu()
 
         return hook
 

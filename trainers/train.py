@@ -162,7 +162,23 @@ def validate(net: MambaLiteSR, pairs: list[ImagePair], device: torch.device) -> 
     return {"val_psnr_y": result.psnr_y, "val_ssim_y": result.ssim_y}
 
 
-def _load_teacher(cfg: TrainConfig, device: torch.device) -> MambaLiteSR | None:
+def starting_network(cfg: TrainConfig, teacher: MambaLiteSR | None, sampler: PatchSampler) -> MambaLiteSR:
+    """The network a run starts from: random weights at ``cfg.seed``, or with ``init: teacher``
+    weights picked from ``teacher`` (the activations criterion measures it on the first training
+    batch's LR patches)."""
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg.model)
+    if cfg.init != "teacher" or teacher is None:
+        return net
+    device = next(teacher.parameters()).device
+    calibration = (
+        sampler.batch(0, cfg.batch_size)[0].to(device) if cfg.init_criterion == "activations" else None
+    )
+    log.info("the student starts from its teacher's weights (%s criterion)", cfg.init_criterion)
+    return inherit(teacher, cfg.model, cfg.init_criterion, calibration, seed=cfg.seed)
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device) -> MambaLiteSR | None:
     """The frozen teacher: for distillation (alpha > 0) and for a student that starts from it."""
     if cfg.role != "student" or (cfg.alpha == 0 and cfg.init != "teacher"):
         return None
@@ -217,18 +233,10 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         val_pairs = val_pairs[: cfg.val_max_images]
     require_measurable(val_pairs, cfg.model.scale)
     sampler = PatchSampler(train_pairs, cfg.patch_size, cfg.model.scale, seed=cfg.seed)
-    teacher = _load_teacher(cfg, device)
+    teacher = load_teacher(cfg, device)
 
-    torch.manual_seed(cfg.seed)
-    net = build_model(cfg.model)
-    if cfg.init == "teacher" and not resume:  # a resumed run takes its weights from its checkpoint
-        # the activations criterion measures the teacher on the first training batch's LR patches
-        calibration = (
-            sampler.batch(0, cfg.batch_size)[0].to(device) if cfg.init_criterion == "activations" else None
-        )
-        net = inherit(teacher, cfg.model, cfg.init_criterion, calibration, seed=cfg.seed)
-        log.info("the student starts from its teacher's weights (%s criterion)", cfg.init_criterion)
-    net = net.to(device)
+    # a resumed run takes its weights from its checkpoint, not from the teacher
+    net = starting_network(cfg, None if resume else teacher, sampler).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = _step_lr(cfg, optimizer)
     step, metrics = 0, {}
