@@ -9,6 +9,8 @@ training steps, with the same seed, data and recipe.
 Choices (the channel criterion, the topology) are made on a validation split of the training
 photos: the last ``--val-images`` of ``--train-data`` by file name are held out, and every curve is
 measured on them. The test sets (``--test-data``) are evaluated once, at the end, for the record.
+``--curve-data FOLDER`` measures the curve on FOLDER instead (e.g. Set5, for a record of PSNR
+against steps on a test set): such a run chooses nothing.
 
 An arm is ``scratch`` or ``teacher:CRITERION``. ``--topology paper`` is the seed paper's network
 (the defaults); ``teacher`` is DVMSR's (a LayerNorm after the first conv, no per-block residual).
@@ -98,7 +100,7 @@ def run_arm(arm: str, args, train_dir: Path, val_dir: Path) -> dict:
         device="cpu",
     )
     device = torch.device("cpu")
-    val_pairs = load_sets([str(val_dir)], "val", model.scale)
+    val_pairs = load_sets([str(val_dir)], "val", model.scale)  # what the curve is measured on
     # step 0: the weights training starts from, built as train() builds them
     sampler = PatchSampler(
         load_sets([str(train_dir)], "train", model.scale), cfg.patch_size, model.scale, seed=cfg.seed
@@ -147,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch-size", type=argtypes.positive_int, default=32)
     p.add_argument("--seed", type=argtypes.nonnegative_int, default=0)
     p.add_argument("--test-data", nargs="*", default=[], help="test set folders, evaluated once at the end")
+    p.add_argument(
+        "--curve-data", type=Path, help="measure the curve on this folder, not on the held-out split"
+    )
     args = p.parse_args(argv)
     for arm in args.arms:
         init, _, criterion = arm.partition(":")
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--arms: {arm!r} is not scratch, teacher:weights or teacher:activations")
     out = Path(args.out)
     train_dir, val_dir = split(args.train_data, args.val_images, out / "data")
+    if args.curve_data is not None:
+        val_dir = args.curve_data
     results = {}
     for arm in args.arms:
         results[arm] = run_arm(arm, args, train_dir, val_dir)

@@ -73,8 +73,9 @@ class ExportReport:
     node_count: int
     op_census: dict[str, int]
     fp32_max_abs_err: float  # ONNX Runtime vs PyTorch, float32, over n_checks random inputs
-    fp16_max_abs_err: float  # float16 graph (scan in float32) in ONNX Runtime vs PyTorch float32
-    fp16_psnr_db: float  # the same float16 outputs against PyTorch float32, as a PSNR (peak 1)
+    # float16 graph (scan in float32) in ONNX Runtime vs PyTorch float32; None: not checked
+    fp16_max_abs_err: float | None
+    fp16_psnr_db: float | None  # the same float16 outputs against PyTorch float32, as a PSNR (peak 1)
     fp16_ok: bool  # fp16_psnr_db >= quality_db + FP16_MARGIN_DB: else build fp32 engines only
     quality_db: float  # the model's PSNR the gate compared with
     n_checks: int
@@ -175,11 +176,13 @@ def export_onnx(
     tolerance: float = FP32_TOLERANCE,
     seed: int | None = None,
     quality_db: float | None = None,
+    fp16: bool = True,
 ) -> ExportReport:
     """Export ``model`` to ``out`` and verify it (see the module docstring).
 
     ``quality_db`` is the model's PSNR (dB), for the float16 gate (``fp16_ok`` in the report);
-    None takes DEFAULT_QUALITY_DB.
+    None takes DEFAULT_QUALITY_DB. ``fp16=False`` skips the float16 graph (a second trace) for a
+    model only ever run in float32, such as on a CPU: the report marks it fp32-only.
 
     Raises:
         ExportError: tracing failed, the checker refused the graph, a banned op appeared, or ONNX
@@ -197,7 +200,7 @@ def export_onnx(
 
     try:
         proto = _trace(net, torch.rand(input_shape), opset)
-        proto16 = _trace(copy.deepcopy(net).half(), torch.rand(input_shape).half(), opset)
+        proto16 = _trace(copy.deepcopy(net).half(), torch.rand(input_shape).half(), opset) if fp16 else None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"torch.onnx could not trace the model ({type(exc).__name__}: {first})") from exc
@@ -227,7 +230,9 @@ def export_onnx(
         raise ExportError(
             f"ONNX Runtime differs from PyTorch by {fp32_err:.3g} (tolerance {tolerance:g}) in float32"
         )
-    fp16_err, fp16_psnr = _errors(_session(proto16.SerializeToString()), feeds, expected)
+    fp16_err, fp16_psnr = None, None
+    if proto16 is not None:
+        fp16_err, fp16_psnr = _errors(_session(proto16.SerializeToString()), feeds, expected)
     quality = DEFAULT_QUALITY_DB if quality_db is None else float(quality_db)
 
     out = Path(out)
@@ -251,7 +256,7 @@ def export_onnx(
         fp32_max_abs_err=fp32_err,
         fp16_max_abs_err=fp16_err,
         fp16_psnr_db=fp16_psnr,
-        fp16_ok=fp16_psnr >= quality + FP16_MARGIN_DB,
+        fp16_ok=fp16_psnr is not None and fp16_psnr >= quality + FP16_MARGIN_DB,
         quality_db=quality,
         n_checks=n_checks,
     )
@@ -259,6 +264,16 @@ def export_onnx(
 
 def format_report(report: ExportReport) -> str:
     census = ", ".join(f"{op} {n}" for op, n in report.op_census.items())
+    if report.fp16_psnr_db is None:
+        fp16 = ["fp16       not checked (--no-fp16): build fp32 engines only"]
+    else:
+        fp16 = [
+            f"fp16       max |ORT fp16 - PyTorch fp32| = {report.fp16_max_abs_err:.2e}, PSNR "
+            f"{report.fp16_psnr_db:.1f} dB (scan in fp32; its nodes are named '{FP32_SCAN_PREFIX}*')",
+            f"fp16 gate  {'ok' if report.fp16_ok else 'FAILED: build fp32 engines only'} (needs "
+            f"{report.quality_db + FP16_MARGIN_DB:.1f} dB: the model's {report.quality_db:.2f} + "
+            f"{FP16_MARGIN_DB:g})",
+        ]
     return "\n".join(
         [
             f"exported   {report.path}",
@@ -268,11 +283,7 @@ def format_report(report: ExportReport) -> str:
             f"graph      {report.node_count} nodes: {census}",
             f"fp32       max |ORT - PyTorch| = {report.fp32_max_abs_err:.2e} "
             f"over {report.n_checks} random inputs",
-            f"fp16       max |ORT fp16 - PyTorch fp32| = {report.fp16_max_abs_err:.2e}, PSNR "
-            f"{report.fp16_psnr_db:.1f} dB (scan in fp32; its nodes are named '{FP32_SCAN_PREFIX}*')",
-            f"fp16 gate  {'ok' if report.fp16_ok else 'FAILED: build fp32 engines only'} (needs "
-            f"{report.quality_db + FP16_MARGIN_DB:.1f} dB: the model's {report.quality_db:.2f} + "
-            f"{FP16_MARGIN_DB:g})",
+            *fp16,
         ]
     )
 
@@ -320,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         type=argtypes.positive_float,
         help=f"the model's PSNR, for the fp16 gate (default {DEFAULT_QUALITY_DB:g})",
     )
+    p.add_argument(
+        "--no-fp16",
+        dest="fp16",
+        action="store_false",
+        help="skip the float16 graph (a second trace) for a model run only in float32, as on a CPU",
+    )
     args = p.parse_args(argv)
     # checked before the minutes of tracing, not after; exit 1 and the words export_onnx uses when
     # the write itself fails (--json is checked by argparse, exit 2, as in every CLI)
@@ -341,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tolerance,
             args.seed,
             args.quality_db,
+            args.fp16,
         )
     except (ExportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

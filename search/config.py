@@ -166,6 +166,9 @@ class RegistryConfig(Checked):
     devices: tuple[str, ...] = ("orin-nano",)  # edge.<device>.status=pending is set for each
     input_size: int = num(64, ge=1)  # static ONNX input (1, 3, n, n)
     register: bool = True  # false: the front is reported, but nothing is exported or registered
+    # false: no float16 check (a second trace of each candidate); versions are marked fp32-only,
+    # for devices that run float32 anyway, such as ONNX Runtime on a CPU
+    fp16: bool = True
 
     def check(self) -> None:
         if not self.model_name:

@@ -134,6 +134,7 @@ def register_candidate(
     input_size: int,
     weights_run_id: str | None = None,
     label: str | None = None,
+    fp16: bool = True,
 ) -> Registered:
     """Export a checkpoint, check it, log it beside the weights as an MLflow ONNX model (with its
     input signature), register a version of the trial with a description.
@@ -141,7 +142,8 @@ def register_candidate(
     The weights are the trial run's, or those of ``weights_run_id`` (its finalization: the same
     knobs retrained at full length); the version belongs to the run holding the weights, and its
     ``trial_run_id`` tag names the trial either way. ``label`` (e.g. ``t03 C32 r4 a0.60``) names
-    the trial in the description.
+    the trial in the description. ``fp16=False`` skips the float16 check: the version is marked
+    fp32-only.
     A run already registered (a resumed study) is not registered twice: its version is returned.
     """
     c = study.client(tracking_uri)
@@ -157,13 +159,14 @@ def register_candidate(
     quality = c.get_run(weights).data.metrics.get(study.QUALITY)  # the fp16 gate compares with it
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / contract.ONNX_FILE
-        report = export_onnx(net, onnx_path, (1, 3, input_size, input_size), quality_db=quality)
+        report = export_onnx(net, onnx_path, (1, 3, input_size, input_size), quality_db=quality, fp16=fp16)
         model_dir = Path(tmp) / contract.ONNX_ARTIFACT_DIR
         signature = save_onnx_model(onnx_path, model_dir)
         assert sha256_file(model_dir / contract.ONNX_FILE) == report.sha256  # the verified file
         c.log_artifacts(weights, str(model_dir), contract.ONNX_ARTIFACT_DIR)
-    c.log_metric(weights, "onnx_fp16_max_abs_err", report.fp16_max_abs_err)
-    c.log_metric(weights, "onnx_fp16_psnr_db", report.fp16_psnr_db)
+    if report.fp16_psnr_db is not None:
+        c.log_metric(weights, "onnx_fp16_max_abs_err", report.fp16_max_abs_err)
+        c.log_metric(weights, "onnx_fp16_psnr_db", report.fp16_psnr_db)
     c.log_metric(weights, "onnx_fp32_max_abs_err", report.fp32_max_abs_err)
     try:
         c.create_registered_model(model_name)

@@ -150,6 +150,7 @@ def register_front(rows: list[TrialRow], cfg: SearchConfig, study: Study, ctx, r
             cfg.registry.input_size,
             weights_run_id=weights,
             label=r.name,
+            fp16=cfg.registry.fp16,
         )
         r.version = int(reg.version)
 

@@ -537,7 +537,7 @@ def test_measure_cli_prints_json(tmp_path):
     from model.export import export_onnx
 
     onnx = tmp_path / "tiny.onnx"
-    export_onnx(tiny_model(), onnx, (1, 3, 16, 16))
+    export_onnx(tiny_model(), onnx, (1, 3, 16, 16), fp16=False)
     cmd = [
         sys.executable,
         "-m",

@@ -32,7 +32,7 @@ TRTEXEC_SUMMARY = """\
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    export_onnx(tiny_model(), path, (1, 3, 16, 16))
+    export_onnx(tiny_model(), path, (1, 3, 16, 16), fp16=False)
     return path
 
 

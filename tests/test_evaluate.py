@@ -29,7 +29,7 @@ def tiny_files(tmp_path_factory):
     torch.manual_seed(0)
     net = build_model("tiny")
     torch.save({"model_config": net.cfg.__dict__, "model": net.state_dict()}, root / "tiny.pt")
-    export_onnx(net, root / "tiny.onnx", (1, 3, 16, 16), n_checks=1)
+    export_onnx(net, root / "tiny.onnx", (1, 3, 16, 16), n_checks=1, fp16=False)
     return root
 
 

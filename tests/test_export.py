@@ -10,7 +10,7 @@ import torch
 from edge_agent.contract import FP32_SCAN_PREFIX as SCAN_PREFIX
 from edge_agent.fileio import sha256_file
 from model import build_model
-from model.export import BANNED_OPS, ExportError, export_onnx, main, op_census
+from model.export import BANNED_OPS, ExportError, export_onnx, format_report, main, op_census
 
 from conftest import tiny_model
 
@@ -63,7 +63,10 @@ def test_node_count_bounded_in_token_count(tmp_path):
     net = tiny_model()
     counts = {}
     for side in (16, 64):
-        counts[side] = export_onnx(net, tmp_path / f"t{side}.onnx", (1, 3, side, side), n_checks=1).node_count
+        report = export_onnx(net, tmp_path / f"t{side}.onnx", (1, 3, side, side), n_checks=1, fp16=False)
+        counts[side] = report.node_count
+        # without the float16 graph, nothing is claimed for it: fp32 engines only
+        assert report.fp16_psnr_db is None and report.fp16_ok is False
     # 16x more tokens: an unrolled loop would grow 16x; the chunked scan adds a few levels.
     assert counts[64] < 1.5 * counts[16], counts
 
@@ -87,12 +90,15 @@ def test_cli_writes_report(tmp_path, capsys):
             str(js),
             "--seed",
             "0",
+            "--no-fp16",
         ]
     )
     assert rc == 0
     report = json.loads(js.read_text())
     assert report["input_shape"] == [1, 3, 16, 24] and report["params"] > 0
-    assert "fp32" in capsys.readouterr().out
+    assert report["fp16_ok"] is False and report["fp16_psnr_db"] is None
+    printed = capsys.readouterr().out
+    assert "fp32" in printed and "fp16       not checked (--no-fp16): build fp32 engines only" in printed
 
 
 def test_cli_reports_bad_checkpoint(tmp_path, capsys):
@@ -106,7 +112,7 @@ def test_cli_reports_bad_checkpoint(tmp_path, capsys):
 def test_failed_verification_leaves_no_file(tmp_path):
     out = tmp_path / "strict.onnx"
     with pytest.raises(ExportError, match="differs from PyTorch"):
-        export_onnx(tiny_model(), out, (1, 3, 16, 16), n_checks=1, tolerance=0.0)
+        export_onnx(tiny_model(), out, (1, 3, 16, 16), n_checks=1, tolerance=0.0, fp16=False)
     assert not out.exists()
     with pytest.raises(ExportError, match="input_shape"):
         export_onnx(tiny_model(), out, (1, 1, 16, 16))
@@ -119,7 +125,7 @@ def test_the_exported_graph_is_the_same_for_every_scan_form(tmp_path):
     for scan in ("chunked", "auto", "fused", "triton"):  # the kernels' forms against the export path
         net = build_model("tiny", scan=scan)
         net.load_state_dict(state)
-        export_onnx(net, tmp_path / f"{scan}.onnx", input_shape=(1, 3, 16, 16), n_checks=1, seed=0)
+        export_onnx(net, tmp_path / f"{scan}.onnx", (1, 3, 16, 16), n_checks=1, seed=0, fp16=False)
         proto = onnx.load(str(tmp_path / f"{scan}.onnx"))
         graphs[scan] = (
             [(n.op_type, n.name, list(n.input), list(n.output)) for n in proto.graph.node],
@@ -165,3 +171,4 @@ def test_the_fp16_gate_compares_fp16_error_with_the_models_quality(tiny_export, 
     bad = export_onnx(net, tmp_path / "b.onnx", shape, seed=1, quality_db=p - FP16_MARGIN_DB + 1)
     assert good.fp16_psnr_db == bad.fp16_psnr_db == p  # the same inputs: only the gate differs
     assert good.fp16_ok and not bad.fp16_ok
+    assert "fp16 gate  ok" in format_report(good) and "fp16 gate  FAILED" in format_report(bad)

@@ -198,3 +198,54 @@ def test_the_benchmark_draws_each_arms_curve_from_its_starting_weights(tmp_path,
     assert sorted(p.name for p in (tmp_path / "out" / "data" / "val").iterdir()) == ["p3.png"]
     assert "p3.png" not in {p.name for p in (tmp_path / "out" / "data" / "train").iterdir()}
     assert "(validation PSNR-Y, dB, by step)" in capsys.readouterr().out
+
+
+def test_early_rung_correlation_is_measured_per_arm_and_an_interrupted_run_continues(tmp_path, capsys):
+    """benchmarks/early_rungs.py at toy size: the draws come from the config's space, each (draw,
+    arm) run is appended once, a rerun trains nothing already done (a line cut short by a kill is
+    trained again), and Spearman's rho of each early validation with the last is reported per arm."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from benchmarks import early_rungs
+
+    from conftest import write_png
+
+    assert early_rungs.spearman_by_rung([[1.0, 5.0, 10.0], [2.0, 4.0, 20.0], [3.0, 6.0, 30.0]]) == [1.0, 0.5]
+    rng = np.random.default_rng(0)
+    photos = tmp_path / "photos"
+    for i in range(4):
+        write_png(photos / f"p{i}.png", rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    teacher = trained_like(ModelConfig(embed_dim=8, n_groups=2, blocks_per_group=1, d_state=4, rank=2))
+    path = tmp_path / "teacher.pt"
+    torch.save({"model_config": dataclasses.asdict(teacher.cfg), "model": teacher.state_dict()}, path)
+    config = tmp_path / "space.yaml"
+    config.write_text(
+        "base_model: tiny\nspace:\n  embed_dim: {low: 4, high: 8, step: 4}\n  rank: {low: 1, high: 3}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--teacher", str(path), "--train-data", str(photos), "--config", str(config)]
+    argv += ["--val-images", "1", "--draws", "3", "--steps", "3", "--val-every", "1"]
+    argv += ["--batch-size", "2", "--patch-size", "8"]
+    assert early_rungs.main(argv) == 0
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    pairs = [(d, a) for d in range(3) for a in ("scratch", "teacher")]
+    assert sorted((r["draw"], r["arm"]) for r in runs) == pairs
+    for r in runs:
+        assert r["knobs"]["embed_dim"] in (4, 8) and 1 <= r["knobs"]["rank"] <= 3
+        assert list(r["val_psnr_y"]) == ["0", "1", "2", "3"]
+    summary = json.loads((out / "summary.json").read_text())
+    for arm in ("scratch", "teacher"):
+        assert len(summary[arm]["rho_by_validation"]) == 2 and len(summary[arm]["curves"]) == 3
+    capsys.readouterr()
+
+    # a kill mid-write leaves a partial last line: that run is trained again, nothing else is
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    (out / "runs.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    assert early_rungs.main(argv) == 0
+    retrained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("draw ")]
+    assert len(retrained) == 1 and retrained[0].startswith(f"draw {runs[-1]['draw']} {runs[-1]['arm']} ")
+    assert early_rungs.main(argv) == 0  # and now every run is whole: nothing to train
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("draw ")]

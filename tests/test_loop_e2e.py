@@ -159,6 +159,7 @@ def test_two_rounds_learn_energy_from_a_fake_sensor(server, tmp_path):
     # every trial trains fully: which trials complete (and so the front round 2 learns from) must not
     # depend on which of two concurrent trials reaches a rung first
     cfg["early_stopping"]["enabled"] = False
+    cfg["registry"]["fp16"] = False  # this CPU measures in float32; the smoke study checks fp16
     config = tmp_path / "loop.yaml"
     config.write_text(yaml.safe_dump(cfg))
     try:

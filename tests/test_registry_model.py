@@ -15,6 +15,7 @@ import torch
 
 from edge_agent import contract
 from edge_agent.mlflow_io import Registry
+from model.export import FP16_MARGIN_DB
 from search.registry import describe_version, register_candidate
 
 from conftest import tiny_model
@@ -97,6 +98,10 @@ def test_the_version_is_an_onnx_model_with_its_signature_and_the_verified_file(s
     onnx_file = Registry(uri, "m").download_onnx(reg.version, tmp_path / "agent")
     assert sha256(onnx_file) == version.tags[contract.TAG_SHA256] == reg.sha256
     assert version.tags[contract.status_tag(DEVICE)] == contract.PENDING
+    # the float16 check ran: its figures are on the run, its verdict on the version
+    fp16_psnr = client.get_run(run_id).data.metrics["onnx_fp16_psnr_db"]
+    want = contract.FP16_OK if fp16_psnr >= 27.5 + FP16_MARGIN_DB else contract.FP32_ONLY
+    assert version.tags[contract.TAG_PRECISION] == want
 
     # the description says which trial, its quality, where the ONNX is, who is to measure it
     text = version.description
@@ -125,9 +130,18 @@ def test_a_finalized_version_names_both_runs_and_every_pending_device(store, tmp
     trial = trained_run(uri, exp_id, tmp_path, psnr=26.0)
     final = trained_run(uri, exp_id, tmp_path, psnr=28.25)
     reg = register_candidate(
-        uri, trial, contract.REGISTERED_MODEL, (DEVICE, "rpi5"), input_size=SIZE, weights_run_id=final
+        uri,
+        trial,
+        contract.REGISTERED_MODEL,
+        (DEVICE, "rpi5"),
+        input_size=SIZE,
+        weights_run_id=final,
+        fp16=False,
     )
     v = MlflowClient(uri).get_model_version(contract.REGISTERED_MODEL, reg.version)
+    # registry.fp16: false: no float16 check, so fp32 engines only and no fp16 figures
+    assert v.tags[contract.TAG_PRECISION] == contract.FP32_ONLY
+    assert not any(m.startswith("onnx_fp16") for m in MlflowClient(uri).get_run(final).data.metrics)
     assert v.source == f"runs:/{final}/onnx"
     assert f"Trial run `{trial}`, weights retrained in run `{final}`." in v.description
     assert "28.25 dB" in v.description  # the registered weights' PSNR, not the trial's

@@ -71,6 +71,7 @@ def search_only(tmp_path: Path, teacher: Path | None = None) -> list[str]:
     study takes as its teacher instead of training one."""
     cfg = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
     cfg["loop"].update(local_agent=False, select=False, agent_args=[])
+    cfg["registry"]["fp16"] = False  # the float16 check is the smoke study's (a trace per candidate)
     if teacher is not None:
         cfg["teacher"]["checkpoint"] = str(teacher)
     path = tmp_path / "search-only.yaml"
