@@ -90,7 +90,11 @@ def student_init(cfg: SearchConfig, study: Study, teacher_uri: str | None) -> tu
         checkpoint = study_mod.single_file(study_mod.download(teacher_uri, study.tracking_uri), ".pt")
         teacher = load_model(str(checkpoint)).cfg
         space = cfg.space
-        widest = model_config({"embed_dim": space.embed_dim.high}, cfg)  # the rank is free
+        largest = {"embed_dim": space.embed_dim.high}  # the rank is free (any rank inherits)
+        for knob in ("n_groups", "blocks_per_group"):
+            if getattr(space, knob) is not None:
+                largest[knob] = getattr(space, knob).high
+        widest = model_config(largest, cfg)
         problem = compatibility_problem(teacher, widest)
         if problem is None:
             return "teacher", (

@@ -7,7 +7,7 @@ import pytest
 
 from edge_agent import contract
 from search import compat, study
-from search.config import ConfigError, load_config
+from search.config import ConfigError, IntRange, load_config
 from search.pareto import dominates, hypervolume_2d, pareto_front
 from search.scheduler import ParetoRungScheduler, RungPoint, dominated_at_rung
 from search.searcher import BudgetAwareOptunaSearch, make_searcher
@@ -355,6 +355,13 @@ def test_the_studys_students_start_from_the_teacher_only_where_every_one_fits(tm
         "give it at most 8"
     )
     assert stages.student_init(cfg("auto", high=8), s, narrow)[0] == "teacher"
+    # the optional knobs count too: a space reaching 3 groups does not fit a 2-group teacher
+    deeper = cfg("auto", high=8)
+    deeper = dataclasses.replace(deeper, space=dataclasses.replace(deeper.space, n_groups=IntRange(1, 3)))
+    init, why = stages.student_init(deeper, s, narrow)
+    assert init == "scratch" and why.startswith(
+        "for the widest student of the space, the student's number of groups"
+    )
     with pytest.raises(ConfigError, match="training.init: teacher, but for the widest student"):
         stages.student_init(cfg("teacher"), s, narrow)
     assert stages.student_init(cfg("auto"), s, None) == (
