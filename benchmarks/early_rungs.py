@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=argtypes.positive_float, default=2e-3)
     p.add_argument("--batch-size", type=argtypes.positive_int, default=16)
     p.add_argument("--patch-size", type=argtypes.positive_int, default=32)
-    p.add_argument("--topology", choices=("paper", "teacher"), default="paper", help="as in inherit_curve")
+    p.add_argument(
+        "--topology", choices=("default", "paper", "teacher"), default="default", help="as in inherit_curve"
+    )
     args = p.parse_args(argv)
     if args.steps // args.val_every < 2:
         p.error("--steps must hold at least two validations (--val-every)")

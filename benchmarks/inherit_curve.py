@@ -13,7 +13,9 @@ measured on them. The test sets (``--test-data``) are evaluated once, at the end
 against steps on a test set): such a run chooses nothing.
 
 An arm is ``scratch`` or ``teacher:CRITERION``. ``--topology paper`` is the seed paper's network
-(the defaults); ``teacher`` is DVMSR's (a LayerNorm after the first conv, no per-block residual).
+(the presets); ``teacher`` is DVMSR's (a LayerNorm after the first conv, no per-block residual);
+``default`` is what training does: a student that inherits takes its teacher's topology, one from
+scratch keeps the preset's.
 The recipe is the CPU budget run's (benchmarks/quality_cpu.sh): Adam at ``--lr``, batch 16 of 32x32
 LR patches, alpha 0.5, the learning rate halved at 50/80/90/95% of the run. Writes ``OUT/curves.json``
 and prints a table.
@@ -22,6 +24,7 @@ and prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,7 +33,7 @@ import torch
 
 from edge_agent import argtypes
 
-TOPOLOGIES = {"paper": {}, "teacher": {"embed_norm": True, "block_residual": False}}
+TOPOLOGIES = {"paper": {}, "teacher": {"embed_norm": True, "block_residual": False}, "default": {}}
 
 
 class Curve:
@@ -73,6 +76,7 @@ def split(photos: Path, val_images: int, root: Path) -> tuple[Path, Path]:
 
 def run_arm(arm: str, args, train_dir: Path, val_dir: Path) -> dict:
     """One arm's curve: step 0 (the starting weights) and every validation of its training."""
+    from model.inherit import in_teacher_topology
     from model.mambalitesr import load_model, preset
     from trainers.data import PatchSampler, load_sets
     from trainers.evaluate import evaluate_set, super_resolve
@@ -87,6 +91,7 @@ def run_arm(arm: str, args, train_dir: Path, val_dir: Path) -> dict:
         alpha=args.alpha,
         init=init,
         init_criterion=criterion or "weights",
+        init_topology="own",  # the topology is this benchmark's --topology
         lr=args.lr,
         batch_size=args.batch_size,
         patch_size=args.patch_size,
@@ -105,7 +110,10 @@ def run_arm(arm: str, args, train_dir: Path, val_dir: Path) -> dict:
     sampler = PatchSampler(
         load_sets([str(train_dir)], "train", model.scale), cfg.patch_size, model.scale, seed=cfg.seed
     )
-    start = starting_network(cfg, load_teacher(cfg, device), sampler)
+    teacher = load_teacher(cfg, device)
+    if init == "teacher" and args.topology == "default":
+        cfg = dataclasses.replace(cfg, model=in_teacher_topology(cfg.model, teacher.cfg))
+    start = starting_network(cfg, teacher, sampler)
     curve = Curve()
     curve.psnr[0] = validate(start, val_pairs, device)["val_psnr_y"]
     t0 = time.monotonic()
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--embed-dim", type=argtypes.positive_int, default=32)
     p.add_argument("--rank", type=argtypes.positive_int, default=2)
-    p.add_argument("--topology", choices=sorted(TOPOLOGIES), default="paper")
+    p.add_argument("--topology", choices=sorted(TOPOLOGIES), default="default")
     p.add_argument("--arms", nargs="+", default=["scratch", "teacher:weights", "teacher:activations"])
     p.add_argument("--steps", type=argtypes.positive_int, default=200)
     p.add_argument("--val-every", type=argtypes.positive_int, default=100)

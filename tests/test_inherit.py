@@ -41,7 +41,7 @@ def test_a_rank_above_the_teachers_keeps_its_function_and_can_still_learn():
     """The Delta product has rank 4: a rank-6 student gets it exactly; its two further components
     start with zero x_proj rows and nonzero dt_proj columns, so gradients reach them."""
     teacher = trained_like(TEACHER)
-    student = inherit(teacher, TEACHER.replace(rank=6))
+    student = inherit(teacher, TEACHER.replace(rank=6), "weights")
     x = lr_patches(seed=3)
     with torch.no_grad():
         assert torch.allclose(student.eval()(x), teacher(x), atol=1e-5)
@@ -69,7 +69,7 @@ def test_the_delta_factor_is_the_best_rank_r_approximation(rank):
 
 def test_the_students_delta_path_is_the_svd_of_the_teachers_on_its_channels():
     teacher = trained_like(TEACHER)
-    student = inherit(teacher, TEACHER.replace(embed_dim=8, rank=2))
+    student = inherit(teacher, TEACHER.replace(embed_dim=8, rank=2), "weights")
     t, s = teacher.groups[1].blocks[1].mixer, student.groups[1].blocks[1].mixer
     product = t.dt_proj.weight @ t.x_proj.weight[:4]  # (24 x 24)
     # the student's inner channels are a subset of the teacher's: find them by their D
@@ -136,7 +136,7 @@ def test_fewer_groups_or_blocks_are_evenly_spaced_first_and_last_kept():
     assert evenly_spaced(8, 4) == [0, 2, 5, 7]
     assert evenly_spaced(3, 1) == [0]
     teacher = trained_like(TEACHER)
-    student = inherit(teacher, TEACHER.replace(n_groups=2, blocks_per_group=1))
+    student = inherit(teacher, TEACHER.replace(n_groups=2, blocks_per_group=1), "weights")
     assert torch.equal(student.groups[1].conv.bias, teacher.groups[2].conv.bias)
     assert torch.equal(student.groups[0].blocks[0].mixer.D, teacher.groups[0].blocks[0].mixer.D)
 

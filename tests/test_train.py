@@ -98,8 +98,9 @@ def test_a_student_can_start_from_its_teachers_weights(tmp_path):
     """--init teacher: the student's first weights are the ones model.inherit picks from the
     teacher (here a learning rate too small to move them in one step shows them); init is a param."""
     from model import build_model
-    from model.inherit import inherit
+    from model.inherit import DEFAULT_CRITERION, inherit
     from model.mambalitesr import load_model
+    from trainers.data import PatchSampler, load_sets
 
     teacher_cfg = preset("tiny", embed_dim=12, rank=4)
     teacher = train(tiny_cfg(tmp_path / "t", model=teacher_cfg, iterations=2, val_every=2), Recorder())
@@ -107,10 +108,14 @@ def test_a_student_can_start_from_its_teachers_weights(tmp_path):
     rec = Recorder()
     kw = dict(role="student", model=student_cfg, teacher=teacher.checkpoint, alpha=0.0, iterations=1)
     train(tiny_cfg(tmp_path / "s", init="teacher", lr=1e-12, val_every=1, **kw), rec)
-    assert rec.params["init"] == "teacher"
-    expected = inherit(load_model(teacher.checkpoint), student_cfg, seed=0).state_dict()
+    assert rec.params["init"] == "teacher" and rec.params["init_criterion"] == DEFAULT_CRITERION
+    # the default criterion measures the teacher on the run's first training batch
+    cfg = tiny_cfg(tmp_path / "s", init="teacher", lr=1e-12, val_every=1, **kw)
+    sampler = PatchSampler(load_sets(list(cfg.train_data), "train", 4), cfg.patch_size, 4, seed=cfg.seed)
+    calibration = sampler.batch(0, cfg.batch_size)[0]
+    expected = inherit(load_model(teacher.checkpoint), student_cfg, DEFAULT_CRITERION, calibration, seed=0)
     got = weights(tmp_path / "s" / "run" / "last.pt")
-    assert all(torch.allclose(got[k], v, atol=1e-9) for k, v in expected.items())
+    assert all(torch.allclose(got[k], v, atol=1e-9) for k, v in expected.state_dict().items())
     scratch = build_model(student_cfg).state_dict()
     assert not torch.allclose(got["conv_first.weight"], scratch["conv_first.weight"], atol=1e-3)
     with pytest.raises(ValueError, match="init 'teacher' is for a student"):

@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from edge_agent import argtypes, contract, preflight
 from edge_agent.contract import credential_problem
 from model import ModelConfig, build_model, count_flops, count_params, preset
-from model.inherit import CRITERIA, DEFAULT_CRITERION, InheritError, compatibility_problem, inherit
+from model.inherit import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    InheritError,
+    compatibility_problem,
+    in_teacher_topology,
+    inherit,
+)
 from model.mambalitesr import PRESETS, SCALES, MambaLiteSR, config_from_dict, load_model
 from model.runtime import keep_freed_memory
 from model.scan import SCAN_FORMS, resolve_scan
@@ -44,6 +51,7 @@ from trainers.tracking import ConsoleTracker, MLflowTracker, MultiTracker, Track
 log = logging.getLogger(__name__)
 ROLES = ("teacher", "student")
 INITS = ("scratch", "teacher")  # where a student's weights start: random, or picked from its teacher
+INIT_TOPOLOGIES = ("teacher", "own")  # with init teacher: the teacher's topology, or the model's as given
 EXPERIMENT = contract.EXPERIMENT  # MLflow experiment of standalone training runs
 
 
@@ -59,6 +67,9 @@ class TrainConfig:
     alpha: float = 0.5  # weight of L1(student, teacher); 1 - alpha goes to L1(student, HR)
     init: str = "scratch"  # "teacher": the student starts from its teacher's weights (model/inherit.py)
     init_criterion: str = DEFAULT_CRITERION  # which channels it keeps: "weights" or "activations"
+    # "teacher": a student that inherits takes its teacher's topology switches (embed_norm,
+    # block_residual), where it keeps more of the teacher; "own": model's are kept as given
+    init_topology: str = "teacher"
     lr: float = 2e-4  # Adam, as the paper
     lr_milestones: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)  # fractions of the run where lr halves
     lr_gamma: float = 0.5
@@ -84,6 +95,10 @@ class TrainConfig:
         if self.init_criterion not in CRITERIA:
             raise ValueError(
                 f"TrainConfig.init_criterion must be one of {CRITERIA}, got {self.init_criterion!r}"
+            )
+        if self.init_topology not in INIT_TOPOLOGIES:
+            raise ValueError(
+                f"TrainConfig.init_topology must be one of {INIT_TOPOLOGIES}, got {self.init_topology!r}"
             )
         if self.init == "teacher" and self.role != "student":
             raise ValueError("init 'teacher' is for a student; a teacher starts from scratch")
@@ -234,6 +249,8 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
     require_measurable(val_pairs, cfg.model.scale)
     sampler = PatchSampler(train_pairs, cfg.patch_size, cfg.model.scale, seed=cfg.seed)
     teacher = load_teacher(cfg, device)
+    if cfg.init == "teacher" and cfg.init_topology == "teacher":  # before anything records cfg.model
+        cfg = dataclasses.replace(cfg, model=in_teacher_topology(cfg.model, teacher.cfg))
 
     # a resumed run takes its weights from its checkpoint, not from the teacher
     net = starting_network(cfg, None if resume else teacher, sampler).to(device)
@@ -427,7 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--init",
         choices=INITS,
         default=d.init,
-        help="where the student's weights start: scratch (random) or teacher (picked from --teacher's)",
+        help="where the student's weights start: scratch (random) or teacher (picked from --teacher's; "
+        "the student then takes the teacher's topology: its LayerNorm after the first conv, its blocks' "
+        "residuals)",
+    )
+    p.add_argument(
+        "--own-topology",
+        action="store_true",
+        help="with --init teacher: keep the preset's topology instead of taking the teacher's",
     )
     p.add_argument(
         "--init-criterion",
@@ -483,6 +507,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         alpha=TrainConfig.alpha if args.alpha is None else args.alpha,
         init=args.init,
         init_criterion=args.init_criterion or DEFAULT_CRITERION,
+        init_topology="own" if args.own_topology else "teacher",
         lr=args.lr,
         lr_milestones=tuple(args.milestones),
         lr_gamma=args.gamma,
@@ -508,6 +533,8 @@ def ignored_flags(args: argparse.Namespace) -> str | None:
         return "--teacher and --alpha are for --role student; a teacher trains on L1 to HR alone"
     if args.teacher and args.alpha == 0 and args.init != "teacher":
         return "--alpha 0 trains without the teacher; drop --teacher, give alpha > 0 or --init teacher"
+    if args.own_topology and args.init != "teacher":
+        return "--own-topology is for a student that inherits: add --init teacher or drop it"
     if args.init_criterion and args.init != "teacher":
         return "--init-criterion chooses what a student keeps of its teacher: add --init teacher or drop it"
     if not args.tracking_uri and (args.run_name or args.experiment != EXPERIMENT):
