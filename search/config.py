@@ -117,10 +117,10 @@ class TrainingConfig(Checked):
     train_data: tuple[str, ...] = ()  # folders reachable from every worker; empty: built-in images
     val_data: tuple[str, ...] = ()
     val_max_images: int = num(0, ge=0)  # 0: all
-    # where students' weights start: teacher (picked from the study's teacher, model/inherit.py),
-    # scratch, or auto: teacher when every student of the space fits inside the teacher. scratch
-    # until inheritance is measured against it on this project's recipe
-    init: str = "scratch"
+    # where students' weights start: teacher (picked from the study's teacher, model/inherit.py,
+    # in its topology), scratch, or auto: teacher when every student of the space fits inside the
+    # teacher, else scratch with the reason (inherited students learn faster: docs/benchmarks.md)
+    init: str = "auto"
 
     def check(self) -> None:
         if self.init not in INITS:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from edge_agent import contract
+from model.inherit import in_teacher_topology
+from model.mambalitesr import ModelConfig, load_model
 from search import compat, study
 from search.config import SearchConfig, build
 from search.space import model_config
@@ -135,18 +137,30 @@ def train_teacher(ctx: StudyContext, out_dir: str) -> str:
     return f"runs:/{tracker.run_id}/checkpoint/last.pt"
 
 
+def _teacher_checkpoint(ctx: StudyContext) -> str:
+    if not ctx.teacher_uri:
+        raise RuntimeError("alpha > 0 or init teacher, but the study has no teacher")
+    return str(study.single_file(study.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
+
+
+def trial_model(ctx: StudyContext, params: dict[str, Any]) -> ModelConfig:
+    """The network a trial trains: its knobs on the base preset and, where the study's students
+    inherit, in their teacher's topology (as trainers.train puts them), so that its cost is the
+    cost of what trains."""
+    model = model_config(params, ctx.search)
+    if ctx.init == "teacher":
+        model = in_teacher_topology(model, load_model(_teacher_checkpoint(ctx)).cfg)
+    return model
+
+
 def student_config(ctx: StudyContext, params: dict[str, Any], iterations: int, val_every: int) -> TrainConfig:
     """The training of a student with a trial's knobs (the trial's, or its finalization's)."""
     cfg = ctx.search
     alpha = float(params.get("alpha", 0.0))
-    teacher = None
-    if alpha > 0 or ctx.init == "teacher":
-        if not ctx.teacher_uri:
-            raise RuntimeError("alpha > 0 or init teacher, but the study has no teacher")
-        teacher = str(study.single_file(study.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
+    teacher = _teacher_checkpoint(ctx) if alpha > 0 or ctx.init == "teacher" else None
     return TrainConfig(
         role="student",
-        model=model_config(params, cfg),
+        model=trial_model(ctx, params),
         teacher=teacher,
         alpha=alpha,
         init=ctx.init,
@@ -224,7 +238,7 @@ def run_trial(params: dict[str, Any], ctx: StudyContext) -> None:
     cfg = ctx.search
     _threads(cfg.cpus_per_trial)
     trial_id, _ = compat.trial_identity()
-    model = model_config(params, cfg)
+    model = trial_model(ctx, params)
     constants = {
         "flops_g": count_flops(model, 64, 64).gflops,
         "params": float(count_params(build_model(model))),

@@ -321,16 +321,16 @@ def test_the_studys_students_start_from_the_teacher_only_where_every_one_fits(tm
 
     from model import build_model, preset
     from search import stages
-    from search.trainable import StudyContext, student_config
+    from search.trainable import StudyContext, student_config, trial_model
 
     s = _study(tmp_path, "init")
-    teacher = preset("tiny", embed_dim=12)
+    teacher = preset("tiny", embed_dim=12, embed_norm=True, block_residual=False)  # DVMSR's topology
     path = tmp_path / "teacher.pt"
     torch.save(
         {"model_config": dataclasses.asdict(teacher), "model": build_model(teacher).state_dict()}, path
     )
     uri = s.log_artifact(path, "teacher")
-    smoke = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")  # students C 4..12
+    smoke = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")  # students C 4..8
 
     def cfg(init, high=12):
         space = dataclasses.replace(
@@ -377,7 +377,11 @@ def test_the_studys_students_start_from_the_teacher_only_where_every_one_fits(tm
     ctx = StudyContext(cfg("auto").to_dict(), s, uri, init="teacher")
     train_cfg = student_config(ctx, {"embed_dim": 8, "rank": 2, "alpha": 0.0}, 8, 4)
     assert train_cfg.init == "teacher" and train_cfg.teacher.endswith(".pt") and train_cfg.alpha == 0.0
-    assert student_config(replace_init(ctx, "scratch"), {"embed_dim": 8, "alpha": 0.0}, 8, 4).teacher is None
+    # in its teacher's topology, as trainers.train puts it: the trial's cost is of what trains
+    assert train_cfg.model.embed_norm is True and train_cfg.model.block_residual is False
+    assert trial_model(ctx, {"embed_dim": 8, "rank": 2}) == train_cfg.model
+    scratch = student_config(replace_init(ctx, "scratch"), {"embed_dim": 8, "alpha": 0.0}, 8, 4)
+    assert scratch.teacher is None and scratch.model.embed_norm is False and scratch.model.block_residual
 
 
 def replace_init(ctx, init):

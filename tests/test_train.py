@@ -140,6 +140,33 @@ def test_a_student_wider_than_its_teacher_is_refused_with_exit_2(tmp_path, capsy
     assert "drop --teacher, give alpha > 0 or --init teacher" in capsys.readouterr().err
 
 
+def test_a_student_that_inherits_takes_its_teachers_topology_unless_told_to_keep_its_own(tmp_path, capsys):
+    """DVMSR's topology (a LayerNorm after the first conv, no per-block residual) goes to a student
+    that inherits: in its checkpoint and its params, and a resumed run agrees with it. --own-topology
+    keeps the preset's; it means nothing without --init teacher."""
+    from trainers import train as train_module
+
+    dvmsr_like = preset("tiny", embed_dim=12, embed_norm=True, block_residual=False)
+    teacher = train(tiny_cfg(tmp_path / "t", model=dvmsr_like, iterations=1, val_every=1), Recorder())
+    kw = dict(role="student", model=preset("tiny"), teacher=teacher.checkpoint, alpha=0.5, init="teacher")
+    rec = Recorder()
+    cfg = tiny_cfg(tmp_path / "s", iterations=2, val_every=1, checkpoint_every=1, **kw)
+    train(cfg, rec)
+    saved = load_checkpoint(tmp_path / "s" / "run" / "last.pt")["model_config"]
+    assert (saved["embed_norm"], saved["block_residual"]) == (True, False)
+    assert rec.params["model"]["embed_norm"] is True and rec.params["init_topology"] == "teacher"
+    assert train(cfg, Recorder(), resume=True).step == 2  # its saved settings agree with a rerun's
+    own = tiny_cfg(tmp_path / "o", iterations=1, val_every=1, init_topology="own", **kw)
+    train(own, Recorder())
+    saved = load_checkpoint(tmp_path / "o" / "run" / "last.pt")["model_config"]
+    assert (saved["embed_norm"], saved["block_residual"]) == (False, True)
+    with pytest.raises(ValueError, match="init_topology must be one of"):
+        tiny_cfg(tmp_path, init_topology="mine")
+    argv = ["--role", "student", "--preset", "tiny", "--teacher", teacher.checkpoint, "--own-topology"]
+    assert train_module.main(argv) == 2
+    assert "--own-topology is for a student that inherits" in capsys.readouterr().err
+
+
 def weights(path):
     return load_checkpoint(path)["model"]
 
