@@ -148,6 +148,7 @@ def test_failed_trials_are_recorded_and_rerun_by_resume_once_the_cause_is_gone(s
     config = search_only(tmp_path, teacher=given_teacher(tmp_path))
     cfg = yaml.safe_load(Path(config[1]).read_text())
     cfg["training"]["train_data"] = [str(images)]
+    cfg["space"]["embed_dim"]["high"] = 8  # every student fits inside the tiny teacher: they inherit
     Path(config[1]).write_text(yaml.safe_dump(cfg))
     args = [*config, "--tracking-uri", server, "--experiment", "e2e-fail"]
     args += ["--num-samples", "2", "--storage-dir", str(tmp_path / "s"), "--json", str(tmp_path / "r.json")]
@@ -171,6 +172,9 @@ def test_failed_trials_are_recorded_and_rerun_by_resume_once_the_cause_is_gone(s
     assert all(r.info.status == "FINISHED" for r in again)
     assert all(r.data.tags[study.TAG_VERDICT] in (study.COMPLETE, study.STOPPED) for r in again)
     assert not [r for r in again if study.TAG_ERROR in r.data.tags]
+    # training.init auto: the students started from their teacher, and the study says why
+    assert all(r.data.params["init"] == "teacher" for r in again)
+    assert "students start from the teacher's weights: every student of the space fits" in out.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert [t["version"] for t in report["trials"] if t["version"]]  # the front is registered
 

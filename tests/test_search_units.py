@@ -330,7 +330,7 @@ def test_the_studys_students_start_from_the_teacher_only_where_every_one_fits(tm
         {"model_config": dataclasses.asdict(teacher), "model": build_model(teacher).state_dict()}, path
     )
     uri = s.log_artifact(path, "teacher")
-    smoke = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")  # students C 4..8
+    smoke = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")  # students C 4..12
 
     def cfg(init, high=12):
         space = dataclasses.replace(
