@@ -6,6 +6,7 @@ Results go to Tune through ``search.compat.report``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -149,8 +150,15 @@ def trial_model(ctx: StudyContext, params: dict[str, Any]) -> ModelConfig:
     cost of what trains."""
     model = model_config(params, ctx.search)
     if ctx.init == "teacher":
-        model = in_teacher_topology(model, load_model(_teacher_checkpoint(ctx)).cfg)
+        model = in_teacher_topology(model, _network_config(_teacher_checkpoint(ctx)))
     return model
+
+
+@functools.cache
+def _network_config(checkpoint: str) -> ModelConfig:
+    """A checkpoint's network config, read once per process (a trial asks for its teacher's for
+    its cost and again for its training)."""
+    return load_model(checkpoint).cfg
 
 
 def student_config(ctx: StudyContext, params: dict[str, Any], iterations: int, val_every: int) -> TrainConfig:
