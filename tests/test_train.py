@@ -107,8 +107,9 @@ def test_a_student_can_start_from_its_teachers_weights(tmp_path):
     student_cfg = preset("tiny", embed_dim=8, rank=2)
     rec = Recorder()
     kw = dict(role="student", model=student_cfg, teacher=teacher.checkpoint, alpha=0.0, iterations=1)
-    train(tiny_cfg(tmp_path / "s", init="teacher", lr=1e-12, val_every=1, **kw), rec)
+    result = train(tiny_cfg(tmp_path / "s", init="teacher", lr=1e-12, val_every=1, **kw), rec)
     assert rec.params["init"] == "teacher" and rec.params["init_criterion"] == DEFAULT_CRITERION
+    assert result.teacher_share is None  # at alpha 0 the teacher gives the weights and never runs again
     # the default criterion measures the teacher on the run's first training batch
     cfg = tiny_cfg(tmp_path / "s", init="teacher", lr=1e-12, val_every=1, **kw)
     sampler = PatchSampler(load_sets(list(cfg.train_data), "train", 4), cfg.patch_size, 4, seed=cfg.seed)

@@ -254,6 +254,8 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
 
     # a resumed run takes its weights from its checkpoint, not from the teacher
     net = starting_network(cfg, None if resume else teacher, sampler).to(device)
+    if cfg.alpha == 0:
+        teacher = None  # it gave the starting weights; distillation would multiply it by zero every step
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = _step_lr(cfg, optimizer)
     step, metrics = 0, {}
