@@ -157,10 +157,21 @@ class Agent:
 
     def run_forever(self) -> None:
         """Poll until stopped; connection errors back off exponentially up to ``max_backoff_s``."""
+        try:  # a power source that cannot open fails each measurement with its reason, not the start
+            reader = self._reader_factory()
+            try:
+                found = conditions(self.cfg.power_root, reader)
+            finally:
+                reader.close()
+        except Exception as exc:
+            found = {"conditions_unread": f"{type(exc).__name__}: {exc}"[:300]}
         log.info(
             "agent started",
             extra=_fields(
-                agent=self.cfg.agent_id, device=self.cfg.device, tracking_uri=self.cfg.tracking_uri
+                agent=self.cfg.agent_id,
+                device=self.cfg.device,
+                tracking_uri=self.cfg.tracking_uri,
+                **found,
             ),
         )
         failures = 0
@@ -315,6 +326,12 @@ class Agent:
             )
             self.results[version] = result
             log.info("measured", extra=_fields(version=version, **result.metrics()))
+            if result.unstable:
+                cv, limit = round(result.worst_cv, 4), self.cfg.measure.max_cv
+                log.warning(
+                    "unstable: its windows varied by more than max_cv twice; reported, never ranked",
+                    extra=_fields(version=version, cv=cv, max_cv=limit),
+                )
         try:
             self.outbox.put(report)
         except OSError as exc:  # a full disk must not cost the report: send it without a local copy
@@ -395,6 +412,26 @@ class Agent:
                 break
             sent += 1
         return sent
+
+
+# What sets a device's measuring conditions, where readable (every measurement's artifact holds them
+# too, with the rest of the device's description)
+CONDITIONS = (
+    "power_mode",
+    "power_mode_id",
+    "cpu_governor",
+    "power_source",
+    "power_rail",
+    "ina3221_update_interval_ms",
+    "ina3221_samples",
+)
+
+
+def conditions(power_root: Path, reader: power.PowerReader) -> dict[str, str]:
+    """The Jetson's power mode (``nvpmodel -q``), the CPU frequency governor, the power source and,
+    for an INA3221, its conversion interval and averaging: those found, by name."""
+    found = {**collect_device_info(power_root), **reader.describe()}
+    return {k: found[k] for k in CONDITIONS if k in found}
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -1,7 +1,7 @@
 """edge-agent: run the daemon, measure one file, inspect the device, deploy over SSH.
 
 edge-agent run --tracking-uri http://mlflow:5000 --device orin-nano
-edge-agent measure model.onnx --duration-s 10          # JSON on stdout
+edge-agent measure model.onnx --windows 5 --duration-s 4   # JSON on stdout
 edge-agent info                                        # device, backends, power sources
 edge-agent deploy user@jetson --tracking-uri ... --device orin-nano
 edge-agent remote-measure user@jetson model.onnx
@@ -54,7 +54,28 @@ def _add_measure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--power-root", type=Path, default=Path("/"), help="root of /sys and /proc (tests)")
     p.add_argument("--warmup-s", type=argtypes.nonnegative_float, default=MeasureConfig.warmup_s)
     p.add_argument("--idle-s", type=argtypes.nonnegative_float, default=MeasureConfig.idle_s)
-    p.add_argument("--duration-s", type=argtypes.positive_float, default=MeasureConfig.duration_s)
+    p.add_argument(
+        "--duration-s", type=argtypes.positive_float, default=MeasureConfig.duration_s, help="each window's"
+    )
+    p.add_argument(
+        "--windows",
+        type=argtypes.positive_int,
+        default=MeasureConfig.windows,
+        help="loaded windows per candidate: the figures are their means",
+    )
+    p.add_argument(
+        "--pause-s",
+        type=argtypes.nonnegative_float,
+        default=MeasureConfig.pause_s,
+        help="idle time between loaded windows",
+    )
+    p.add_argument(
+        "--max-cv",
+        type=argtypes.positive_float,
+        default=MeasureConfig.max_cv,
+        help="largest std/mean of latency (and energy) across the windows; above it the candidate is "
+        "measured again once, then reported unstable and never ranked",
+    )
     p.add_argument(
         "--rate-hz", type=argtypes.positive_float, default=MeasureConfig.rate_hz, help="power sampling rate"
     )
@@ -66,7 +87,13 @@ def _add_measure_options(p: argparse.ArgumentParser) -> None:
 
 def _measure_config(args: argparse.Namespace) -> MeasureConfig:
     return MeasureConfig(
-        warmup_s=args.warmup_s, idle_s=args.idle_s, duration_s=args.duration_s, rate_hz=args.rate_hz
+        warmup_s=args.warmup_s,
+        idle_s=args.idle_s,
+        duration_s=args.duration_s,
+        windows=args.windows,
+        pause_s=args.pause_s,
+        max_cv=args.max_cv,
+        rate_hz=args.rate_hz,
     )
 
 

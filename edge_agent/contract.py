@@ -47,7 +47,13 @@ POWER = "power_mw"  # mean module input power (VDD_IN) over the loaded window
 IDLE_POWER = "idle_power_mw"
 ENERGY = "energy_mj_per_image"  # net of idle
 THROUGHPUT = "throughput_ips"
+# Each figure is the mean over the agent's loaded windows (edge_agent/measure.py); beside them, how
+# much the compared ones varied across the windows (std / mean), and whether they varied more than
+# the agent's limit twice: an unstable candidate (1.0) is reported and never ranked.
+LATENCY_STD, LATENCY_CV, ENERGY_CV = "latency_ms_std", "latency_cv", "energy_cv"
+UNSTABLE = "unstable"
 EDGE_METRICS = (LATENCY_P50, LATENCY_P90, LATENCY_P99, POWER, IDLE_POWER, ENERGY, THROUGHPUT)
+EDGE_METRICS += (LATENCY_STD, LATENCY_CV, ENERGY_CV, UNSTABLE)
 # The few tags the agent sets beside the figures, on the run and on the version (plus
 # ``edge.<device>.error`` for a failure): what candidates are compared by. Where no power source
 # was found, the power note says why, cut to POWER_NOTE_CHARS; everything else the agent records

@@ -59,7 +59,8 @@ def collect_device_info(root: Path = Path("/"), run: Runner | None = None) -> di
 
     Returns:
         Keys among device_model, l4t_version, jetpack_version, power_mode(_id), gpu/emc/cpu_freq_mhz,
-        temp_<zone>_c, onnxruntime_version, tensorrt_version, python_version, os, kernel.
+        cpu_governor, temp_<zone>_c, onnxruntime_version, tensorrt_version, python_version, os,
+        kernel.
     """
     root = Path(root)
     run = run or default_run
@@ -85,6 +86,9 @@ def collect_device_info(root: Path = Path("/"), run: Runner | None = None) -> di
     khz = _number(root / "sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")
     if khz is not None:
         info["cpu_freq_mhz"] = _fmt(khz / 1000)
+    governor = _read(root / "sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+    if governor:
+        info["cpu_governor"] = governor
     info.update(_temperatures(root))
 
     for key, module in (("onnxruntime_version", "onnxruntime"), ("tensorrt_version", "tensorrt")):

@@ -107,7 +107,8 @@ class Ina3221Reader:
     def __init__(self, root: Path = Path("/"), rail: str | None = None) -> None:
         self.root = Path(root)
         self.channels: list[_Ina3221Channel] = []
-        for hwmon in sorted(self.root.glob(self.GLOB)):
+        self.hwmons = sorted(self.root.glob(self.GLOB))
+        for hwmon in self.hwmons:
             self.channels.extend(self._channels(hwmon))
         rails = [c.rail for c in self.channels]
         self.available = bool(rails)
@@ -155,12 +156,30 @@ class Ina3221Reader:
         pass
 
     def describe(self) -> dict[str, str]:
+        """Rails, the rail reported, and what sets the sensor's own averaging where readable: the
+        driver's ``update_interval`` (ms between conversions) and ``samples`` (averaged per value),
+        one value per chip as ``chip=value`` where there are several chips."""
         rails = ",".join(c.rail for c in self.channels)
-        return {
+        out = {
             "power_source": self.name,
             "rails": rails,
             "power_rail": self.rail or f"sum({rails}) (no input rail found)",
         }
+        for attribute, key in (
+            ("update_interval", "ina3221_update_interval_ms"),
+            ("samples", "ina3221_samples"),
+        ):
+            values = {}
+            for hwmon in self.hwmons:
+                try:
+                    values[hwmon.parent.parent.name] = (hwmon / attribute).read_text().strip()
+                except OSError:
+                    continue
+            if len(values) == 1:
+                out[key] = next(iter(values.values()))
+            elif values:
+                out[key] = ",".join(f"{chip}={v}" for chip, v in values.items())
+        return out
 
 
 def _read_number(path: Path) -> float:

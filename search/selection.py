@@ -103,6 +103,9 @@ class Row:
     power_mw: float | None = None
     energy_mj_per_image: float | None = None
     power_source: str = ""
+    latency_ms_std: float | None = None  # across the agent's windows (edge_agent/measure.py)
+    energy_cv: float | None = None
+    unstable: bool = False  # the agent's windows disagreed beyond its limit twice: never ranked
     note: str = ""  # why a candidate is out of the comparison (error, missing figures, a failed limit)
     within_limits: bool | None = None  # None: not measured
     on_front: bool = False  # on the Pareto front of the measured candidates within the limits
@@ -110,7 +113,8 @@ class Row:
 
     @property
     def measured(self) -> bool:
-        return self.status == contract.DONE and self.latency_ms_p50 is not None and math.isfinite(self.psnr)
+        done = self.status == contract.DONE and not self.unstable
+        return done and self.latency_ms_p50 is not None and math.isfinite(self.psnr)
 
     @property
     def knobs(self) -> str:
@@ -251,7 +255,18 @@ def make_row(version, run, device: str) -> Row:
         power_mw=edge(contract.POWER),
         energy_mj_per_image=edge(contract.ENERGY),
         power_source=tags.get(contract.edge_key(device, contract.TAG_POWER_SOURCE), ""),
+        latency_ms_std=edge(contract.LATENCY_STD),
+        energy_cv=edge(contract.ENERGY_CV),
+        unstable=edge(contract.UNSTABLE) == 1.0,
     )
+    if row.unstable:
+        cvs = [edge(contract.LATENCY_CV), row.energy_cv]
+        spread = max((c for c in cvs if c is not None), default=math.inf)
+        return replace(
+            row,
+            note=f"unstable: its figures varied by {spread:.1%} across the agent's windows, twice; "
+            "measure it again on a quiet device",
+        )
     if row.latency_ms_p50 is None:
         missing = contract.edge_key(device, contract.LATENCY_P50)
         return replace(row, note=f"done, but the run has no {missing}")
@@ -294,8 +309,6 @@ def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
     Raises:
         SelectionError: a power limit on a device without power figures, or nothing within the limits.
     """
-    from search.pareto import pareto_front
-
     measured = [r for r in rows if r.measured]
     assert measured, "rank() needs measured candidates"
     notes = []
@@ -348,14 +361,7 @@ def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
             f"{len(measured)} measured candidates on {device}; none within the limits: {'; '.join(parts)}.",
             replace(partial, rows=tuple(rows)),
         )
-    fields, senses = objectives(cost)
-    points = [tuple(getattr(r, f) for f in fields) for r in feasible]
-    front = [feasible[i] for i in pareto_front(points, senses)]
-    front_points = [tuple(getattr(r, f) for f in fields) for r in front]
-    if rule == "knee":
-        champion = front[knee(front_points, senses)]
-    else:
-        champion = max(front, key=lambda r: (r.psnr, -getattr(r, cost)))
+    front, champion = _choose(feasible, cost, rule)
     on_front = {r.version for r in front}
     rows = [replace(r, on_front=r.version in on_front, chosen=r.version == champion.version) for r in rows]
     champion = next(r for r in rows if r.chosen)
@@ -365,7 +371,46 @@ def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
         f"{champion.psnr:.3f} dB, {_figures(champion, cost)} on {device}; rule {rule} over the "
         f"{len(front)}-point front of {len(feasible)} measured candidates{limited}."
     )
+    others = [r for r in feasible if r.version != champion.version]
+    if others:
+        notes.extend(_within_noise(champion, _choose(others, cost, rule)[1], cost))
     return Selection(tuple(rows), champion, device, cost, " ".join(notes), rule, limits)
+
+
+def _choose(feasible: list[Row], cost: str, rule: str) -> tuple[list[Row], Row]:
+    """(the Pareto front of ``feasible``, the candidate ``rule`` picks on it)."""
+    from search.pareto import pareto_front
+
+    fields, senses = objectives(cost)
+    points = [tuple(getattr(r, f) for f in fields) for r in feasible]
+    front = [feasible[i] for i in pareto_front(points, senses)]
+    if rule == "knee":
+        return front, front[knee([tuple(getattr(r, f) for f in fields) for r in front], senses)]
+    return front, max(front, key=lambda r: (r.psnr, -getattr(r, cost)))
+
+
+def _within_noise(champion: Row, runner_up: Row, cost: str) -> list[str]:
+    """A sentence when the champion's cost and the runner-up's (the candidate the rule picks without
+    the champion) differ by no more than their spreads across the agent's windows added."""
+
+    def spread(r: Row) -> float | None:
+        if cost == LATENCY:
+            return r.latency_ms_std
+        return None if r.energy_cv is None else r.energy_cv * abs(r.energy_mj_per_image)
+
+    noise = [spread(champion), spread(runner_up)]
+    if None in noise:
+        return []  # measured by an agent that did not report its spread
+    diff = getattr(runner_up, cost) - getattr(champion, cost)
+    if abs(diff) > sum(noise):
+        return []
+    what, unit = ("latency p50", "ms") if cost == LATENCY else ("energy", "mJ/image")
+    return [
+        f"The runner-up v{runner_up.version} ({runner_up.knobs}, {QUALITY} {runner_up.psnr:.3f} dB) "
+        f"differs from the champion by {diff:+.3g} {unit} in {what}, within the measurement noise "
+        f"(+/-{sum(noise):.3g} {unit}: the two candidates' standard deviations across the agent's "
+        "windows added): on this device the two cannot be told apart by cost."
+    ]
 
 
 def _figures(r: Row, cost: str) -> str:
@@ -526,7 +571,10 @@ def select_champion(
         f"v{previous}." if previous else "no version."
     )
     if not any(r.measured for r in rows):
-        states = [r.status if r.status != contract.DONE else "done without figures" for r in rows]
+        states = [
+            r.status if r.status != contract.DONE else ("unstable" if r.unstable else "done without figures")
+            for r in rows
+        ]
         summary = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
         raise SelectionError(
             f"none of the {len(rows)} candidates of study run {study_run_id} is measured on {device} "

@@ -149,6 +149,9 @@ DEPLOY = ["deploy", "u@h", "--tracking-uri", "http://m:5000", "--device", DEVICE
         (MEASURE + ["--idle-s", "-1"], "--idle-s"),
         (MEASURE + ["--warmup-s", "inf"], "--warmup-s"),
         (MEASURE + ["--rate-hz", "0"], "--rate-hz"),
+        (MEASURE + ["--windows", "0"], "--windows"),
+        (MEASURE + ["--pause-s", "-1"], "--pause-s"),
+        (MEASURE + ["--max-cv", "0"], "--max-cv"),
         (MEASURE + ["--rate-hz=-inf"], "--rate-hz"),
         (MEASURE + ["--state-dir", "/proc/edge-agent-test"], "--state-dir"),
         (RUN + ["--poll-s", "0"], "--poll-s"),
@@ -232,10 +235,13 @@ def test_export_to_an_unwritable_out_fails_before_tracing(where, tmp_path, capsy
 # ----------------------------------------------------------------------------- bad ONNX files
 
 
+QUICK = ["--warmup-s", "0", "--idle-s", "0", "--duration-s", "0.1", "--windows", "1"]  # one short window
+
+
 @pytest.mark.parametrize("name", sorted(BAD_MODELS))
 def test_edge_agent_measure_names_a_bad_model(models, name, tmp_path, capsys):
     argv = ["measure", str(models[name]), "--backend", "onnxruntime", "--power", "none"]
-    argv += ["--warmup-s", "0", "--idle-s", "0", "--duration-s", "0.1", "--state-dir", str(tmp_path)]
+    argv += [*QUICK, "--state-dir", str(tmp_path)]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert str(models[name]) in err and "python -m model.export" in err and "Traceback" not in err
@@ -252,7 +258,7 @@ def test_the_test_graph_is_a_working_x2_model(models, small_set, tmp_path, capsy
     """The control for the two tests above: the same graph with the right signature runs."""
     assert evaluate.main(["--model", str(models["good"]), "--data", str(small_set)]) == 0
     argv = ["measure", str(models["good"]), "--backend", "onnxruntime", "--power", "none"]
-    argv += ["--warmup-s", "0", "--idle-s", "0", "--duration-s", "0.1", "--state-dir", str(tmp_path)]
+    argv += [*QUICK, "--state-dir", str(tmp_path)]
     assert cli.main(argv) == 0
 
 

@@ -41,6 +41,7 @@ def orin_nano_tree(root: Path) -> Path:
     write(root, "sys/class/devfreq/17000000.gpu/cur_freq", "306000000\n")
     write(root, "sys/class/devfreq/15340000.vic/cur_freq", "115200000\n")
     write(root, "sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq", "729600\n")
+    write(root, "sys/devices/system/cpu/cpu0/cpufreq/scaling_governor", "schedutil\n")
     return root
 
 
@@ -66,7 +67,7 @@ def test_orin_nano(tmp_path):
     assert info["gpu_freq_mhz"] == "306"
     assert info["vic_freq_mhz"] == "115.2"
     assert "emc_freq_mhz" not in info  # Orin has no EMC devfreq node
-    assert info["cpu_freq_mhz"] == "729.6"
+    assert info["cpu_freq_mhz"] == "729.6" and info["cpu_governor"] == "schedutil"
     assert info["temp_cpu_c"] == "47.7" and info["temp_gpu_c"] == "48.6" and info["temp_tj_c"] == "48.6"
     assert "temp_cv0_c" not in info  # -256 C: the sensor is off
     assert info["os"] == "Ubuntu 22.04.5 LTS"
@@ -96,7 +97,14 @@ def test_empty_root_gives_the_basics_without_raising(tmp_path):
     info = collect_device_info(tmp_path, run=fake_run({}))
     assert info["python_version"] == platform.python_version()
     assert info["device_model"].startswith(platform.machine())
-    for key in ("l4t_version", "jetpack_version", "power_mode", "gpu_freq_mhz", "cpu_freq_mhz"):
+    for key in (
+        "l4t_version",
+        "jetpack_version",
+        "power_mode",
+        "gpu_freq_mhz",
+        "cpu_freq_mhz",
+        "cpu_governor",
+    ):
         assert key not in info
     assert not any(k.startswith("temp_") for k in info)
 

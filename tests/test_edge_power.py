@@ -140,11 +140,23 @@ def test_ina3221_prefers_a_rail_named_in_when_there_is_no_vdd_in(tmp_path):
 
 
 def test_ina3221_globs_chips_and_hwmon_numbers(tmp_path):
-    make_ina3221(tmp_path, chip="1-0040", hwmon="hwmon7")
-    make_ina3221(tmp_path, chip="1-0041", hwmon="hwmon2", rails={1: ("VDD_DDR", 1100, 300)}, nc=(2, 3))
+    first = make_ina3221(tmp_path, chip="1-0040", hwmon="hwmon7")
+    second = make_ina3221(
+        tmp_path, chip="1-0041", hwmon="hwmon2", rails={1: ("VDD_DDR", 1100, 300)}, nc=(2, 3)
+    )
     reader = Ina3221Reader(tmp_path)
     assert [c.rail for c in reader.channels] == ["VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC", "VDD_DDR"]
     assert dict(reader.read().rails_mw)["VDD_DDR"] == 330.0
+    # what sets the sensor's averaging, where the driver shows it: per chip when there are several
+    assert "ina3221_update_interval_ms" not in reader.describe()
+    for hwmon, interval in ((first, "1"), (second, "4")):
+        (hwmon / "update_interval").write_text(interval + "\n")
+        (hwmon / "samples").write_text("4\n")
+    described = reader.describe()
+    assert described["ina3221_update_interval_ms"] == "1-0040=1,1-0041=4"
+    assert described["ina3221_samples"] == "1-0040=4,1-0041=4"
+    (second / "update_interval").unlink()
+    assert reader.describe()["ina3221_update_interval_ms"] == "1"
 
 
 def test_ina3221_rail_with_missing_files_is_skipped_at_discovery(tmp_path, caplog):
@@ -409,3 +421,23 @@ def test_integrals_on_uneven_samples():
         mean_power_mw([])
     by_hand = [PowerSample(0, 10), PowerSample(1, 20), PowerSample(3, 20)]  # mW over s: 15 + 40 mJ
     assert trapezoid_mj(by_hand) == pytest.approx(15 + 40)
+
+
+def test_the_agent_names_its_measuring_conditions(tmp_path):
+    """At start the agent logs the power mode, the CPU governor and the INA3221's averaging."""
+    from edge_agent.agent import conditions
+
+    hwmon = make_ina3221(tmp_path)
+    (hwmon / "update_interval").write_text("1\n")
+    (hwmon / "samples").write_text("16\n")
+    governor = tmp_path / "sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"
+    governor.parent.mkdir(parents=True)
+    governor.write_text("performance\n")
+    found = conditions(tmp_path, Ina3221Reader(tmp_path))
+    assert found == {
+        "cpu_governor": "performance",
+        "power_source": "ina3221",
+        "power_rail": "VDD_IN",
+        "ina3221_update_interval_ms": "1",
+        "ina3221_samples": "16",
+    }  # no nvpmodel here: no power mode, never guessed

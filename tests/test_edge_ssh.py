@@ -323,7 +323,7 @@ def test_remote_measure_round_trip(server, remote_tmp, tmp_path):
         server.target,
         model,
         measure_args=["--backend", "onnxruntime", "--power", "none", "--warmup-s", "0.2", "--idle-s", "0"]
-        + ["--duration-s", "0.5", "--state-dir", str(tmp_path / "state")],
+        + ["--duration-s", "0.5", "--windows", "1", "--state-dir", str(tmp_path / "state")],
         agent_cmd=f"{sys.executable} -m edge_agent",
         identity=server.client_key,
         known_hosts=server.known_hosts,

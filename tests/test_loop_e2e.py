@@ -154,7 +154,8 @@ def test_two_rounds_learn_energy_from_a_fake_sensor(server, tmp_path):
     tree = FakeIna3221(tmp_path / "root", _busy_fraction(), rate_hz=50.0)
     cfg = yaml.safe_load((ROOT / "search" / "configs" / "smoke.yaml").read_text())
     # short windows (the smoke config's are 1 s, 1 s and 3 s): 50 samples each at 50 Hz
-    cfg["loop"]["agent_args"] = ["--warmup-s", "0.5", "--idle-s", "0.5", "--duration-s", "1"]
+    cfg["loop"]["agent_args"] = ["--warmup-s", "0.5", "--idle-s", "0.5", "--duration-s", "0.5"]
+    cfg["loop"]["agent_args"] += ["--windows", "2", "--pause-s", "0.2", "--max-cv", "10"]
     cfg["loop"]["agent_args"] += ["--power", "ina3221", "--power-root", str(tree.root)]
     # every trial trains fully: which trials complete (and so the front round 2 learns from) must not
     # depend on which of two concurrent trials reaches a rung first

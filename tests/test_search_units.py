@@ -414,3 +414,43 @@ def test_the_installed_ray_and_optuna_are_the_versions_compat_was_written_for():
 
     for package, minor in compat.TESTED.items():
         assert version(package).startswith(minor + "."), (package, version(package), minor)
+
+
+def test_selection_says_when_the_champion_is_within_noise_of_the_runner_up():
+    """rank() on rows alone: the sentence appears when the cost difference is within the two
+    candidates' spreads added, not when it is larger, nor when the agent reported no spread."""
+    from dataclasses import replace
+
+    from search.selection import Limits, Row, rank
+
+    def row(version, psnr, p50, std):
+        return Row(
+            version,
+            f"r{version}",
+            f"t{version}",
+            16,
+            2,
+            0.5,
+            psnr,
+            contract.DONE,
+            p50,
+            p50,
+            latency_ms_std=std,
+        )
+
+    close = [row("1", 26.0, 2.0, 0.05), row("2", 27.0, 2.05, 0.05)]
+    sel = rank(close, "cpu", Limits(), "knee")
+    assert sel.champion.version == "2" and "runner-up v1" in sel.message and "+/-0.1 ms" in sel.message
+    apart = [replace(close[0], latency_ms_std=0.01), replace(close[1], latency_ms_std=0.01)]
+    assert "runner-up" not in rank(apart, "cpu", Limits(), "knee").message
+    unknown = [replace(close[0], latency_ms_std=None), close[1]]
+    assert "runner-up" not in rank(unknown, "cpu", Limits(), "knee").message
+    # energy: its spread is the coefficient of variation times the figure
+    energy = [
+        replace(r, energy_mj_per_image=e, energy_cv=0.1, power_mw=3000.0) for r, e in zip(close, (1.0, 1.1))
+    ]
+    sel = rank(energy, "cpu", Limits(), "best-psnr")
+    assert sel.cost == contract.ENERGY and "by -0.1 mJ/image in energy" in sel.message
+    assert "+/-0.21 mJ/image" in sel.message
+    unstable = [replace(close[0], unstable=True), close[1]]
+    assert not unstable[0].measured

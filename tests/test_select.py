@@ -307,6 +307,38 @@ def test_selection_runs_from_the_command_line(unpowered, how):
     assert f"v{unpowered['c']['i'][1]}" in line
 
 
+def test_unstable_candidates_are_never_ranked_and_a_margin_within_noise_is_said(server):
+    """The agent marks a candidate whose windows disagreed twice as unstable: it shows in the table
+    with why, and is not chosen even where it dominates. Two candidates whose latencies differ by
+    less than their spreads across windows: the message says the champion cannot be told apart."""
+    exp, model = "sel-noise", "m-sel-noise"
+    _, c = make_study(
+        server, exp, model, [("s", 16, 2, 0.5, 26.0), ("t", 24, 2, 0.5, 27.0), ("u", 32, 2, 0.5, 30.0)]
+    )
+    spread = dict(latency_ms_std=0.05, latency_cv=0.025, unstable=0.0)
+    measure(server, model, c["s"], CPU, latency_ms_p50=2.0, latency_ms_p99=3.0, **spread)
+    measure(server, model, c["t"], CPU, latency_ms_p50=2.05, latency_ms_p99=3.0, **spread)
+    shaky = dict(latency_ms_std=0.3, latency_cv=0.3, unstable=1.0)
+    measure(server, model, c["u"], CPU, latency_ms_p50=1.0, latency_ms_p99=3.0, **shaky)
+    sel = select_champion(server, exp, model_name=model)
+    # front s, t (u is out): a tie on the knee goes to the higher PSNR
+    assert sel.champion.version == c["t"][1]
+    u = next(r for r in sel.rows if r.version == c["u"][1])
+    assert (
+        u.unstable and not u.measured and not u.on_front and "unstable: its figures varied by 30.0%" in u.note
+    )
+    assert f"runner-up v{c['s'][1]} (C16 r2 a0.5, val_psnr_y 26.000 dB)" in sel.message
+    assert (
+        "differs from the champion by -0.05 ms in latency p50, within the measurement noise (+/-0.1 ms"
+        in sel.message
+    )
+    # every candidate unstable: nothing to choose, and the reason is given
+    _, only = make_study(server, "sel-shaky", "m-shaky", [("w", 16, 2, 0.5, 26.0)], devices=(CPU,))
+    measure(server, "m-shaky", only["w"], CPU, latency_ms_p50=1.0, latency_ms_p99=3.0, **shaky)
+    with pytest.raises(SelectionError, match=r"\(1 unstable\)"):
+        select_champion(server, "sel-shaky", model_name="m-shaky")
+
+
 def test_nothing_measured_and_bad_input(server, capsys):
     trials = [("p", 16, 2, 0.5, 25.0), ("q", 24, 2, 0.5, 26.0)]
     make_study(server, "sel-pending", "m-pending", trials, devices=(ORIN,))
