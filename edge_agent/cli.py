@@ -1,7 +1,7 @@
 """edge-agent: run the daemon, measure one file, inspect the device, deploy over SSH.
 
 edge-agent run --tracking-uri http://mlflow:5000 --device orin-nano
-edge-agent measure model.onnx --windows 5 --duration-s 4   # JSON on stdout
+edge-agent measure model.onnx                          # JSON on stdout
 edge-agent info                                        # device, backends, power sources
 edge-agent deploy user@jetson --tracking-uri ... --device orin-nano
 edge-agent remote-measure user@jetson model.onnx

@@ -134,7 +134,6 @@ class Measurement:
     def to_json(self) -> dict:
         d = asdict(self)
         d["info"] = dict(self.info)
-        d["windows"] = [asdict(w) for w in self.windows]
         return d
 
 
