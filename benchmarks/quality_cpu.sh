@@ -25,7 +25,7 @@ if [[ $# -ne 1 ]]; then
     exit 2
 fi
 OUT=$1
-ITERATIONS=${ITERATIONS:-1500}
+ITERATIONS=${ITERATIONS:-1400}
 ALPHA=${ALPHA:-0.5}
 SEED=${SEED:-0}
 LR=${LR:-2e-3}
