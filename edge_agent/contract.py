@@ -43,6 +43,7 @@ STATUSES = (PENDING, MEASURING, DONE, FAILED)
 # run measured by two device types would then have one value overwrite the other, so the device
 # is part of the key, in the same form as the version's status tag.
 LATENCY_P50, LATENCY_P90, LATENCY_P99 = "latency_ms_p50", "latency_ms_p90", "latency_ms_p99"
+LATENCY_MEAN = "latency_ms_mean"
 POWER = "power_mw"  # mean module input power (VDD_IN) over the loaded window
 IDLE_POWER = "idle_power_mw"
 ENERGY = "energy_mj_per_image"  # net of idle
@@ -53,7 +54,7 @@ THROUGHPUT = "throughput_ips"
 LATENCY_STD, LATENCY_CV, ENERGY_CV = "latency_ms_std", "latency_cv", "energy_cv"
 UNSTABLE = "unstable"
 EDGE_METRICS = (LATENCY_P50, LATENCY_P90, LATENCY_P99, POWER, IDLE_POWER, ENERGY, THROUGHPUT)
-EDGE_METRICS += (LATENCY_STD, LATENCY_CV, ENERGY_CV, UNSTABLE)
+EDGE_METRICS += (LATENCY_MEAN, LATENCY_STD, LATENCY_CV, ENERGY_CV, UNSTABLE)
 # The few tags the agent sets beside the figures, on the run and on the version (plus
 # ``edge.<device>.error`` for a failure): what candidates are compared by. Where no power source
 # was found, the power note says why, cut to POWER_NOTE_CHARS; everything else the agent records

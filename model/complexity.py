@@ -40,9 +40,14 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def count_flops(cfg: ModelConfig, height: int = 64, width: int = 64, batch: int = 1) -> FlopCount:
-    """FLOPs of one forward pass on a (batch, 3, height, width) low-resolution input."""
+    """FLOPs of one forward pass on a (batch, 3, height, width) low-resolution input (``cfg`` may
+    also be a convolutional reference's ``model.conv.ConvConfig``: no scan)."""
+    from model.conv import ConvConfig, conv_flops
+
     if height <= 0 or width <= 0 or batch <= 0:
         raise ValueError(f"input size must be positive, got batch={batch}, {height}x{width}")
+    if isinstance(cfg, ConvConfig):
+        return FlopCount(conv_linear=conv_flops(cfg, height, width, batch), scan=0)
     P = batch * height * width  # tokens = pixels
     C, E, N, r, k, s = cfg.embed_dim, cfg.inner_dim, cfg.d_state, cfg.rank, cfg.d_conv, cfg.scale
 

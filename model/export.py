@@ -1,4 +1,5 @@
-"""Export MambaLiteSR to ONNX and check the file before anyone uses it.
+"""Export MambaLiteSR (or a convolutional reference of model/conv.py) to ONNX and check the file
+before anyone uses it.
 
     python -m model.export --preset student --out student.onnx
     python -m model.export --checkpoint runs/student.pt --out student.onnx --json report.json
@@ -193,8 +194,10 @@ def export_onnx(
 
     if len(input_shape) != 4 or input_shape[1] != 3 or min(input_shape) <= 0:
         raise ExportError(f"input_shape must be (batch, 3, height, width) and positive, got {input_shape}")
-    # The exported graph always uses the chunked scan: same weights, no CUDA kernel, no loop.
-    net = MambaLiteSR(model.cfg.replace(scan="chunked"))
+    # The exported graph always uses the chunked scan: same weights, no CUDA kernel, no loop. A
+    # convolutional reference (model/conv.py) has no scan: it is traced as it is.
+    mamba = isinstance(model, MambaLiteSR)
+    net = build_model(model.cfg.replace(scan="chunked") if mamba else model.cfg)
     net.load_state_dict(copy.deepcopy(model.state_dict()))
     net.eval()
 
@@ -208,7 +211,7 @@ def export_onnx(
     banned = sorted(BANNED_OPS & set(op_census(proto)))
     if banned:
         raise ExportError(f"the exported graph contains {banned}, which TensorRT runs poorly or wrongly")
-    if _mark_scan_nodes(proto) == 0:
+    if _mark_scan_nodes(proto) == 0 and mamba:
         raise ExportError(
             f"found no node from {SCAN_NAMESPACE} in the exported graph; the exporter's metadata "
             "changed, so the float16 precision marks cannot be placed"

@@ -229,26 +229,35 @@ class MambaLiteSR(nn.Module):
         return self.upsample(f) + self.mean  # (B, 3, sH, sW)
 
 
-def build_model(cfg: ModelConfig | str, **overrides) -> MambaLiteSR:
-    """Build a network from a config or a preset name ('teacher', 'student', 'tiny', 'dvmsr')."""
+def build_model(cfg, **overrides) -> nn.Module:
+    """Build a network from a config (a ``ModelConfig``, or a ``model.conv.ConvConfig`` for the
+    convolutional references) or a preset name ('teacher', 'student', 'tiny', 'dvmsr', or one of
+    ``model.conv.CONV_PRESETS``)."""
+    from model.conv import CONV_PRESETS, ConvConfig, ConvSR
+
     if isinstance(cfg, str):
-        cfg = preset(cfg, **overrides)
+        cfg = CONV_PRESETS[cfg].replace(**overrides) if cfg in CONV_PRESETS else preset(cfg, **overrides)
     elif overrides:
         cfg = cfg.replace(**overrides)
-    return MambaLiteSR(cfg)
+    return ConvSR(cfg) if isinstance(cfg, ConvConfig) else MambaLiteSR(cfg)
 
 
-def config_from_dict(values: dict) -> ModelConfig:
-    """A ModelConfig from a plain dict (YAML, checkpoints); an unknown key is an error naming it."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
+def config_from_dict(values: dict):
+    """A ModelConfig from a plain dict (YAML, checkpoints), or a ``ConvConfig`` when it names an
+    ``arch``; an unknown key is an error naming it."""
+    from model.conv import ConvConfig
+
+    kind = ConvConfig if "arch" in values else ModelConfig
+    known = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
-    return ModelConfig(**values)
+    return kind(**values)
 
 
-def load_model(path: str, **overrides) -> MambaLiteSR:
-    """Load a network saved as {"model_config": dict, "model": state_dict} (trainers' checkpoints).
+def load_model(path: str, **overrides) -> nn.Module:
+    """Load a network saved as {"model_config": dict, "model": state_dict} (trainers' checkpoints):
+    a MambaLiteSR, or a convolutional reference (``model.conv``) when the config names an ``arch``.
 
     Raises:
         ValueError: the file is not such a checkpoint, or its weights do not fit its config.
@@ -261,7 +270,7 @@ def load_model(path: str, **overrides) -> MambaLiteSR:
         raise ValueError(
             f"{path} is not a MambaLiteSR checkpoint: expected a dict with 'model_config' and 'model'"
         )
-    net = MambaLiteSR(config_from_dict({**ckpt["model_config"], **overrides}))
+    net = build_model(config_from_dict({**ckpt["model_config"], **overrides}))
     try:
         net.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

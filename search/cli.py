@@ -31,6 +31,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="random trials before TPE models / NSGA-II population size",
     )
     p.add_argument("--seed", type=argtypes.nonnegative_int)
+    p.add_argument(
+        "--train-data", nargs="+", metavar="FOLDER", help="training image folders (training.train_data)"
+    )
+    p.add_argument(
+        "--val-data",
+        nargs="+",
+        metavar="FOLDER",
+        help="validation image folders, the images trials are judged on (training.val_data)",
+    )
+    p.add_argument(
+        "--teacher",
+        help="the study's teacher (teacher.checkpoint): dvmsr, dvmsr:PATH for a local copy of DVMSR's "
+        "weights, a .pt file or an MLflow URI",
+    )
     p.add_argument("--storage-dir", help="where Ray's experiment state and the Optuna database live")
     p.add_argument("--resume", action="store_true", help="continue the latest study in --storage-dir")
     p.add_argument(
@@ -83,6 +97,9 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
             ("searcher", "searcher"),
             ("startup_trials", "startup_trials"),
             ("seed", "seed"),
+            ("training.train_data", "train_data"),
+            ("training.val_data", "val_data"),
+            ("teacher.checkpoint", "teacher"),
             ("storage_dir", "storage_dir"),
             ("cost", "objective"),
             ("loop.rounds", "rounds"),

@@ -124,6 +124,24 @@ def wait_for_measurements(
         time.sleep(poll_s)
 
 
+def measure(tracking_uri: str, cfg: SearchConfig, versions: list[str], state_dir: Path) -> dict[str, str]:
+    """Wait for ``cfg.loop.device``'s measurements of ``versions`` (``wait_for_measurements``).
+
+    With ``loop.local_agent`` the agent measures on the CPU the trials train on, so it runs only
+    during this wait: started here, stopped when the wait ends (a version it had not finished is
+    handed back and stays pending for the next wait), so that no trial's load is in its windows
+    and it takes no core from the trials.
+    """
+    agent = LocalAgent(tracking_uri, cfg, state_dir) if cfg.loop.local_agent else None
+    try:
+        return wait_for_measurements(
+            tracking_uri, cfg.registry.model_name, versions, cfg.loop.device, cfg.loop.wait_timeout_s, agent
+        )
+    finally:
+        if agent is not None:
+            agent.stop()
+
+
 class LocalAgent:
     """``edge-agent run`` as a child process on this machine (ONNX Runtime on the CPU)."""
 

@@ -256,12 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         print("marked the interrupted study's unfinished runs KILLED; their trials rerun")
     study = resumed or Study.start(cfg, tracking_uri)
     print(f"study {study.name}: MLflow run {study.run_id} in experiment '{cfg.experiment}' at {tracking_uri}")
-    status, agents, stage = "FAILED", [], ["starting"]
+    status, stage = "FAILED", ["starting"]
     flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
     resume_hint = f"python search/run.py {shlex.join([*flags, '--resume'])}"
     reported = False
     try:
-        summary, champion, timings = run_study(cfg, study, args.resume, agents, stage)
+        summary, champion, timings = run_study(cfg, study, args.resume, stage)
         if args.json:
             rows = study.trials(cfg.cost, model_name=cfg.registry.model_name)
             loop.rescore(rows, cfg, study.tracking_uri, study.experiment_id)
@@ -299,8 +299,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     finally:
-        for agent in agents:
-            agent.stop()
         try:
             study.close(status)
         except Exception as exc:
@@ -336,13 +334,13 @@ def _lost_resource(exc: BaseException, tracking_uri: str) -> tuple[str, str] | N
 
 
 def run_study(
-    cfg: SearchConfig, study: Study, resume: bool, agents: list, stage: list[str]
+    cfg: SearchConfig, study: Study, resume: bool, stage: list[str]
 ) -> tuple[dict, dict | None, dict]:
     """The teacher, then each round not done yet (search, register, measure), then the champion.
 
     Returns (the summary of the last round, the champion or None, the stages' wall times). A local
-    edge agent started here is appended to ``agents`` for the caller to stop; ``stage[0]`` says
-    what the study is doing, for an error message.
+    edge agent runs only while a round waits for its measurements (``loop.measure``); ``stage[0]``
+    says what the study is doing, for an error message.
     """
     from search import loop
     from search.costmodel import TARGETS
@@ -398,18 +396,9 @@ def run_study(
         timings[f"round{k}_register_s"] = time.monotonic() - t0
         new = [str(r.version) for r in rows if r.version and r.version not in registered]
         if wait and new:
-            if cfg.loop.local_agent and not agents:
-                agents.append(loop.LocalAgent(study.tracking_uri, cfg, storage / "agent"))
             t0 = time.monotonic()
             stage[0] = f"waiting for round {k}'s measurements"
-            loop.wait_for_measurements(
-                study.tracking_uri,
-                cfg.registry.model_name,
-                new,
-                cfg.loop.device,
-                cfg.loop.wait_timeout_s,
-                agents[0] if agents else None,
-            )
+            loop.measure(study.tracking_uri, cfg, new, storage / "agent")  # a local agent runs only now
             timings[f"round{k}_measure_s"] = time.monotonic() - t0
         if edge_cost:
             errors = loop.log_round(study.tracking_uri, study.experiment_id, study.run_id, cfg, k)

@@ -106,6 +106,7 @@ class Row:
     latency_ms_std: float | None = None  # across the agent's windows (edge_agent/measure.py)
     energy_cv: float | None = None
     unstable: bool = False  # the agent's windows disagreed beyond its limit twice: never ranked
+    reference: str = ""  # a reference model's name (study.TAG_REFERENCE): compared, never chosen
     note: str = ""  # why a candidate is out of the comparison (error, missing figures, a failed limit)
     within_limits: bool | None = None  # None: not measured
     on_front: bool = False  # on the Pareto front of the measured candidates within the limits
@@ -123,7 +124,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        return f"v{self.version} {self.knobs}".strip()
+        return " ".join(x for x in (f"v{self.version}", self.reference, self.knobs) if x)
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,15 @@ def busiest_device(versions: list) -> str | None:
 
 
 def make_row(version, run, device: str) -> Row:
-    """A candidate from its version's tags and its trial run's params and metrics (nothing guessed)."""
+    """A candidate from its version's tags and its trial run's params and metrics (nothing guessed);
+    a reference model's row says so in its note."""
+    row = _make_row(version, run, device)
+    if row.reference and not row.note:
+        row = replace(row, note=f"reference ({row.reference}): compared, never chosen")
+    return row
+
+
+def _make_row(version, run, device: str) -> Row:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
 
     def param(name: str, kind):
@@ -243,6 +252,7 @@ def make_row(version, run, device: str) -> Row:
         # the registered weights' quality: a finalized candidate ships its retrained weights
         psnr=float(metrics.get(FINAL_QUALITY, metrics.get(QUALITY, math.nan))),
         status=status,
+        reference=tags.get(study.TAG_REFERENCE, ""),
     )
     if status == contract.FAILED:
         return replace(row, note=version.tags.get(contract.error_tag(device), "failed, no error recorded"))
@@ -348,15 +358,18 @@ def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
         return replace(r, within_limits=not failed, note=f"fails {outside}" if failed else r.note)
 
     rows = [judged(r) if r.measured else r for r in rows]
-    feasible = [r for r in rows if r.within_limits]
+    feasible = [r for r in rows if r.within_limits and not r.reference]  # references are never chosen
     if not feasible:
         parts = []
         for name, op, bound in limits.checks():
-            excluded = sum(name in failures(r) for r in measured)
-            known = [getattr(r, name) for r in measured if getattr(r, name) is not None]
+            excluded = sum(name in failures(r) for r in measured if not r.reference)
+            known = [getattr(r, name) for r in measured if getattr(r, name) is not None and not r.reference]
             if excluded:
                 best = f"{'lowest' if op == '<=' else 'highest'} {(min if op == '<=' else max)(known):.4g}"
                 parts.append(f"{_label(name)} {op} {bound:g} excludes {excluded} ({best})")
+        references = sum(bool(r.reference and r.within_limits) for r in rows)
+        if references:
+            parts.append(f"{references} reference(s) are, but references are never chosen")
         raise SelectionError(
             f"{len(measured)} measured candidates on {device}; none within the limits: {'; '.join(parts)}.",
             replace(partial, rows=tuple(rows)),
@@ -374,6 +387,7 @@ def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
     others = [r for r in feasible if r.version != champion.version]
     if others:
         notes.extend(_within_noise(champion, _choose(others, cost, rule)[1], cost))
+    notes.extend(_references_over(champion, [r for r in rows if r.reference and r.within_limits], cost))
     return Selection(tuple(rows), champion, device, cost, " ".join(notes), rule, limits)
 
 
@@ -410,6 +424,22 @@ def _within_noise(champion: Row, runner_up: Row, cost: str) -> list[str]:
         f"differs from the champion by {diff:+.3g} {unit} in {what}, within the measurement noise "
         f"(+/-{sum(noise):.3g} {unit}: the two candidates' standard deviations across the agent's "
         "windows added): on this device the two cannot be told apart by cost."
+    ]
+
+
+def _references_over(champion: Row, references: list[Row], cost: str) -> list[str]:
+    """A sentence naming each measured reference that dominates the champion (as good or better in
+    every objective compared, better in one): the search's best loses to it on this device."""
+    from search.pareto import dominates
+
+    fields, senses = objectives(cost)
+    point = lambda r: tuple(getattr(r, f) for f in fields)  # noqa: E731
+    return [
+        f"The reference {r.reference} (v{r.version}: {QUALITY} {r.psnr:.3f} dB, {_figures(r, cost)}) "
+        f"dominates the champion on {', '.join(_label(f) for f in fields)}: on this device it is the "
+        "better model. References are never made champion."
+        for r in references
+        if dominates(point(r), point(champion), senses)
     ]
 
 
@@ -570,7 +600,8 @@ def select_champion(
     kept = f"The '{contract.CHAMPION_ALIAS}' alias stays on " + (
         f"v{previous}." if previous else "no version."
     )
-    if not any(r.measured for r in rows):
+    if not any(r.measured and not r.reference for r in rows):
+        rows = [r for r in rows if not r.reference] or rows
         states = [
             r.status if r.status != contract.DONE else ("unstable" if r.unstable else "done without figures")
             for r in rows

@@ -137,15 +137,20 @@ def teacher_val_psnr(cfg: SearchConfig, checkpoint: Path, name: str) -> float:
 
 def register_front(rows: list[TrialRow], cfg: SearchConfig, study: Study, ctx, root: Path) -> None:
     """Register every front row not registered yet (after its finalization when
-    ``finalize.iterations``); sets ``row.version``."""
+    ``finalize.iterations``); sets ``row.version``. The finalizations run side by side, each with a
+    trial's resources, as many at once as the cluster holds; registration follows in front order."""
     from search.registry import register_candidate, version_of_trial
 
-    finalize = _finalizer(cfg, ctx, root) if cfg.finalize.iterations else None
-    for r in rows:
-        if not r.on_front or r.run_id is None:
-            continue
-        registered = version_of_trial(study.tracking_uri, cfg.registry.model_name, r.run_id)
-        weights = finalize(r) if finalize is not None and registered is None else None
+    front = [r for r in rows if r.on_front and r.run_id is not None]
+    registered = {
+        r.run_id: version_of_trial(study.tracking_uri, cfg.registry.model_name, r.run_id) for r in front
+    }
+    waits = {}
+    if cfg.finalize.iterations:
+        finalize = _finalizer(cfg, ctx, root)
+        waits = {r.run_id: finalize(r) for r in front if registered[r.run_id] is None}
+    for r in front:
+        weights = waits[r.run_id]() if r.run_id in waits else None
         reg = register_candidate(
             study.tracking_uri,
             r.run_id,
@@ -160,8 +165,9 @@ def register_front(rows: list[TrialRow], cfg: SearchConfig, study: Study, ctx, r
 
 
 def _finalizer(cfg: SearchConfig, ctx, root: Path):
-    """finalize(row): the row's knobs retrained for finalize.iterations steps as a Ray task (with a
-    trial's resources), into ``root/<trial id>`` so that --resume continues it; returns its run id."""
+    """finalize(row) starts the row's knobs retraining for finalize.iterations steps as a Ray task
+    (with a trial's resources), into ``root/<trial id>`` so that --resume continues it, and returns
+    wait(): it blocks until the retraining is done and returns its run id."""
     import ray
 
     from search.study import FINAL_QUALITY
@@ -169,15 +175,20 @@ def _finalizer(cfg: SearchConfig, ctx, root: Path):
 
     task = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(finalize_candidate)
 
-    def finalize(row: TrialRow) -> str:
+    def finalize(row: TrialRow):
         print(f"finalizing {row.name or row.trial_id}: {cfg.finalize.iterations} steps")
-        run_id = ray.get(task.remote(ctx, row.config, row.run_id, str(root / row.trial_id)))
-        final = study_mod.client(ctx.tracking_uri).get_run(row.run_id).data.metrics.get(FINAL_QUALITY)
-        print(
-            f"finalized {row.name or row.trial_id}: {FINAL_QUALITY} {final:.2f} dB "
-            f"(the trial reached {row.val_psnr_y:.2f})"
-        )
-        return run_id
+        ref = task.remote(ctx, row.config, row.run_id, str(root / row.trial_id))
+
+        def wait() -> str:
+            run_id = ray.get(ref)
+            final = study_mod.client(ctx.tracking_uri).get_run(row.run_id).data.metrics.get(FINAL_QUALITY)
+            print(
+                f"finalized {row.name or row.trial_id}: {FINAL_QUALITY} {final:.2f} dB "
+                f"(the trial reached {row.val_psnr_y:.2f})"
+            )
+            return run_id
+
+        return wait
 
     return finalize
 

@@ -37,6 +37,10 @@ TAG_STUDY = "search.study"
 TAG_TEACHER_URI = "search.teacher_uri"
 ROLE_FINALIZE = "finalize"  # role tag of a front candidate's retraining (finalize.iterations)
 TAG_FINALIZED_FROM = "search.finalized_from"  # on a finalization run: its trial's run id
+# on a reference model's run (bicubic, a hand-picked student, a convolutional net: its name):
+# registered and measured beside the study's candidates, compared with them, never made champion
+TAG_REFERENCE = "search.reference"
+ROLE_REFERENCE = "reference"
 TAG_TEACHER = "search.teacher"  # .file, .sha256, .repository of published weights (dvmsr)
 TAG_VERDICT = "search.verdict"  # on a trial run: complete | stopped | failed, written once
 TAG_EARLY_STOPPED = "search.early_stopped"  # "true"/"false", derived from the verdict (for filters)
@@ -478,8 +482,9 @@ class Measurement:
 def measurements(
     tracking_uri: str, experiment_id: str, model_name: str, device: str, metric: str
 ) -> list[Measurement]:
-    """Every version of ``model_name`` from this experiment's runs that ``device`` measured
-    (status done) with a finite ``edge.<device>.<metric>``, oldest first."""
+    """Every version of ``model_name`` from this experiment's trial runs (reference models left
+    out) that ``device`` measured (status done) with a finite ``edge.<device>.<metric>``, oldest
+    first."""
     c = client(tracking_uri)
     out = []
     versions = all_pages(c.search_model_versions, f"name='{model_name}'", max_results=200)
@@ -489,6 +494,8 @@ def measurements(
         run = c.get_run(v.run_id)
         value = run.data.metrics.get(contract.edge_key(device, metric))
         if run.info.experiment_id != experiment_id or value is None or not math.isfinite(value):
+            continue
+        if run.data.tags.get(TAG_REFERENCE):  # not a student of the space: no point of its cost model
             continue
         # the architecture, and so the cost, is the trial's; so is the search's prediction
         trial_id = run.data.tags.get(TAG_FINALIZED_FROM)

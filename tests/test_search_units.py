@@ -1,6 +1,8 @@
 """Search pieces without Ray running: config, space, early-stopping rule, Pareto front, searcher."""
 
+import dataclasses
 import math
+from pathlib import Path
 
 import optuna
 import pytest
@@ -77,6 +79,25 @@ def test_no_register_is_refused_beside_what_needs_the_registered_front(capsys):
         config_from_args(
             parse_args(["--smoke-test", "--no-register"])
         )  # the smoke config measures and selects
+
+
+def test_data_and_teacher_flags_set_their_keys_and_missing_folders_are_named(tmp_path):
+    from search.cli import config_from_args, parse_args
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "v").mkdir()
+    (tmp_path / "w.pth").write_bytes(b"x")
+    argv = ["--config", str(Path(__file__).parents[1] / "search" / "configs" / "cpu.yaml")]
+    argv += ["--train-data", str(tmp_path / "a"), "--val-data", str(tmp_path / "v")]
+    cfg = config_from_args(parse_args([*argv, "--teacher", f"dvmsr:{tmp_path / 'w.pth'}"]))
+    assert cfg.training.train_data == (str(tmp_path / "a"),)
+    assert cfg.training.val_data == (str(tmp_path / "v"),)
+    assert cfg.teacher.checkpoint == f"dvmsr:{tmp_path / 'w.pth'}" and cfg.training.init == "teacher"
+    assert cfg.loop.local_agent and cfg.loop.select and cfg.registry.devices == ("local-cpu",)
+    with pytest.raises(ConfigError, match=r"training.val_data: .*nope is not a folder"):
+        config_from_args(parse_args([*argv[:4], "--val-data", str(tmp_path / "nope")]))
+    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+        config_from_args(parse_args([*argv, "--teacher", f"dvmsr:{tmp_path / 'none.pth'}"]))
 
 
 def test_main_saves_rays_state_at_every_step_under_the_entry_point_too(tmp_path, monkeypatch):
@@ -454,3 +475,39 @@ def test_selection_says_when_the_champion_is_within_noise_of_the_runner_up():
     assert "+/-0.21 mJ/image" in sel.message
     unstable = [replace(close[0], unstable=True), close[1]]
     assert not unstable[0].measured
+
+
+def test_the_local_agent_runs_only_while_a_round_waits_for_its_measurements(tmp_path, monkeypatch):
+    """It measures on the CPU the trials use: started for the wait, stopped when the wait ends,
+    also when the wait fails, so no trial's load lands in its windows."""
+    from search import loop
+
+    events = []
+
+    class FakeAgent:
+        def __init__(self, tracking_uri, cfg, state_dir):
+            events.append(("start", str(state_dir)))
+
+        def stop(self):
+            events.append(("stop",))
+
+    def wait(tracking_uri, model_name, versions, device, timeout_s, agent=None):
+        events.append(("wait", tuple(versions), device, agent is not None))
+        if versions == ["9"]:
+            raise RuntimeError("the tracking server went away")
+        return {v: contract.DONE for v in versions}
+
+    monkeypatch.setattr(loop, "LocalAgent", FakeAgent)
+    monkeypatch.setattr(loop, "wait_for_measurements", wait)
+    # the smoke config: loop.local_agent true, device local-cpu
+    cfg = load_config(Path(__file__).parents[1] / "search" / "configs" / "smoke.yaml")
+    assert loop.measure("sqlite:///x.db", cfg, ["1", "2"], tmp_path / "agent") == {"1": "done", "2": "done"}
+    assert events == [("start", str(tmp_path / "agent")), ("wait", ("1", "2"), "local-cpu", True), ("stop",)]
+    events.clear()
+    with pytest.raises(RuntimeError):
+        loop.measure("sqlite:///x.db", cfg, ["9"], tmp_path / "agent")
+    assert events[-1] == ("stop",)
+    events.clear()
+    remote = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, local_agent=False, agent_args=()))
+    loop.measure("sqlite:///x.db", remote, ["3"], tmp_path / "agent")
+    assert events == [("wait", ("3",), "local-cpu", False)]  # an agent elsewhere measures: none started here

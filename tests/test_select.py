@@ -61,7 +61,8 @@ def make_study(
         tags = {contract.ROLE: contract.ROLE_TRIAL, "mlflow.parentRunId": study}
         run = c.create_run(exp_id, run_name=name, tags=tags).info.run_id
         for k, v in (("embed_dim", embed_dim), ("rank", rank), ("alpha", alpha)):
-            c.log_param(run, k, v)
+            if v is not None:  # a reference model has no knobs
+                c.log_param(run, k, v)
         c.log_metric(run, "val_psnr_y", psnr)
         c.set_terminated(run)
         version_tags = {
@@ -337,6 +338,53 @@ def test_unstable_candidates_are_never_ranked_and_a_margin_within_noise_is_said(
     measure(server, "m-shaky", only["w"], CPU, latency_ms_p50=1.0, latency_ms_p99=3.0, **shaky)
     with pytest.raises(SelectionError, match=r"\(1 unstable\)"):
         select_champion(server, "sel-shaky", model_name="m-shaky")
+
+
+def test_references_are_compared_never_chosen_and_one_that_dominates_is_named(server):
+    """Reference models (bicubic, a conv net, the hand pick) registered beside a study's candidates:
+    measured by the same agent, shown in the table, never the champion; the message names a
+    reference that dominates the champion, and a study whose only measured rows are references has
+    nothing to choose."""
+    from search import study
+    from search.study import TAG_REFERENCE
+
+    exp, model = "sel-refs", "m-sel-refs"
+    trials = [("a", 16, 2, 0.5, 28.0), ("b", 32, 2, 0.5, 29.0), ("bicubic", None, None, None, 26.0)]
+    trials += [("fsrcnn", None, None, None, 29.5)]
+    _, c = make_study(server, exp, model, trials, devices=(CPU,))
+    for name in ("bicubic", "fsrcnn"):
+        client(server).set_tag(c[name][0], TAG_REFERENCE, name)
+    spread = dict(latency_ms_std=0.01, latency_cv=0.01, unstable=0.0)
+    for name, p50 in (("a", 5.0), ("b", 9.0), ("bicubic", 0.5), ("fsrcnn", 4.0)):
+        measure(server, model, c[name], CPU, latency_ms_p50=p50, latency_ms_p99=p50 * 2, **spread)
+    sel = select_champion(server, exp, model_name=model, rule="best-psnr")
+    assert sel.champion.version == c["b"][1]  # fsrcnn has the best PSNR, but is a reference
+    refs = {r.reference: r for r in sel.rows if r.reference}
+    assert set(refs) == {"bicubic", "fsrcnn"} and not any(r.chosen or r.on_front for r in refs.values())
+    assert refs["bicubic"].note == "reference (bicubic): compared, never chosen"
+    assert refs["fsrcnn"].label == f"v{c['fsrcnn'][1]} fsrcnn" and refs["fsrcnn"].embed_dim is None
+    assert (
+        f"The reference fsrcnn (v{c['fsrcnn'][1]}: val_psnr_y 29.500 dB, latency p50 4.000 ms)" in sel.message
+    )
+    assert "bicubic" not in sel.message  # it does not dominate the champion: less PSNR
+    assert champion(server, model) == c["b"][1]
+    # nor are they points of the cost model the loop fits on the device's measurements
+    exp_id = client(server).get_experiment_by_name(exp).experiment_id
+    points = study.measurements(server, exp_id, model, CPU, "latency_ms_p50")
+    assert sorted(p.version for p in points) == sorted([c["a"][1], c["b"][1]])
+    # the candidates measured but outside a limit that a reference meets: nothing to choose, and why
+    with pytest.raises(
+        SelectionError, match=r"none within the limits: .*1 reference\(s\) are, but references"
+    ):
+        select_champion(server, exp, model_name=model, limits=Limits(max_latency_ms=1.0))
+    # only references measured: the candidates are what is missing
+    _, only = make_study(server, "sel-refs-only", "m-refs-only", trials[:1] + trials[2:3], devices=(CPU,))
+    client(server).set_tag(only["bicubic"][0], TAG_REFERENCE, "bicubic")
+    measure(server, "m-refs-only", only["bicubic"], CPU, latency_ms_p50=0.5, latency_ms_p99=1.0, **spread)
+    with pytest.raises(
+        SelectionError, match=r"none of the 1 candidates .* is measured on cpu-x \(1 pending\)"
+    ):
+        select_champion(server, "sel-refs-only", model_name="m-refs-only")
 
 
 def test_nothing_measured_and_bad_input(server, capsys):

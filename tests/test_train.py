@@ -178,12 +178,17 @@ def test_resume_gives_the_same_weights(tmp_path, exc):
     cfg = tiny_cfg(tmp_path / "b")
     with pytest.raises(exc):
         train(cfg, Recorder(stop_at=7, exc=exc))  # Ctrl-C saves step 7; a crash leaves step 6
-    saved = load_checkpoint(tmp_path / "b" / "run" / "last.pt")["step"]
-    assert saved == (7 if exc is KeyboardInterrupt else 6)
+    state = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
+    assert state["step"] == (7 if exc is KeyboardInterrupt else 6)
     resumed = train(cfg, Recorder(), resume=True)
     assert resumed.step == straight.step == 12
     a, b = weights(straight.checkpoint), weights(resumed.checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the compute spent counts the interrupted part too: what the checkpoint carried, plus the rest
+    assert 0 < state["metrics"]["cpu_s"] < resumed.cpu_s and straight.cpu_s > 0
+    assert (
+        state["metrics"]["cpu_s"] < load_checkpoint(resumed.checkpoint)["metrics"]["cpu_s"] <= resumed.cpu_s
+    )
 
 
 @pytest.mark.e2e  # a training command line as a process of its own, killed and resumed

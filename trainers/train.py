@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from edge_agent import argtypes, contract, preflight
 from edge_agent.contract import credential_problem
 from model import ModelConfig, build_model, count_flops, count_params, preset
+from model.conv import CONV_PRESETS, ConvConfig
 from model.inherit import (
     CRITERIA,
     DEFAULT_CRITERION,
@@ -62,7 +63,8 @@ class TrainingDiverged(RuntimeError):
 @dataclass(frozen=True)
 class TrainConfig:
     role: str = "student"  # "teacher" (L1 to HR) or "student" (distilled)
-    model: ModelConfig = field(default_factory=lambda: PRESETS["student"])
+    # a MambaLiteSR; or a convolutional reference's ConvConfig (model/conv.py), trained the same way
+    model: ModelConfig | ConvConfig = field(default_factory=lambda: PRESETS["student"])
     teacher: str | None = None  # teacher checkpoint; required by a student with alpha > 0
     alpha: float = 0.5  # weight of L1(student, teacher); 1 - alpha goes to L1(student, HR)
     init: str = "scratch"  # "teacher": the student starts from its teacher's weights (model/inherit.py)
@@ -102,6 +104,13 @@ class TrainConfig:
             )
         if self.init == "teacher" and self.role != "student":
             raise ValueError("init 'teacher' is for a student; a teacher starts from scratch")
+        if getattr(self.model, "arch", None) == "bicubic":
+            raise ValueError("TrainConfig.model: bicubic interpolation has no weights to train")
+        if self.init == "teacher" and not isinstance(self.model, ModelConfig):
+            raise ValueError(
+                f"init 'teacher' picks a Mamba student's weights from a Mamba teacher; the {self.model.arch} "
+                "reference net has nothing to take from it: use init 'scratch'"
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"TrainConfig.alpha must be in [0, 1], got {self.alpha}")
         for name in ("batch_size", "patch_size", "iterations", "val_every", "log_every"):
@@ -148,6 +157,7 @@ class TrainResult:
     patches_per_s: float  # LR patches per second of training steps (validation excluded)
     teacher_share: float | None  # mean share of a step spent in the teacher's forward pass
     energy: EnergyReading
+    cpu_s: float = float("nan")  # CPU seconds the run's process spent (every thread), resumes included
 
 
 def distill_loss(
@@ -259,6 +269,7 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = _step_lr(cfg, optimizer)
     step, metrics = 0, {}
+    cpu_t0 = time.process_time()
     if resume:
         state = load_checkpoint(ckpt_path)
         diff = _compare_configs(state.get("train_config", {}), cfg.to_dict())
@@ -272,7 +283,14 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         step, metrics = state["step"], state.get("metrics", {})
         log.info("resuming %s at step %d", ckpt_path, step)
 
+    cpu_before = metrics.get("cpu_s", 0.0)  # what the interrupted part of a resumed run spent
+
+    def cpu_s() -> float:
+        """The compute spent on this run: CPU time of this process (all its threads) so far."""
+        return cpu_before + time.process_time() - cpu_t0
+
     def checkpoint(at_step: int) -> None:
+        metrics["cpu_s"] = cpu_s()
         state = {
             "model_config": dataclasses.asdict(cfg.model),
             "model": net.state_dict(),
@@ -288,8 +306,9 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     params, flops_g = count_params(net), count_flops(cfg.model, 64, 64).gflops
-    scan_form = resolve_scan(cfg.model.scan, device)  # what "auto" (or a missing kernel) comes to here
-    log.info("%s training with the %s selective scan on %s", cfg.role, scan_form, device)
+    # what "auto" (or a missing kernel) comes to here; a convolutional reference has no scan
+    scan_form = resolve_scan(cfg.model.scan, device) if isinstance(cfg.model, ModelConfig) else "none"
+    log.info("%s training (selective scan: %s) on %s", cfg.role, scan_form, device)
     tracker.log_params({**cfg.to_dict(), "params": params, "flops_g": flops_g, "scan_form": scan_form})
     ckpt_every = cfg.checkpoint_every or cfg.val_every
     step_time = teacher_time = 0.0
@@ -345,8 +364,8 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
                         loss=f"{loss.item():.4f}", psnr=f"{metrics.get('val_psnr_y', float('nan')):.2f}"
                     )
                 if step % cfg.val_every == 0 or step == cfg.iterations:
-                    metrics.update(validate(net, val_pairs, device))
-                    tracker.log_metrics({k: metrics[k] for k in ("val_psnr_y", "val_ssim_y")}, step)
+                    metrics.update(validate(net, val_pairs, device), cpu_s=cpu_s())
+                    tracker.log_metrics({k: metrics[k] for k in ("val_psnr_y", "val_ssim_y", "cpu_s")}, step)
                     bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{metrics['val_psnr_y']:.2f}")
                 if step % ckpt_every == 0 or step == cfg.iterations:
                     checkpoint(step)
@@ -370,6 +389,7 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         patches_per_s=cfg.batch_size * steps_timed / step_time if step_time else float("nan"),
         teacher_share=teacher_time / step_time if teacher is not None and step_time else None,
         energy=energy,
+        cpu_s=cpu_s(),
     )
     final = {  # validation metrics were logged at this step already
         "params": params,
@@ -425,7 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainers.train", description=__doc__.split("\n")[0])
     d = TrainConfig()
     p.add_argument("--role", choices=ROLES, default="student")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: the role's)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS) + sorted(CONV_PRESETS),
+        help="model preset (default: the role's); fsrcnn, espcn and fsrcnn-student are the "
+        "convolutional reference nets (model/conv.py), trained from scratch",
+    )
     p.add_argument("--embed-dim", type=argtypes.positive_int)
     p.add_argument("--rank", type=argtypes.positive_int)
     p.add_argument("--groups", type=argtypes.positive_int, dest="n_groups")
@@ -495,13 +520,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+FLAG_NAMES = {"n_groups": "groups", "blocks_per_group": "blocks"}  # config field -> its flag
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {
         k: getattr(args, k)
         for k in ("embed_dim", "rank", "n_groups", "blocks_per_group", "scale", "scan")
         if getattr(args, k) is not None
     }
-    model_cfg = preset(args.preset or args.role, **overrides)
+    if args.preset in CONV_PRESETS:  # a convolutional reference (model/conv.py): only its scale is free
+        mamba_only = sorted(k for k in overrides if k != "scale")
+        if mamba_only:
+            flags = ", ".join("--" + FLAG_NAMES.get(k, k).replace("_", "-") for k in mamba_only)
+            raise ValueError(f"{flags} set(s) a Mamba knob; --preset {args.preset} is a convolutional net")
+        model_cfg = CONV_PRESETS[args.preset].replace(**overrides)
+    else:
+        model_cfg = preset(args.preset or args.role, **overrides)
     return TrainConfig(
         role=args.role,
         model=model_cfg,
