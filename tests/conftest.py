@@ -58,6 +58,7 @@ LONG_MODULES = (
     "test_ray_up.py",
     "test_loop_e2e.py",
     "test_search_e2e.py",
+    "test_real_study.py",
     "test_lcbench.py",
     "test_quality_cpu.py",
 )
