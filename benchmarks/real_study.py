@@ -5,7 +5,8 @@
         [--train-data PHOTOS] [--val-images 10] [--bench BENCH] [--teacher dvmsr:PATH]
 
 Stages, each done once: run it again with the same OUT after a crash or a kill -9 and it goes on
-where it stopped (``OUT/stages.json`` holds what each finished stage took):
+where it stopped (``OUT/stages.json`` holds what each finished stage took, and which stages were
+interrupted and run again: their time is their last attempt's):
 
 - split: ``OUT/data/train`` and ``OUT/data/val``, links to the photos of ``--train-data``; the last
   ``--val-images`` by file name are held out, the validation set trials are judged on (the test
@@ -26,7 +27,7 @@ where it stopped (``OUT/stages.json`` holds what each finished stage took):
 - summary: ``OUT/summary.json`` (shape below) and ``OUT/front.png``.
 
 summary.json: ``{"wall_s", "stages_s", "search_cpu_s", "champion": E, "hand_pick": E, "front": [E],
-"references": [E]}``; each E is ``{"name", "knobs" (or null), "params", "gflops" (at 64x64), "onnx",
+"references": [E], "resumed_stages", "selection" (its message)}``; each E is ``{"name", "knobs" (or null), "params", "gflops" (at 64x64), "onnx",
 "psnr_y": {"Set5", "Set14", "BSD100"}, "ssim_y": {...}, "val_psnr_y", "latency_ms_mean",
 "latency_ms_sd", "cpu_s"}``: latency as the agent measured it (the mean over its windows and the
 standard deviation across them), ``cpu_s`` the CPU seconds spent training that model (a candidate:
@@ -55,23 +56,35 @@ SETS = ("Set5", "Set14", "BSD100")
 
 
 class Stages:
-    """``OUT/stages.json``: the wall time of each stage done; a stage done is not run again."""
+    """``OUT/stages.json``: the wall time of each stage done (a stage done is not run again), and
+    the stages that were interrupted and run again (their time is the last attempt's only)."""
 
     def __init__(self, out: Path):
         self.path = out / "stages.json"
-        self.done: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.done: dict[str, float] = saved.get("done", {})
+        self.started: list[str] = saved.get("started", [])
+        self.resumed: list[str] = saved.get("resumed", [])
+
+    def _save(self) -> None:
+        from edge_agent.fileio import atomic_write_bytes
+
+        state = {"done": self.done, "started": self.started, "resumed": self.resumed}
+        atomic_write_bytes(self.path, json.dumps(state, indent=1).encode())
 
     def run(self, name: str, fn, *args):
         if name in self.done:
             print(f"[{time.strftime('%T')}] {name}: done before ({self.done[name]:.0f} s)", flush=True)
             return None
+        if name in self.started and name not in self.resumed:
+            self.resumed.append(name)
+        self.started.append(name)
+        self._save()
         print(f"[{time.strftime('%T')}] {name}", flush=True)
         t0 = time.monotonic()
         result = fn(*args)
         self.done[name] = time.monotonic() - t0
-        from edge_agent.fileio import atomic_write_bytes
-
-        atomic_write_bytes(self.path, json.dumps(self.done, indent=1).encode())
+        self._save()
         return result
 
 
@@ -419,6 +432,7 @@ class Run:
             "wall_s": sum(stages.done.values()),
             "stages_s": stages_s,
             "search_cpu_s": sum(spent.values()),
+            "resumed_stages": stages.resumed,  # interrupted, then run again: the last attempt's time
             "champion": entry(champion),
             "hand_pick": next((entry(e) for e in entries if e["reference"] == "hand-pick"), None),
             "front": [entry(e) for e in entries if not e["reference"]],

@@ -125,6 +125,7 @@ def test_the_real_study_survives_a_kill_9_in_finalization_and_reports_every_mode
     }
     assert {"split", "study", "references", "measure", "select", "evaluate"} <= set(summary["stages_s"])
     assert "study.round1_search_s" in summary["stages_s"] and summary["wall_s"] > 0
+    assert summary["resumed_stages"] == ["study"]  # killed in its finalization: its time is the rerun's
     refs = {e["name"]: e for e in summary["references"]}
     assert set(refs) == {"bicubic", "fsrcnn", "espcn", "fsrcnn-student"}
     hand = summary["hand_pick"]
