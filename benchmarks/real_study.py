@@ -27,7 +27,8 @@ interrupted and run again: their time is their last attempt's):
 - summary: ``OUT/summary.json`` (shape below) and ``OUT/front.png``.
 
 summary.json: ``{"wall_s", "stages_s", "search_cpu_s", "champion": E, "hand_pick": E, "front": [E],
-"references": [E], "resumed_stages", "selection" (its message)}``; each E is ``{"name", "knobs" (or null), "params", "gflops" (at 64x64), "onnx",
+"references": [E], "resumed_stages", "selection" (its message)}``; each E is ``{"name", "knobs"
+(or null), "params", "gflops" (at 64x64), "onnx",
 "psnr_y": {"Set5", "Set14", "BSD100"}, "ssim_y": {...}, "val_psnr_y", "latency_ms_mean",
 "latency_ms_sd", "cpu_s"}``: latency as the agent measured it (the mean over its windows and the
 standard deviation across them), ``cpu_s`` the CPU seconds spent training that model (a candidate:
