@@ -348,14 +348,16 @@ class Run:
             if trial_id and trial_id != weights:
                 runs.append(c.get_run(trial_id))  # a finalized candidate: its trial spent compute too
             metrics = runs[0].data.metrics
-            knobs = (
-                None
-                if row["reference"] and row["embed_dim"] is None
-                else {"embed_dim": row["embed_dim"], "rank": row["rank"], "alpha": row["alpha"]}
-            )
+            knobs = {"embed_dim": row["embed_dim"], "rank": row["rank"], "alpha": row["alpha"]}
+            if row["reference"] and row["embed_dim"] is None:
+                knobs = None
+            elif row["embed_dim"] is None:  # a finalization run without its knobs (studies before 2026-12)
+                knobs = study.knobs_of(runs[-1].data.params)
+            # a candidate by its trial's name without its verdict: "t02 C32 r14 a0.65"
+            trial_name = (runs[-1].info.run_name or row["run_name"]).split(" · ")[0]
             out.append(
                 {
-                    "name": row["reference"] or row["run_name"],
+                    "name": row["reference"] or trial_name,
                     "version": row["version"],
                     "reference": row["reference"],
                     "chosen": row["chosen"],

@@ -193,6 +193,8 @@ def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: 
     """
     from pathlib import Path
 
+    from mlflow.entities import Param
+
     cfg = ctx.search
     _threads(cfg.cpus_per_trial)
     n = cfg.finalize.iterations
@@ -202,14 +204,18 @@ def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: 
         study.PARENT: ctx.study.run_id,
         study.TAG_FINALIZED_FROM: trial_run_id,
     }
+    trial = study.client(ctx.tracking_uri).get_run(trial_run_id)
+    # named after its trial ("finalize t02 C32 r14 a0.65"), without the trial's verdict
+    name = f"finalize {(trial.info.run_name or trial_run_id[:8]).split(' · ')[0]}"
     tracker = SearchRunTracker(
-        ctx.tracking_uri, cfg.experiment, run_name="finalize", tags=tags, keep=("iterations", "init")
+        ctx.tracking_uri, cfg.experiment, run_name=name, tags=tags, keep=("iterations", "init")
     )
     status = "FAILED"
     try:
-        # the knobs as a trial logs them: selection and the cost model read them from the version's run
-        trial_params = study.client(ctx.tracking_uri).get_run(trial_run_id).data.params
-        tracker.log_params({k: trial_params[k] for k in study.KNOBS if k in trial_params})
+        # the knobs as params, as the trial has them: selection and the cost model read them from
+        # the version's run, which is this one (the tracker keeps only `keep` as params)
+        knobs = [Param(k, v) for k, v in trial.data.params.items() if k in study.KNOBS]
+        tracker.client.log_batch(tracker.run_id, params=knobs)
         result = train(train_cfg, tracker, resume=(Path(out_dir) / "last.pt").exists())
         status = "FINISHED"
     finally:

@@ -128,6 +128,12 @@ def test_smoke_search_registers_verified_onnx_versions(smoke_study):
             and v.run_id == final.info.run_id
         )
         assert final.data.params["iterations"] == str(steps)
+        # its knobs as params (selection and the cost model read them from the version's run)
+        trial = client.get_run(v.tags[contract.TAG_TRIAL_RUN])
+        assert {k: final.data.params[k] for k in study.KNOBS} == {
+            k: trial.data.params[k] for k in study.KNOBS
+        }
+        assert final.info.run_name == f"finalize {trial.info.run_name.split(' · ')[0]}"
         assert v.source.startswith(f"runs:/{final.info.run_id}/")
         trial = client.get_run(v.tags[contract.TAG_TRIAL_RUN])
         assert trial.data.metrics[FINAL_QUALITY] == final.data.metrics["val_psnr_y"]
