@@ -487,20 +487,25 @@ def plot(entries: list[dict], png: Path, title: str) -> None:
             x = e["latency_ms_mean"]
             if x is None or y is None or not math.isfinite(y):
                 continue
+            if e["latency_ms_sd"]:  # the spread across the agent's windows
+                ax.errorbar(x, y, xerr=e["latency_ms_sd"], color="0.6", lw=0.8, capsize=2, zorder=1)
             if e["chosen"]:
                 ax.scatter(x, y, marker="*", s=220, color="tab:red", zorder=3)
             elif e["reference"]:
                 ax.scatter(x, y, marker="s", s=40, color="tab:gray", zorder=2)
             else:
                 ax.scatter(x, y, marker="o", s=30, color="tab:blue", zorder=2)
-            ax.annotate(
-                e["reference"] or e["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
-            )
+            # a candidate by its trial's number ("t02"): the table in the docs gives its knobs
+            tag = e["reference"] or e["name"].split(" ")[0]
+            ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("latency per 64x64 tile, mean over the agent's windows (ms, log)")
         ax.set_ylabel(f"PSNR-Y (dB), {label}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{title}: candidates (blue), champion (red star), references (grey squares)")
+    fig.suptitle(
+        f"{title}: candidates (blue), champion (red star), references (grey squares); "
+        "bars: latency SD across windows"
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 

@@ -210,6 +210,9 @@ class FinalizeConfig(Checked):
     """Retraining of the front's candidates at full length before they are registered."""
 
     iterations: int = num(0, ge=0)  # 0: register the trial's own (short) training
+    # true: each candidate goes on from its trial's last weights (it trains the trial's steps plus
+    # these); false: it starts again as its trial did
+    from_trial: bool = True
 
 
 @dataclass(frozen=True)

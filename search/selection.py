@@ -10,9 +10,11 @@ compared. Pending, measuring and failed ones appear in the table with their stat
 chosen, and nothing is guessed for them.
 
 Objectives: validation PSNR-Y (max); energy per image (min) when the device measured power; latency
-p50 (min). A device without a power sensor gives latency only, and selection says so. The limits
-(``--max-power-mw``, ``--max-latency-ms``, ``--min-psnr``) filter the measured candidates, and the
-Pareto front is taken over those within the limits.
+(min): the mean over the agent's windows, whose standard deviation across windows is the noise a
+margin is judged against (an agent that reports no mean: its p50). A device without a power sensor
+gives latency only, and selection says so. The limits (``--max-power-mw``, ``--max-latency-ms``,
+``--min-psnr``) filter the measured candidates, and the Pareto front is taken over those within the
+limits.
 
 Rules, applied to that front:
 - ``knee`` (default): each objective is normalised over the front to [0, 1], 0 being the front's best
@@ -47,7 +49,7 @@ from search.config import SearchConfig
 from search.study import FINAL_QUALITY, QUALITY
 
 RULES = ("knee", "best-psnr")
-ENERGY, LATENCY = contract.ENERGY, contract.LATENCY_P50  # the two possible costs
+ENERGY, LATENCY = contract.ENERGY, contract.LATENCY_MEAN  # the two possible costs
 
 
 class SelectionError(RuntimeError):
@@ -64,7 +66,7 @@ class SelectionError(RuntimeError):
 @dataclass(frozen=True)
 class Limits:
     max_power_mw: float | None = None  # on power_mw, mean module power while running
-    max_latency_ms: float | None = None  # on latency_ms_p50
+    max_latency_ms: float | None = None  # on latency_ms_mean
     min_psnr: float | None = None  # on val_psnr_y, dB
 
     def __post_init__(self) -> None:
@@ -77,7 +79,7 @@ class Limits:
         """(row field, operator, bound) of each limit set."""
         out = [
             (contract.POWER, "<=", self.max_power_mw),
-            (contract.LATENCY_P50, "<=", self.max_latency_ms),
+            (contract.LATENCY_MEAN, "<=", self.max_latency_ms),
             ("psnr", ">=", self.min_psnr),
         ]
         return [c for c in out if c[2] is not None]
@@ -98,6 +100,7 @@ class Row:
     alpha: float | None
     psnr: float  # val_psnr_y of the trial run (final_val_psnr_y if it was finalized), dB; nan if none
     status: str  # edge.<device>.status: pending | measuring | done | failed
+    latency_ms_mean: float | None = None  # over the agent's windows (its p50 where it reports no mean)
     latency_ms_p50: float | None = None
     latency_ms_p99: float | None = None
     power_mw: float | None = None
@@ -115,7 +118,7 @@ class Row:
     @property
     def measured(self) -> bool:
         done = self.status == contract.DONE and not self.unstable
-        return done and self.latency_ms_p50 is not None and math.isfinite(self.psnr)
+        return done and self.latency_ms_mean is not None and math.isfinite(self.psnr)
 
     @property
     def knobs(self) -> str:
@@ -149,6 +152,10 @@ class Selection:
             "message": self.message,
             "rows": [asdict(r) for r in self.rows],
         }
+
+
+def _first(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)
 
 
 def _label(row_field: str) -> str:
@@ -260,6 +267,7 @@ def _make_row(version, run, device: str) -> Row:
         return row
     row = replace(
         row,
+        latency_ms_mean=_first(edge(contract.LATENCY_MEAN), edge(contract.LATENCY_P50)),
         latency_ms_p50=edge(contract.LATENCY_P50),
         latency_ms_p99=edge(contract.LATENCY_P99),
         power_mw=edge(contract.POWER),
@@ -277,8 +285,8 @@ def _make_row(version, run, device: str) -> Row:
             note=f"unstable: its figures varied by {spread:.1%} across the agent's windows, twice; "
             "measure it again on a quiet device",
         )
-    if row.latency_ms_p50 is None:
-        missing = contract.edge_key(device, contract.LATENCY_P50)
+    if row.latency_ms_mean is None:
+        missing = contract.edge_key(device, contract.LATENCY_MEAN)
         return replace(row, note=f"done, but the run has no {missing}")
     if not math.isfinite(row.psnr):
         return replace(row, note=f"the run has no {QUALITY}")
@@ -289,7 +297,7 @@ def _make_row(version, run, device: str) -> Row:
 
 
 def objectives(cost: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(row fields, senses) compared: PSNR, energy (when measured), latency p50."""
+    """(row fields, senses) compared: PSNR, energy (when measured), mean latency."""
     if cost == ENERGY:
         return ("psnr", ENERGY, LATENCY), ("max", "min", "min")
     return ("psnr", LATENCY), ("max", "min")
@@ -403,48 +411,77 @@ def _choose(feasible: list[Row], cost: str, rule: str) -> tuple[list[Row], Row]:
     return front, max(front, key=lambda r: (r.psnr, -getattr(r, cost)))
 
 
+def _spread(r: Row, cost: str) -> float | None:
+    """A row's cost's standard deviation across the agent's windows (None: not reported)."""
+    if cost == LATENCY:
+        return r.latency_ms_std
+    return None if r.energy_cv is None else r.energy_cv * abs(r.energy_mj_per_image)
+
+
+def _noise(a: Row, b: Row, cost: str) -> float | None:
+    """The two rows' spreads added: cost differences within it cannot be told apart."""
+    spreads = [_spread(a, cost), _spread(b, cost)]
+    return None if None in spreads else sum(spreads)
+
+
 def _within_noise(champion: Row, runner_up: Row, cost: str) -> list[str]:
     """A sentence when the champion's cost and the runner-up's (the candidate the rule picks without
     the champion) differ by no more than their spreads across the agent's windows added."""
-
-    def spread(r: Row) -> float | None:
-        if cost == LATENCY:
-            return r.latency_ms_std
-        return None if r.energy_cv is None else r.energy_cv * abs(r.energy_mj_per_image)
-
-    noise = [spread(champion), spread(runner_up)]
-    if None in noise:
+    noise = _noise(champion, runner_up, cost)
+    if noise is None:
         return []  # measured by an agent that did not report its spread
     diff = getattr(runner_up, cost) - getattr(champion, cost)
-    if abs(diff) > sum(noise):
+    if abs(diff) > noise:
         return []
-    what, unit = ("latency p50", "ms") if cost == LATENCY else ("energy", "mJ/image")
+    what, unit = _what(cost)
     return [
         f"The runner-up v{runner_up.version} ({runner_up.knobs}, {QUALITY} {runner_up.psnr:.3f} dB) "
         f"differs from the champion by {diff:+.3g} {unit} in {what}, within the measurement noise "
-        f"(+/-{sum(noise):.3g} {unit}: the two candidates' standard deviations across the agent's "
+        f"(+/-{noise:.3g} {unit}: the two candidates' standard deviations across the agent's "
         "windows added): on this device the two cannot be told apart by cost."
     ]
 
 
+def _what(cost: str) -> tuple[str, str]:
+    return ("mean latency", "ms") if cost == LATENCY else ("energy", "mJ/image")
+
+
 def _references_over(champion: Row, references: list[Row], cost: str) -> list[str]:
     """A sentence naming each measured reference that dominates the champion (as good or better in
-    every objective compared, better in one): the search's best loses to it on this device."""
+    every objective compared, better in one), or that has more PSNR at a cost within the
+    measurement noise of the champion's: the search's best loses to it on this device."""
     from search.pareto import dominates
 
     fields, senses = objectives(cost)
     point = lambda r: tuple(getattr(r, f) for f in fields)  # noqa: E731
-    return [
-        f"The reference {r.reference} (v{r.version}: {QUALITY} {r.psnr:.3f} dB, {_figures(r, cost)}) "
-        f"dominates the champion on {', '.join(_label(f) for f in fields)}: on this device it is the "
-        "better model. References are never made champion."
-        for r in references
-        if dominates(point(r), point(champion), senses)
-    ]
+    out = []
+    for r in references:
+        named = f"The reference {r.reference} (v{r.version}: {QUALITY} {r.psnr:.3f} dB, {_figures(r, cost)})"
+        noise = _noise(r, champion, cost)
+        if dominates(point(r), point(champion), senses):
+            out.append(
+                f"{named} dominates the champion on {', '.join(_label(f) for f in fields)}: on this "
+                "device it is the better model. References are never made champion."
+            )
+        elif (
+            r.psnr > champion.psnr
+            and noise is not None
+            and abs(getattr(r, cost) - getattr(champion, cost)) <= noise
+        ):
+            what, unit = _what(cost)
+            out.append(
+                f"{named} has {r.psnr - champion.psnr:+.3f} dB over the champion at a {what} within the "
+                f"measurement noise of the champion's ({getattr(r, cost) - getattr(champion, cost):+.3g} "
+                f"{unit}, +/-{noise:.3g}): on this device it is at least as good a model. References "
+                "are never made champion."
+            )
+    return out
 
 
 def _figures(r: Row, cost: str) -> str:
-    out = f"latency p50 {r.latency_ms_p50:.3f} ms"
+    out = f"latency {r.latency_ms_mean:.3f} ms mean"
+    if r.latency_ms_std is not None:
+        out += f" (SD {r.latency_ms_std:.3g} ms across windows)"
     if r.power_mw is not None:
         out = f"power {r.power_mw:.0f} mW, " + out
     if cost == ENERGY:
@@ -461,7 +498,8 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None or not math.isfinite(value) else format(value, fmt)
 
-    head = ["", "version", "run", "C", "r", "alpha", "PSNR-Y", "p50 ms", "p99 ms", "power mW", "mJ/image"]
+    head = ["", "version", "run", "C", "r", "alpha", "PSNR-Y", "mean ms", "SD ms", "p50 ms", "p99 ms"]
+    head += ["power mW", "mJ/image"]
     head += ["status", "front", "limits", "note"]
     body = []
     for r in rows:
@@ -475,6 +513,8 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
                 num(r.rank, "d"),
                 num(r.alpha, ".2f"),
                 num(r.psnr, ".3f"),
+                num(r.latency_ms_mean, ".3f"),
+                num(r.latency_ms_std, ".3f"),
                 num(r.latency_ms_p50, ".3f"),
                 num(r.latency_ms_p99, ".3f"),
                 num(r.power_mw, ".0f"),
@@ -491,7 +531,7 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
     widths = [max(len(x) for x in column) for column in zip(head, *body)]
     return "\n".join(
         "  ".join(
-            x.ljust(w) if i in (1, 2, 11, 12, 13, 14) else x.rjust(w)
+            x.ljust(w) if i in (1, 2, 13, 14, 15, 16) else x.rjust(w)
             for i, (x, w) in enumerate(zip(cells, widths))
         ).rstrip()
         for cells in [head, *body]
@@ -682,7 +722,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-power-mw", type=argtypes.positive_float, help="limit on the mean power while running, mW"
     )
-    p.add_argument("--max-latency-ms", type=argtypes.positive_float, help="limit on latency p50, ms")
+    p.add_argument("--max-latency-ms", type=argtypes.positive_float, help="limit on the mean latency, ms")
     p.add_argument("--min-psnr", type=argtypes.finite_float, help=f"limit on {QUALITY}, dB")
     p.add_argument("--rule", choices=RULES, default="knee", help="how to choose on the front (default knee)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")

@@ -37,6 +37,8 @@ TAG_STUDY = "search.study"
 TAG_TEACHER_URI = "search.teacher_uri"
 ROLE_FINALIZE = "finalize"  # role tag of a front candidate's retraining (finalize.iterations)
 TAG_FINALIZED_FROM = "search.finalized_from"  # on a finalization run: its trial's run id
+# on a finalization run: the trial's step its weights went on from (0: it started again)
+TAG_FROM_TRIAL_STEP = "search.from_trial_step"
 # on a reference model's run (bicubic, a hand-picked student, a convolutional net: its name):
 # registered and measured beside the study's candidates, compared with them, never made champion
 TAG_REFERENCE = "search.reference"

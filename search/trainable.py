@@ -11,6 +11,7 @@ import json
 import math
 import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from search.study import FINAL_QUALITY, QUALITY, Study
 from trainers.tracking import MLflowTracker
 from trainers.train import TrainConfig, train
 
-NODE_LOCAL = ("teacher", "out_dir", "device")  # TrainConfig fields that differ between nodes
+NODE_LOCAL = ("teacher", "out_dir", "device", "init_weights")  # TrainConfig fields that differ between nodes
 
 
 @dataclass(frozen=True)
@@ -184,21 +185,47 @@ def student_config(ctx: StudyContext, params: dict[str, Any], iterations: int, v
     )
 
 
+def _trial_weights(ctx: StudyContext, trial_run_id: str, out_dir: Path) -> tuple[str, int | None]:
+    """(a local copy of the trial's last checkpoint, the step it holds), or ("", None) when the
+    trial logged none. Copied into ``out_dir`` once, so that a resumed finalization names the same
+    file."""
+    import shutil
+
+    from trainers.checkpoint import load_checkpoint
+
+    local = out_dir / "trial.pt"
+    if not local.exists():
+        try:
+            uri = f"runs:/{trial_run_id}/{study.CHECKPOINT_DIR}"
+            source = study.single_file(study.download(uri, ctx.tracking_uri), ".pt")
+        except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+            print(f"finalization of {trial_run_id}: no trial checkpoint ({exc}); it starts again instead")
+            return "", None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = local.with_suffix(".partial")
+        shutil.copyfile(source, partial)
+        partial.replace(local)  # whole or absent
+    return str(local), int(load_checkpoint(local)["step"])
+
+
 def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: str, out_dir: str) -> str:
-    """Retrain a front candidate with its own knobs for ``finalize.iterations`` steps; returns the
-    id of the finalization's run (a child of the study, tagged with its trial's run).
+    """Train a front candidate with its own knobs for ``finalize.iterations`` more steps, from its
+    trial's last weights (``finalize.from_trial``, the default) or from the start again; returns
+    the id of the finalization's run (a child of the study, tagged with its trial's run).
 
     Resumable: ``out_dir`` persists on the driver's node, so a study resumed after a crash continues
     from the last checkpoint there instead of starting over.
     """
-    from pathlib import Path
-
     from mlflow.entities import Param
 
     cfg = ctx.search
     _threads(cfg.cpus_per_trial)
     n = cfg.finalize.iterations
     train_cfg = replace(student_config(ctx, params, n, min(cfg.training.val_every, n)), out_dir=out_dir)
+    weights, from_step = (
+        _trial_weights(ctx, trial_run_id, Path(out_dir)) if cfg.finalize.from_trial else ("", None)
+    )
+    train_cfg = replace(train_cfg, init_weights=weights)
     tags = {
         contract.ROLE: study.ROLE_FINALIZE,
         study.PARENT: ctx.study.run_id,
@@ -216,6 +243,8 @@ def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: 
         # the version's run, which is this one (the tracker keeps only `keep` as params)
         knobs = [Param(k, v) for k, v in trial.data.params.items() if k in study.KNOBS]
         tracker.client.log_batch(tracker.run_id, params=knobs)
+        # the trial's step it went on from: its weights trained that many steps before these
+        tracker.client.set_tag(tracker.run_id, study.TAG_FROM_TRIAL_STEP, str(from_step or 0))
         result = train(train_cfg, tracker, resume=(Path(out_dir) / "last.pt").exists())
         status = "FINISHED"
     finally:

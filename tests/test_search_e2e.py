@@ -130,10 +130,12 @@ def test_smoke_search_registers_verified_onnx_versions(smoke_study):
         assert final.data.params["iterations"] == str(steps)
         # its knobs as params (selection and the cost model read them from the version's run)
         trial = client.get_run(v.tags[contract.TAG_TRIAL_RUN])
-        assert {k: final.data.params[k] for k in study.KNOBS} == {
-            k: trial.data.params[k] for k in study.KNOBS
-        }
+        knobs = lambda run: {k: v for k, v in run.data.params.items() if k in study.KNOBS}  # noqa: E731
+        assert knobs(final) == knobs(trial) and {"embed_dim", "rank", "alpha"} <= set(knobs(trial))
         assert final.info.run_name == f"finalize {trial.info.run_name.split(' · ')[0]}"
+        # it went on from its trial's last weights (finalize.from_trial, the default)
+        trial_steps = max(int(m.step) for m in client.get_metric_history(trial.info.run_id, "val_psnr_y"))
+        assert int(final.data.tags[study.TAG_FROM_TRIAL_STEP]) == trial_steps > 0
         assert v.source.startswith(f"runs:/{final.info.run_id}/")
         trial = client.get_run(v.tags[contract.TAG_TRIAL_RUN])
         assert trial.data.metrics[FINAL_QUALITY] == final.data.metrics["val_psnr_y"]

@@ -444,7 +444,7 @@ def test_selection_says_when_the_champion_is_within_noise_of_the_runner_up():
 
     from search.selection import Limits, Row, rank
 
-    def row(version, psnr, p50, std):
+    def row(version, psnr, mean, std):
         return Row(
             version,
             f"r{version}",
@@ -454,8 +454,8 @@ def test_selection_says_when_the_champion_is_within_noise_of_the_runner_up():
             0.5,
             psnr,
             contract.DONE,
-            p50,
-            p50,
+            latency_ms_mean=mean,
+            latency_ms_p50=mean,
             latency_ms_std=std,
         )
 
@@ -475,6 +475,59 @@ def test_selection_says_when_the_champion_is_within_noise_of_the_runner_up():
     assert "+/-0.21 mJ/image" in sel.message
     unstable = [replace(close[0], unstable=True), close[1]]
     assert not unstable[0].measured
+
+
+def test_selection_names_a_reference_with_more_psnr_at_a_latency_within_noise_of_the_champions():
+    """The real study's case: the hand pick had 0.16 dB more than the champion at a mean latency
+    3.6 ms higher, within the two spreads (8.4 + 9.6 ms): not dominating, but not worse either."""
+    from dataclasses import replace
+
+    from search.selection import Limits, Row, rank
+
+    champ = Row(
+        "1", "r1", "t02", 32, 14, 0.65, 30.73, contract.DONE, latency_ms_mean=227.4, latency_ms_std=8.4
+    )
+    hand = replace(champ, version="7", run_name="hand", rank=2, psnr=30.89, latency_ms_mean=231.0)
+    hand = replace(hand, latency_ms_std=9.6, reference="hand-pick")
+    espcn = replace(
+        champ, version="9", psnr=30.33, latency_ms_mean=2.7, latency_ms_std=0.3, reference="espcn"
+    )
+    sel = rank([champ, hand, espcn], "local-cpu", Limits(), "knee")
+    assert sel.champion.version == "1"  # references are never chosen
+    assert (
+        "The reference hand-pick (v7: val_psnr_y 30.890 dB, latency 231.000 ms mean (SD 9.6 ms across "
+        "windows)) has +0.160 dB over the champion at a mean latency within the measurement noise of the "
+        "champion's (+3.6 ms, +/-18)" in sel.message
+    )
+    assert "espcn" not in sel.message  # faster, but less PSNR: it does not beat the champion
+    slower = replace(hand, latency_ms_mean=260.0)  # beyond the noise: no sentence
+    assert "hand-pick" not in rank([champ, slower], "local-cpu", Limits(), "knee").message
+    faster = replace(hand, latency_ms_mean=220.0)  # dominates: the stronger sentence
+    message = rank([champ, faster], "local-cpu", Limits(), "knee").message
+    assert "hand-pick" in message and "dominates the champion" in message and "within the" not in message
+
+
+def test_a_finalization_takes_its_trials_last_checkpoint_or_starts_again_without_one(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from search.trainable import _trial_weights
+    from trainers.checkpoint import save_checkpoint
+
+    handle = _study(tmp_path)
+    c = study.client(handle.tracking_uri)
+    with_ckpt, without = (c.create_run(handle.experiment_id).info.run_id for _ in range(2))
+    ckpt = tmp_path / "trial" / "last.pt"
+    ckpt.parent.mkdir()
+    save_checkpoint({"model_config": {}, "model": {}, "step": 150}, ckpt)
+    c.log_artifact(with_ckpt, str(ckpt), study.CHECKPOINT_DIR)
+    ctx = SimpleNamespace(tracking_uri=handle.tracking_uri)
+    local, step = _trial_weights(ctx, with_ckpt, tmp_path / "final")
+    assert (local, step) == (str(tmp_path / "final" / "trial.pt"), 150)
+    assert Path(local).read_bytes() == ckpt.read_bytes() and not list((tmp_path / "final").glob("*.partial"))
+    ckpt.unlink()  # a resumed finalization names its own copy, not the download
+    assert _trial_weights(ctx, with_ckpt, tmp_path / "final") == (local, 150)
+    assert _trial_weights(ctx, without, tmp_path / "other") == ("", None)
+    assert "no trial checkpoint" in capsys.readouterr().out and not (tmp_path / "other").exists()
 
 
 def test_the_local_agent_runs_only_while_a_round_waits_for_its_measurements(tmp_path, monkeypatch):

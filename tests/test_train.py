@@ -252,6 +252,24 @@ def test_resume_after_kill_9(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_can_start_from_the_weights_of_another_run_of_the_same_network(tmp_path):
+    """init_weights: what a search's finalization does with its trial's checkpoint."""
+    from dataclasses import replace
+
+    first = train(tiny_cfg(tmp_path / "a", iterations=6), Recorder())
+    # a learning rate too small to move a weight: the run ends with the weights it started from
+    still = dict(iterations=3, val_every=3, lr=1e-30)
+    went_on = train(tiny_cfg(tmp_path / "b", init_weights=first.checkpoint, **still), Recorder())
+    a, b = weights(first.checkpoint), weights(went_on.checkpoint)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-12) for k in a)
+    assert went_on.val_psnr_y == pytest.approx(first.val_psnr_y, abs=1e-4)
+    fresh = weights(train(tiny_cfg(tmp_path / "c", **still), Recorder()).checkpoint)  # from random
+    assert not all(torch.allclose(a[k], fresh[k], rtol=0, atol=1e-6) for k in a)
+    other = replace(preset("tiny"), embed_dim=12)
+    with pytest.raises(CheckpointError, match=r"holds another network \(it differs in \['embed_dim'\]\)"):
+        train(tiny_cfg(tmp_path / "d", model=other, init_weights=first.checkpoint, **still), Recorder())
+
+
 def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path):
     cfg = tiny_cfg(tmp_path, iterations=3, val_every=3)
     train(cfg, Recorder())

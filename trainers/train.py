@@ -72,6 +72,9 @@ class TrainConfig:
     # "teacher": a student that inherits takes its teacher's topology switches (embed_norm,
     # block_residual), where it keeps more of the teacher; "own": model's are kept as given
     init_topology: str = "teacher"
+    # a checkpoint of this same network whose weights the run starts from, with a fresh optimizer and
+    # schedule (a search trial's, continued by its finalization); "": as ``init`` says
+    init_weights: str = ""
     lr: float = 2e-4  # Adam, as the paper
     lr_milestones: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)  # fractions of the run where lr halves
     lr_gamma: float = 0.5
@@ -203,6 +206,18 @@ def starting_network(cfg: TrainConfig, teacher: MambaLiteSR | None, sampler: Pat
     return inherit(teacher, cfg.model, cfg.init_criterion, calibration, seed=cfg.seed)
 
 
+def continue_from(net, model, path: str) -> None:
+    """Load the weights of ``path``, a checkpoint of the same network (``model``), into ``net``."""
+    state = load_checkpoint(Path(path))
+    plain = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if k != "scan"}))  # noqa: E731
+    saved, wanted = plain(state.get("model_config") or {}), plain(dataclasses.asdict(model))
+    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if diff:
+        raise CheckpointError(f"init_weights {path} holds another network (it differs in {diff})")
+    net.load_state_dict(state["model"])
+    log.info("the run starts from the weights of %s (step %s there)", path, state.get("step"))
+
+
 def load_teacher(cfg: TrainConfig, device: torch.device) -> MambaLiteSR | None:
     """The frozen teacher: for distillation (alpha > 0) and for a student that starts from it."""
     if cfg.role != "student" or (cfg.alpha == 0 and cfg.init != "teacher"):
@@ -263,7 +278,9 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         cfg = dataclasses.replace(cfg, model=in_teacher_topology(cfg.model, teacher.cfg))
 
     # a resumed run takes its weights from its checkpoint, not from the teacher
-    net = starting_network(cfg, None if resume else teacher, sampler).to(device)
+    net = starting_network(cfg, None if resume or cfg.init_weights else teacher, sampler).to(device)
+    if cfg.init_weights and not resume:
+        continue_from(net, cfg.model, cfg.init_weights)
     if cfg.alpha == 0:
         teacher = None  # it gave the starting weights; distillation would multiply it by zero every step
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -476,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
         "residuals)",
     )
     p.add_argument(
+        "--init-weights",
+        metavar="CKPT",
+        default="",
+        help="start from the weights of CKPT, a checkpoint of the same network (say, a search trial's), "
+        "with a fresh optimizer and schedule; --init still names the lineage (and the topology)",
+    )
+    p.add_argument(
         "--own-topology",
         action="store_true",
         help="with --init teacher: keep the preset's topology instead of taking the teacher's",
@@ -545,6 +569,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         init=args.init,
         init_criterion=args.init_criterion or DEFAULT_CRITERION,
         init_topology="own" if args.own_topology else "teacher",
+        init_weights=args.init_weights,
         lr=args.lr,
         lr_milestones=tuple(args.milestones),
         lr_gamma=args.gamma,
