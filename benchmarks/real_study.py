@@ -377,6 +377,7 @@ class Run:
         return out
 
     def evaluate(self) -> None:
+        from edge_agent.fileio import atomic_write_bytes
         from search import study
         from trainers.data import load_pairs
         from trainers.evaluate import evaluate_set, onnx_upscaler
@@ -400,7 +401,7 @@ class Run:
                 "ssim_y": {k: r.ssim_y for k, r in results.items()},
                 "eval_s": time.monotonic() - t0,
             }
-            done.write_text(json.dumps(figures, indent=1))
+            atomic_write_bytes(done, json.dumps(figures, indent=1).encode())  # never half a file
             print(
                 f"v{e['version']} {e['name']}: "
                 + ", ".join(f"{k} {v:.2f}" for k, v in figures["psnr_y"].items()),
