@@ -168,11 +168,27 @@ class Run:
 
     def champion(self) -> tuple[dict, int]:
         """(the champion's knobs, its total training steps: its trial's plus its finalization's)."""
+        from mlflow.exceptions import MlflowException
+
         from edge_agent import contract
         from search import study
 
         c = study.client(self.tracking_uri)
-        version = c.get_model_version_by_alias(self.cfg.registry.model_name, contract.CHAMPION_ALIAS)
+        try:
+            version = c.get_model_version_by_alias(self.cfg.registry.model_name, contract.CHAMPION_ALIAS)
+        except MlflowException:
+            log = self.out / "study.log"
+            said = [
+                line for line in log.read_text(errors="replace").splitlines() if line.startswith("selection:")
+            ]
+            why = said[-1] if said else f"no 'selection:' line in {log}"
+            raise SystemExit(
+                f"error: the study chose no champion, and the references are trained as long as it was; "
+                f"the study said: {why}\nMeasure its candidates and choose one as it says (then "
+                f"`python -m search.selection --experiment {self.cfg.experiment} --tracking-uri "
+                f"{self.tracking_uri} --model-name {self.cfg.registry.model_name}`), and run this command "
+                "again: it goes on from here."
+            ) from None
         trial = c.get_run(version.tags.get(contract.TAG_TRIAL_RUN, version.run_id))
         knobs = study.knobs_of(trial.data.params)
         steps = max(int(m.step) for m in c.get_metric_history(trial.info.run_id, study.QUALITY))

@@ -78,6 +78,18 @@ def log_round(
     return out
 
 
+def unmeasured(tracking_uri: str, model_name: str, versions: list[str], device: str) -> list[str]:
+    """The versions whose ``edge.<device>.status`` is neither done nor failed: those a round still
+    waits for, whether registered now or by an attempt that was killed before its measurements."""
+    c = study.client(tracking_uri)
+    ended = (contract.DONE, contract.FAILED)
+    return [
+        v
+        for v in versions
+        if c.get_model_version(model_name, v).tags.get(contract.status_tag(device)) not in ended
+    ]
+
+
 def wait_for_measurements(
     tracking_uri: str,
     model_name: str,

@@ -384,7 +384,6 @@ def run_study(
         if all(r.status == "failed" for r in rows if r.round == k):
             raise StudyFailed(_all_failed_message(results, k, ray_storage))
         loop.rescore(rows, cfg, study.tracking_uri, study.experiment_id)
-        registered = {r.version for r in rows if r.version}
         t0 = time.monotonic()
         stage[0] = f"registering and reporting round {k}'s front"
         report.mark_front(rows)
@@ -394,11 +393,13 @@ def run_study(
         study.describe("Result", report.describe_result(rows, summary, cfg.cost))
         print(report.format_table(rows, cfg.cost))
         timings[f"round{k}_register_s"] = time.monotonic() - t0
-        new = [str(r.version) for r in rows if r.version and r.version not in registered]
-        if wait and new:
+        # the front's versions not measured yet: registered now, or before a kill that came first
+        todo = [str(r.version) for r in rows if r.version] if wait else []
+        todo = loop.unmeasured(study.tracking_uri, cfg.registry.model_name, todo, cfg.loop.device)
+        if todo:
             t0 = time.monotonic()
             stage[0] = f"waiting for round {k}'s measurements"
-            loop.measure(study.tracking_uri, cfg, new, storage / "agent")  # a local agent runs only now
+            loop.measure(study.tracking_uri, cfg, todo, storage / "agent")  # a local agent runs only now
             timings[f"round{k}_measure_s"] = time.monotonic() - t0
         if edge_cost:
             errors = loop.log_round(study.tracking_uri, study.experiment_id, study.run_id, cfg, k)

@@ -170,9 +170,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def mlflow_fail_fast(monkeypatch):
-    # MLflow's client retries a dead server for minutes by default; the agent's CLI sets the same
+    # MLflow's client retries a dead server for minutes by default: no retry here (a refused
+    # connection fails at once). The timeout is the agent CLI's (30 s): a live server on a busy
+    # 2-core machine can take seconds to answer, and a report it did not take waits in the outbox
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 FINALIZE = "finalize:\n  iterations: 8\n"  # replaces the smoke config's last key (0 there)

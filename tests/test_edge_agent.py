@@ -285,6 +285,7 @@ def test_no_power_source_leaves_a_short_note_and_the_whole_reason_in_the_artifac
     run_id, version = register(server, tmp_path, "m-nopower")
     agent = make_agent(server, tmp_path, "m-nopower", reader_factory=lambda: power.UnavailableReader(reason))
     assert agent.poll_once() == [version]
+    assert agent.outbox.pending() == []  # delivered, not waiting for the server
     client = MlflowClient(server)
     run_tags = client.get_run(run_id).data.tags
     version_tags = client.get_model_version("m-nopower", version).tags

@@ -21,7 +21,7 @@ from conftest import ROOT, write_png
 
 pytestmark = pytest.mark.e2e
 
-FINALIZE_STEPS = 120  # long enough for the kill to land inside a finalization
+FINALIZE_STEPS = 480  # long enough for the kill to land inside a finalization (8 s here; 120 took 2)
 
 
 def photos(folder: Path, n: int, size: tuple[int, int], seed: int) -> Path:
@@ -153,3 +153,18 @@ def test_the_real_study_survives_a_kill_9_in_finalization_and_reports_every_mode
     # a third run has nothing left to do but the summary
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done before") == 6, again.stdout[-2000:]
+
+
+def test_a_study_without_a_champion_stops_the_references_with_the_study_s_reason(tmp_path):
+    from benchmarks import real_study
+
+    out = tmp_path / "out"
+    out.mkdir()
+    said = "selection: none of the 1 candidates of study run abc is measured on local-cpu (1 unstable)."
+    (out / "study.log").write_text(f"trial table\n{said}\nstage wall times (s): select_s 0.1\n")
+    run = real_study.Run(real_study.parse_args(["--out", str(out), "--config", str(smoke_config(tmp_path))]))
+    with pytest.raises(SystemExit) as exc:
+        run.champion()
+    message = str(exc.value)
+    assert "chose no champion" in message and said in message and "Traceback" not in message
+    assert "python -m search.selection --experiment real-smoke" in message and "m-real-smoke" in message

@@ -564,3 +564,22 @@ def test_the_local_agent_runs_only_while_a_round_waits_for_its_measurements(tmp_
     remote = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, local_agent=False, agent_args=()))
     loop.measure("sqlite:///x.db", remote, ["3"], tmp_path / "agent")
     assert events == [("wait", ("3",), "local-cpu", False)]  # an agent elsewhere measures: none started here
+
+
+def test_a_round_waits_for_every_version_not_measured_yet(tmp_path):
+    """Registered before a kill that came before its measurement: a resumed round waits for it too."""
+    from mlflow.tracking import MlflowClient
+
+    from search import loop
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = MlflowClient(uri)
+    c.create_registered_model("m")
+    for _ in range(4):
+        c.create_model_version("m", source=str(tmp_path))
+    c.set_model_version_tag("m", "1", contract.status_tag("cpu"), contract.DONE)
+    c.set_model_version_tag("m", "2", contract.status_tag("cpu"), contract.FAILED)
+    c.set_model_version_tag("m", "3", contract.status_tag("cpu"), contract.MEASURING)
+    c.set_model_version_tag("m", "4", contract.status_tag("other"), contract.DONE)  # another device's
+    assert loop.unmeasured(uri, "m", ["1", "2", "3", "4"], "cpu") == ["3", "4"]
+    assert loop.unmeasured(uri, "m", [], None) == []

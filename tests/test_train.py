@@ -191,6 +191,21 @@ def test_resume_gives_the_same_weights(tmp_path, exc):
     )
 
 
+def test_a_resume_with_nothing_left_gives_its_new_run_the_figures(tmp_path):
+    """Killed after its last checkpoint (a finalization that ended as its driver died): the resumed
+    call trains no step, and the run it logs to still gets the quality the weights reached."""
+    cfg = tiny_cfg(tmp_path)
+    first = Recorder()
+    done = train(cfg, first)
+    again = Recorder()
+    resumed = train(cfg, again, resume=True)
+    assert resumed.step == done.step and resumed.val_psnr_y == done.val_psnr_y
+    logged = again.metrics[done.step]
+    assert logged["val_psnr_y"] == first.metrics[done.step]["val_psnr_y"] == done.val_psnr_y
+    assert logged["val_ssim_y"] == done.val_ssim_y and logged["cpu_s"] > 0
+    assert set(again.metrics) == {done.step}  # nothing trained, nothing else logged
+
+
 @pytest.mark.e2e  # a training command line as a process of its own, killed and resumed
 def test_resume_after_kill_9(tmp_path):
     """A real process killed mid-run, resumed by the CLI, ends with the uninterrupted weights."""

@@ -299,6 +299,7 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         scheduler.load_state_dict(state["scheduler"])
         step, metrics = state["step"], state.get("metrics", {})
         log.info("resuming %s at step %d", ckpt_path, step)
+    start_step = step
 
     cpu_before = metrics.get("cpu_s", 0.0)  # what the interrupted part of a resumed run spent
 
@@ -392,7 +393,8 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
             raise
         finally:
             bar.close()
-    if "val_psnr_y" not in metrics:  # resumed at the end: nothing left to run
+    ran = step > start_step  # False: resumed at the end, nothing left to run
+    if "val_psnr_y" not in metrics:
         metrics.update(validate(net, val_pairs, device))
 
     energy = meter.reading
@@ -408,12 +410,14 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         energy=energy,
         cpu_s=cpu_s(),
     )
-    final = {  # validation metrics were logged at this step already
+    final = {  # validation metrics were logged at this step already, if this call ran any step
         "params": params,
         "flops_g": flops_g,
         "patches_per_s": result.patches_per_s,
         **energy.metrics(),
     }
+    if not ran:  # the tracker may be a new run (a resumed finalization): it gets the run's figures
+        final.update({k: metrics[k] for k in ("val_psnr_y", "val_ssim_y", "cpu_s") if k in metrics})
     if result.teacher_share is not None:
         final["teacher_share"] = result.teacher_share
     tracker.log_metrics(final, step)
