@@ -1,1 +1,1 @@
-"""The edge agent: measures registered ONNX candidates on the device (issue 5). Never imports torch or ray."""
+"""The edge agent: measures registered ONNX candidates on the device. Never imports torch or ray."""

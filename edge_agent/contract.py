@@ -39,8 +39,8 @@ PENDING, MEASURING, DONE, FAILED = "pending", "measuring", "done", "failed"
 STATUSES = (PENDING, MEASURING, DONE, FAILED)
 
 # Figures the agent logs, per device type, on the trial run (as metrics) and on the version (as
-# tags): ``edge.<device>.<name>``. DESIGN named them ``edge_latency_ms_p50`` etc. on the run; one
-# run measured by two device types would then have one value overwrite the other, so the device
+# tags): ``edge.<device>.<name>``. Without the device in the key (``edge_latency_ms_p50``), one
+# run measured by two device types would have one value overwrite the other, so the device
 # is part of the key, in the same form as the version's status tag.
 LATENCY_P50, LATENCY_P90, LATENCY_P99 = "latency_ms_p50", "latency_ms_p90", "latency_ms_p99"
 LATENCY_MEAN = "latency_ms_mean"

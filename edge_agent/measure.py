@@ -1,8 +1,7 @@
 """The measurement protocol: warm-up, idle baseline, several fixed-duration loaded windows.
 
-DESIGN, "Measuring power on the device": power is sampled in a background thread on a monotonic
-clock; each loaded window is seconds long (not a handful of runs) so the sensor's 10-100 Hz rate
-resolves it; energy is the trapezoid integral; energy per image is net of the idle power::
+Power is sampled in a background thread on a monotonic clock; each loaded window is seconds long
+(not a handful of runs) so the sensor's 10-100 Hz rate resolves it; energy is the trapezoid integral; energy per image is net of the idle power::
 
     energy_mj_per_image = (mean loaded power - mean idle power) x window_s / images
 

@@ -1,7 +1,7 @@
 """Parsers for the text the Jetson tools print: one ``tegrastats`` line, a ``trtexec`` run's summary.
 
 Pure functions over strings, standard library only, so they are tested against recorded output
-(``../shared/fixtures``) field by field. Fields are found by name, never by position: boards name
+field by field. Fields are found by name, never by position: boards name
 their rails differently and tool versions add, drop and reorder fields.
 """
 

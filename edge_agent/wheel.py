@@ -98,7 +98,7 @@ def _check_wheel(wheel: Path) -> None:
     if problems:
         raise SshError(
             f"The edge-agent wheel {wheel.name} is not fit for a device: {'; '.join(problems)}. "
-            "edge_agent/ must stay free of torch and ray (see DESIGN.md)."
+            "edge_agent/ must stay free of torch and ray: a device installs it alone."
         )
 
 

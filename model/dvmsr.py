@@ -1,7 +1,7 @@
 """DVMSR's published weights as a MambaLiteSR checkpoint: the project's default teacher.
 
-    python -m model.dvmsr ../shared/models/dvmsr/team07_DVMSR.pth --out teacher.pt
-    python -m model.dvmsr ../shared/models/dvmsr/DVMSR.pth --key params_ema --out teacher.pt
+    python -m model.dvmsr PATH/team07_DVMSR.pth --out teacher.pt
+    python -m model.dvmsr PATH/DVMSR.pth --key params_ema --out teacher.pt
     python -m model.dvmsr dvmsr --out teacher.pt       # download the pinned file first
 
 DVMSR (Lei, Zhang and Cao, "DVMSR: Distillated Vision Mamba for Efficient Super-Resolution",
@@ -9,7 +9,7 @@ CVPRW 2024; code and weights at github.com/nathan66666/DVMSR, MIT licence) is th
 MambaLiteSR builds on. Its weights run in our network with the preset "dvmsr" (model/mambalitesr.py:
 a LayerNorm after the first conv, no per-block residual); only the key names differ.
 
-Two published files (../shared/models/README.md): ``team07_DVMSR.pth``, a plain state_dict, and
+Two published files: ``team07_DVMSR.pth``, a plain state_dict, and
 ``DVMSR.pth``, BasicSR's ``{"params": ..., "params_ema": ...}``. They hold two different trainings,
 not one in two formats (tensors differ by 1.4 in the median, A_log and D by up to 12). The plain file
 is the one that reproduces the published Set5 x4 PSNR-Y of 32.19 dB (Y channel, border 4,

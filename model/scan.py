@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-SCAN_FORMS = ("auto", "fused", "triton", "chunked", "reference", "mamba_ssm")
-MAX_CHUNK = 8  # largest chunk length T of the chunked form (see "Numerical safety")
+from model.config import MAX_CHUNK, SCAN_FORMS  # noqa: F401 (defined without torch, used here)
+
 EXP_LIMIT = {torch.float32: 64.0, torch.float64: 640.0}  # largest exponent the chunked form forms
 
 log = logging.getLogger(__name__)

@@ -1,1 +1,1 @@
-"""The search: Ray Tune + Optuna over embedding dim, rank and alpha, logged to MLflow (issue 4)."""
+"""The search: Ray Tune + Optuna over embedding dim, rank and alpha, logged to MLflow."""

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from edge_agent import argtypes, contract
-from model.mambalitesr import PRESETS, preset
+from model.config import PRESETS, preset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SEARCHERS = ("tpe", "nsga2", "random", "gp")

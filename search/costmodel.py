@@ -8,7 +8,7 @@ the data can support:
 
 - ``flops_g``: GFLOPs at the 64x64 deployment unit (``model.count_flops``): the arithmetic;
 - ``scan_width_k``: layers x inner width x d_state / 1000: the selective scan's state per token,
-  which sets its memory traffic (the scan is memory-bound: docs/benchmarks.md, issue 2);
+  which sets its memory traffic (the scan is memory-bound: docs/benchmarks.md, "Selective scan");
 - ``layers``: Mamba layers; per-layer fixed costs (kernel launches, norms) on a GPU.
 
 Ridge regression on standardised features (a small penalty keeps 2-4 points from exploding the

@@ -1,4 +1,4 @@
-"""User errors are one sentence and a non-zero exit, never a traceback (issue 11).
+"""User errors are one sentence and a non-zero exit, never a traceback.
 
 Bad flags and values stop argparse with exit 2 before any work; bad files, URIs and unreachable
 servers exit 1 (``edge-agent measure`` keeps 2 for a model path that is not a file). Covers the

@@ -251,7 +251,7 @@ def test_info_reports_the_power_sources_it_finds(tmp_path):
 
 
 def test_the_agent_never_imports_torch_or_ray():
-    """The device install stays light (DESIGN): every agent module loads without torch and ray."""
+    """The device install stays light: every agent module loads without torch and ray."""
     import subprocess
 
     code = (

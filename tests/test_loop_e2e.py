@@ -87,7 +87,7 @@ def assert_nothing_left_behind(secret: str, out, roots: list[Path], client, stud
     assert not [n for n in needles if n.decode() in out.stdout + out.stderr]
     assert files_holding(needles, roots) == []
     assert mlflow_holding(client, secret) == []
-    assert not [p for root in roots for p in root.rglob("*.partial")]  # issue 11: Ray's syncer
+    assert not [p for root in roots for p in root.rglob("*.partial")]  # none left by Ray's syncer
     assert "FileNotFoundError" not in out.stdout + out.stderr
     # the greps can fail: a copy planted in a pickle in Ray's folder, and one in a run tag, are found
     planted = roots[-1] / "planted" / "env.pkl"

@@ -583,3 +583,22 @@ def test_a_round_waits_for_every_version_not_measured_yet(tmp_path):
     c.set_model_version_tag("m", "4", contract.status_tag("other"), contract.DONE)  # another device's
     assert loop.unmeasured(uri, "m", ["1", "2", "3", "4"], "cpu") == ["3", "4"]
     assert loop.unmeasured(uri, "m", [], None) == []
+
+
+def test_selection_and_the_search_config_start_without_torch(tmp_path):
+    """``mambalitesr-select`` only reads MLflow: its command line, a selection that fails on an
+    unknown experiment, and the search's config (with the model presets) load neither torch nor ray."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import model.config, search.config, search.selection\n"
+        "search.config.load_config(None)\n"
+        f"rc = search.selection.main(['--experiment', 'none', '--tracking-uri', 'sqlite:///{tmp_path}/m.db'])\n"
+        "bad = sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'ray'})\n"
+        "print(rc, bad)\n"
+        "sys.exit(0 if rc != 0 and not bad else 1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -1,1 +1,1 @@
-"""Data, the SR evaluation protocol, and distillation training (issue 3)."""
+"""Data, the SR evaluation protocol, and distillation training."""

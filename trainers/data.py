@@ -1,6 +1,6 @@
 """SR image sets and the random patches training draws from them.
 
-Folder layouts (see ../shared/data/README.md):
+Folder layouts:
 - paired, DIV2K style: ``ROOT/HR/NAME.png`` with ``ROOT/LR_bicubic/X4/NAMEx4.png``, or
   ``ROOT/DIV2K_train_HR/`` with ``ROOT/DIV2K_train_LR_bicubic/X4/``;
 - HR only: any folder of images; LR images are made with MATLAB-style bicubic (trainers/degrade.py).

@@ -1,6 +1,6 @@
 """Evaluate a model on SR test sets with the numbers SR papers report.
 
-    python -m trainers.evaluate --model bicubic --data ../shared/data/sr-benchmarks/Set5 ...
+    python -m trainers.evaluate --model bicubic --data BENCH/Set5 BENCH/Set14 BENCH/BSD100
     python -m trainers.evaluate --model runs/student/last.pt --data Set5 Set14 --json results.json
     python -m trainers.evaluate --model student.onnx --data Set5
     python -m trainers.evaluate --model models:/mambalitesr-student/3 --data Set5 --tracking-uri URI
