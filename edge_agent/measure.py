@@ -1,7 +1,8 @@
 """The measurement protocol: warm-up, idle baseline, several fixed-duration loaded windows.
 
 Power is sampled in a background thread on a monotonic clock; each loaded window is seconds long
-(not a handful of runs) so the sensor's 10-100 Hz rate resolves it; energy is the trapezoid integral; energy per image is net of the idle power::
+(not a handful of runs) so the sensor's 10-100 Hz rate resolves it; energy is the trapezoid
+integral; energy per image is net of the idle power::
 
     energy_mj_per_image = (mean loaded power - mean idle power) x window_s / images
 

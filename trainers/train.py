@@ -264,168 +264,208 @@ def train(cfg: TrainConfig, tracker: Tracker | None = None, resume: bool = False
         CheckpointError, DataError, ValueError: bad inputs, with a message saying which.
     """
     tracker = tracker or ConsoleTracker()
-    device = resolve_device(cfg.device)
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "last.pt"
-    train_pairs = load_sets(list(cfg.train_data), "train", cfg.model.scale)
-    val_pairs = load_sets(list(cfg.val_data), "val", cfg.model.scale)
-    if cfg.val_max_images:
-        val_pairs = val_pairs[: cfg.val_max_images]
-    require_measurable(val_pairs, cfg.model.scale)
-    sampler = PatchSampler(train_pairs, cfg.patch_size, cfg.model.scale, seed=cfg.seed)
-    teacher = load_teacher(cfg, device)
-    if cfg.init == "teacher" and cfg.init_topology == "teacher":  # before anything records cfg.model
-        cfg = dataclasses.replace(cfg, model=in_teacher_topology(cfg.model, teacher.cfg))
+    run = _Run(cfg, resume)  # data, teacher, network, optimizer; a resumed run's checkpoint
+    run.log_params(tracker)
+    with EnergyMeter(run.device.index or 0) if run.device.type == "cuda" else _NoMeter() as meter:
+        run.loop(tracker)
+    return run.finish(tracker, meter.reading)
 
-    # a resumed run takes its weights from its checkpoint, not from the teacher
-    net = starting_network(cfg, None if resume or cfg.init_weights else teacher, sampler).to(device)
-    if cfg.init_weights and not resume:
-        continue_from(net, cfg.model, cfg.init_weights)
-    if cfg.alpha == 0:
-        teacher = None  # it gave the starting weights; distillation would multiply it by zero every step
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    scheduler = _step_lr(cfg, optimizer)
-    step, metrics = 0, {}
-    cpu_t0 = time.process_time()
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        diff = _compare_configs(state.get("train_config", {}), cfg.to_dict())
+
+class _Run:
+    """One training run's state, in the order ``train`` uses it: set up (and restored when
+    resuming), stepped and checkpointed by ``loop``, reported by ``finish``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool):
+        self.device = device = resolve_device(cfg.device)
+        self.out = Path(cfg.out_dir)
+        self.ckpt_path = self.out / "last.pt"
+        train_pairs = load_sets(list(cfg.train_data), "train", cfg.model.scale)
+        val_pairs = load_sets(list(cfg.val_data), "val", cfg.model.scale)
+        self.val_pairs = val_pairs[: cfg.val_max_images] if cfg.val_max_images else val_pairs
+        require_measurable(self.val_pairs, cfg.model.scale)
+        self.sampler = PatchSampler(train_pairs, cfg.patch_size, cfg.model.scale, seed=cfg.seed)
+        teacher = load_teacher(cfg, device)
+        if cfg.init == "teacher" and cfg.init_topology == "teacher":  # before anything records cfg.model
+            cfg = dataclasses.replace(cfg, model=in_teacher_topology(cfg.model, teacher.cfg))
+        self.cfg = cfg
+
+        # a resumed run takes its weights from its checkpoint, not from the teacher
+        start_from = None if resume or cfg.init_weights else teacher
+        self.net = starting_network(cfg, start_from, self.sampler).to(device)
+        if cfg.init_weights and not resume:
+            continue_from(self.net, cfg.model, cfg.init_weights)
+        # alpha 0: the teacher gave the starting weights; distillation would multiply it by zero
+        self.teacher = None if cfg.alpha == 0 else teacher
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.scheduler = _step_lr(cfg, self.optimizer)
+        self.step, self.metrics = 0, {}
+        self._cpu_t0 = time.process_time()
+        if resume:
+            self._restore()
+        self.start_step = self.step
+        self._cpu_before = self.metrics.get("cpu_s", 0.0)  # what the interrupted part spent
+
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.params, self.flops_g = count_params(self.net), count_flops(cfg.model, 64, 64).gflops
+        self.step_time = self.teacher_time = 0.0
+        self.steps_timed = 0
+        self.in_update = False  # True while weights, optimizer and step counter may disagree
+
+    def _restore(self) -> None:
+        state = load_checkpoint(self.ckpt_path)
+        diff = _compare_configs(state.get("train_config", {}), self.cfg.to_dict())
         if diff:
             raise CheckpointError(
-                f"{ckpt_path} was written with different settings for {diff}; resume with the same ones"
+                f"{self.ckpt_path} was written with different settings for {diff}; resume with the same ones"
             )
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, metrics = state["step"], state.get("metrics", {})
-        log.info("resuming %s at step %d", ckpt_path, step)
-    start_step = step
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.metrics = state["step"], state.get("metrics", {})
+        log.info("resuming %s at step %d", self.ckpt_path, self.step)
 
-    cpu_before = metrics.get("cpu_s", 0.0)  # what the interrupted part of a resumed run spent
-
-    def cpu_s() -> float:
+    def cpu_s(self) -> float:
         """The compute spent on this run: CPU time of this process (all its threads) so far."""
-        return cpu_before + time.process_time() - cpu_t0
+        return self._cpu_before + time.process_time() - self._cpu_t0
 
-    def checkpoint(at_step: int) -> None:
-        metrics["cpu_s"] = cpu_s()
+    def checkpoint(self) -> None:
+        self.metrics["cpu_s"] = self.cpu_s()
         state = {
-            "model_config": dataclasses.asdict(cfg.model),
-            "model": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": at_step,
-            "train_config": cfg.to_dict(),
-            "metrics": metrics,
+            "model_config": dataclasses.asdict(self.cfg.model),
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "train_config": self.cfg.to_dict(),
+            "metrics": self.metrics,
         }
-        save_checkpoint(state, ckpt_path)
+        save_checkpoint(state, self.ckpt_path)
 
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    params, flops_g = count_params(net), count_flops(cfg.model, 64, 64).gflops
-    # what "auto" (or a missing kernel) comes to here; a convolutional reference has no scan
-    scan_form = resolve_scan(cfg.model.scan, device) if isinstance(cfg.model, ModelConfig) else "none"
-    log.info("%s training (selective scan: %s) on %s", cfg.role, scan_form, device)
-    tracker.log_params({**cfg.to_dict(), "params": params, "flops_g": flops_g, "scan_form": scan_form})
-    ckpt_every = cfg.checkpoint_every or cfg.val_every
-    step_time = teacher_time = 0.0
-    steps_timed = 0
-    in_update = False  # True while weights, optimizer and step counter may disagree
+    def log_params(self, tracker: Tracker) -> None:
+        cfg = self.cfg
+        # what "auto" (or a missing kernel) comes to here; a convolutional reference has no scan
+        scan_form = (
+            resolve_scan(cfg.model.scan, self.device) if isinstance(cfg.model, ModelConfig) else "none"
+        )
+        log.info("%s training (selective scan: %s) on %s", cfg.role, scan_form, self.device)
+        tracker.log_params(
+            {**cfg.to_dict(), "params": self.params, "flops_g": self.flops_g, "scan_form": scan_form}
+        )
 
-    from tqdm import tqdm
+    def loop(self, tracker: Tracker) -> None:
+        """Steps until ``iterations``: logs, validates and checkpoints as the config says. A Ctrl-C
+        keeps the steps done so far (``--resume`` continues from there)."""
+        from tqdm import tqdm
 
-    bar = tqdm(total=cfg.iterations, initial=step, desc=cfg.role, disable=None, dynamic_ncols=True)
-    net.train()
-    with EnergyMeter(device.index or 0) if device.type == "cuda" else _NoMeter() as meter:
+        cfg = self.cfg
+        ckpt_every = cfg.checkpoint_every or cfg.val_every
+        bar = tqdm(total=cfg.iterations, initial=self.step, desc=cfg.role, disable=None, dynamic_ncols=True)
+        self.net.train()
         try:
-            while step < cfg.iterations:
-                lr_patch, hr_patch = sampler.batch(step, cfg.batch_size)
-                lr_patch, hr_patch = lr_patch.to(device), hr_patch.to(device)
-                t0 = time.perf_counter()
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    sr = net(lr_patch).float()
-                    target = None
-                    if teacher is not None:
-                        t1 = _sync(device)
-                        with torch.no_grad():
-                            target = teacher(lr_patch).float()
-                        teacher_time += _sync(device) - t1
-                    loss = distill_loss(sr, target, hr_patch, cfg.alpha)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
-                        f"({ckpt_path if ckpt_path.exists() else 'none written yet'}) is kept. Try a lower "
-                        "learning rate or check the data."
-                    )
-                in_update = True
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                in_update = False
-                step_time += _sync(device) - t0
-                steps_timed += 1
+            while self.step < cfg.iterations:
+                loss, sr, hr_patch = self._update()
                 bar.update(1)
+                step = self.step
                 if step % cfg.log_every == 0:
-                    metrics.update(
+                    self.metrics.update(
                         {
                             "loss": loss.item(),
                             "l1_hr": F.l1_loss(sr.detach(), hr_patch).item(),
-                            "lr": scheduler.get_last_lr()[0],
+                            "lr": self.scheduler.get_last_lr()[0],
                         }
                     )
-                    tracker.log_metrics({k: metrics[k] for k in ("loss", "l1_hr", "lr")}, step)
-                    bar.set_postfix(
-                        loss=f"{loss.item():.4f}", psnr=f"{metrics.get('val_psnr_y', float('nan')):.2f}"
-                    )
+                    tracker.log_metrics({k: self.metrics[k] for k in ("loss", "l1_hr", "lr")}, step)
+                    psnr = self.metrics.get("val_psnr_y", float("nan"))
+                    bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
                 if step % cfg.val_every == 0 or step == cfg.iterations:
-                    metrics.update(validate(net, val_pairs, device), cpu_s=cpu_s())
-                    tracker.log_metrics({k: metrics[k] for k in ("val_psnr_y", "val_ssim_y", "cpu_s")}, step)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{metrics['val_psnr_y']:.2f}")
+                    self.metrics.update(validate(self.net, self.val_pairs, self.device), cpu_s=self.cpu_s())
+                    tracker.log_metrics(
+                        {k: self.metrics[k] for k in ("val_psnr_y", "val_ssim_y", "cpu_s")}, step
+                    )
+                    bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{self.metrics['val_psnr_y']:.2f}")
                 if step % ckpt_every == 0 or step == cfg.iterations:
-                    checkpoint(step)
+                    self.checkpoint()
         except KeyboardInterrupt:
-            if not in_update:  # keep the steps done so far; --resume continues from here
-                checkpoint(step)
+            if not self.in_update:  # keep the steps done so far; --resume continues from here
+                self.checkpoint()
             raise
         finally:
             bar.close()
-    ran = step > start_step  # False: resumed at the end, nothing left to run
-    if "val_psnr_y" not in metrics:
-        metrics.update(validate(net, val_pairs, device))
 
-    energy = meter.reading
-    result = TrainResult(
-        step=step,
-        checkpoint=str(ckpt_path),
-        val_psnr_y=metrics["val_psnr_y"],
-        val_ssim_y=metrics["val_ssim_y"],
-        params=params,
-        flops_g=flops_g,
-        patches_per_s=cfg.batch_size * steps_timed / step_time if step_time else float("nan"),
-        teacher_share=teacher_time / step_time if teacher is not None and step_time else None,
-        energy=energy,
-        cpu_s=cpu_s(),
-    )
-    final = {  # validation metrics were logged at this step already, if this call ran any step
-        "params": params,
-        "flops_g": flops_g,
-        "patches_per_s": result.patches_per_s,
-        **energy.metrics(),
-    }
-    if not ran:  # the tracker may be a new run (a resumed finalization): it gets the run's figures
-        final.update({k: metrics[k] for k in ("val_psnr_y", "val_ssim_y", "cpu_s") if k in metrics})
-    if result.teacher_share is not None:
-        final["teacher_share"] = result.teacher_share
-    tracker.log_metrics(final, step)
-    if ckpt_path.exists():
-        tracker.log_artifact(ckpt_path, "checkpoint")
-    for path in _save_samples(net, val_pairs[:3], device, out / "samples"):
-        tracker.log_artifact(path, "samples")
-    return result
+    def _update(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step on the step's batch; returns (loss, the student's output, HR).
+
+        Raises:
+            TrainingDiverged: the loss is not finite (nothing is updated).
+        """
+        cfg, device = self.cfg, self.device
+        lr_patch, hr_patch = self.sampler.batch(self.step, cfg.batch_size)
+        lr_patch, hr_patch = lr_patch.to(device), hr_patch.to(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            sr = self.net(lr_patch).float()
+            target = None
+            if self.teacher is not None:
+                t1 = _sync(device)
+                with torch.no_grad():
+                    target = self.teacher(lr_patch).float()
+                self.teacher_time += _sync(device) - t1
+            loss = distill_loss(sr, target, hr_patch, cfg.alpha)
+        if not torch.isfinite(loss):
+            written = self.ckpt_path if self.ckpt_path.exists() else "none written yet"
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {self.step}; stopped. The last good checkpoint "
+                f"({written}) is kept. Try a lower learning rate or check the data."
+            )
+        self.in_update = True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.in_update = False
+        self.step_time += _sync(device) - t0
+        self.steps_timed += 1
+        return loss, sr, hr_patch
+
+    def finish(self, tracker: Tracker, energy: EnergyReading) -> TrainResult:
+        """The result; the last figures, the checkpoint and a few validation samples to the tracker."""
+        ran = self.step > self.start_step  # False: resumed at the end, nothing left to run
+        metrics = self.metrics
+        if "val_psnr_y" not in metrics:
+            metrics.update(validate(self.net, self.val_pairs, self.device))
+        step_time = self.step_time
+        result = TrainResult(
+            step=self.step,
+            checkpoint=str(self.ckpt_path),
+            val_psnr_y=metrics["val_psnr_y"],
+            val_ssim_y=metrics["val_ssim_y"],
+            params=self.params,
+            flops_g=self.flops_g,
+            patches_per_s=self.cfg.batch_size * self.steps_timed / step_time if step_time else float("nan"),
+            teacher_share=self.teacher_time / step_time if self.teacher is not None and step_time else None,
+            energy=energy,
+            cpu_s=self.cpu_s(),
+        )
+        final = {  # validation metrics were logged at this step already, if this call ran any step
+            "params": self.params,
+            "flops_g": self.flops_g,
+            "patches_per_s": result.patches_per_s,
+            **energy.metrics(),
+        }
+        if not ran:  # the tracker may be a new run (a resumed finalization): it gets the run's figures
+            final.update({k: metrics[k] for k in ("val_psnr_y", "val_ssim_y", "cpu_s") if k in metrics})
+        if result.teacher_share is not None:
+            final["teacher_share"] = result.teacher_share
+        tracker.log_metrics(final, self.step)
+        if self.ckpt_path.exists():
+            tracker.log_artifact(self.ckpt_path, "checkpoint")
+        for path in _save_samples(self.net, self.val_pairs[:3], self.device, self.out / "samples"):
+            tracker.log_artifact(path, "samples")
+        return result
 
 
 class _NoMeter:
