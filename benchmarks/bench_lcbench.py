@@ -362,11 +362,10 @@ def parse_rule(pairs: list[str]) -> engine.StoppingRule:
             typed = value if key == "rule" else (int(value) if key == "min_rung" else float(value))
         except ValueError:
             raise SystemExit(f"error: --pareto {key} must be a number, got {value!r}") from None
-        rule = replace(rule, **{key: typed})
-    try:
-        engine.make_scheduler("pareto", GOAL, rule)
-    except ValueError as exc:
-        raise SystemExit(f"error: --pareto: {exc}") from None
+        try:
+            rule = replace(rule, **{key: typed})  # a StoppingRule checks its values
+        except ValueError as exc:
+            raise SystemExit(f"error: --pareto: {exc}") from None
     return rule
 
 

@@ -18,7 +18,8 @@ from edge_agent import argtypes, contract
 from model.config import PRESETS, preset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SEARCHERS = ("tpe", "nsga2", "random", "gp")
+SEARCHERS = ("tpe", "nsga2", "random", "gp")  # Optuna samplers (search/searcher.py)
+RULES = ("dominated", "rank")  # the scheduler's stopping rules (search/scheduler.py)
 # flops_g, params: computed; edge_*: predicted by search/costmodel.py from what the device measured
 COSTS = ("flops_g", "params", "edge_energy", "edge_latency", "edge_power")
 
@@ -145,19 +146,27 @@ class TeacherConfig(Checked):
 
 
 @dataclass(frozen=True)
-class EarlyStoppingConfig(Checked):
-    """Our scheduler (search/scheduler.py): when and by which rule a trial is stopped early."""
+class StoppingRule(Checked):
+    """Our scheduler's settings (search/scheduler.py explains each): the SR search's
+    ``early_stopping`` and the rule any objective's Tune run takes (search/engine.py). The defaults
+    are the ones the LCBench benchmark chose (docs/benchmarks.md)."""
 
-    enabled: bool = True
     rule: str = "dominated"  # dominated: stopped when a peer as cheap is better; rank: MOASHA's rule
     min_rung: int = num(2, ge=1)  # never stop a trial before this many validations (chosen on LCBench)
     rung_factor: float = num(1.0, ge=1)  # 1: every later validation is a rung; f: min_rung * f^k only
-    margin_db: float = num(0.0, ge=0)  # a peer must be better by more than this to count
+    margin: float = num(0.0, ge=0)  # a peer must be better by more than this (the quality's unit: dB)
     eta: float = num(3.0, gt=1)  # rule rank: the best 1/eta at a rung continue
 
     def check(self) -> None:
-        if self.rule not in ("dominated", "rank"):
-            raise ConfigError(f"must be dominated or rank, got {self.rule!r}", "rule")
+        if self.rule not in RULES:
+            raise ConfigError(f"must be one of {RULES}, got {self.rule!r}", "rule")
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig(StoppingRule):
+    """``early_stopping``: our scheduler's rule (``StoppingRule``), and whether it runs at all."""
+
+    enabled: bool = True
 
 
 @dataclass(frozen=True)

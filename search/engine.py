@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from search.config import StoppingRule  # the rule's settings, the SR config's early_stopping too
+
 SCHEDULERS = ("none", "pareto", "moasha", "asha")
 
 
@@ -32,6 +34,7 @@ class Objectives:
         rung: result key counting a trial's progress (the training step, the epoch).
         budget: ``rung`` of a fully trained trial.
         first_rung: ``rung`` of a trial's first report (ASHA's grace period).
+        unit: the quality's unit, for the scheduler's stop reasons ("dB" for PSNR).
     """
 
     quality: str
@@ -39,18 +42,7 @@ class Objectives:
     rung: str
     budget: int
     first_rung: int = 1
-
-
-@dataclass(frozen=True)
-class StoppingRule:
-    """Our scheduler's settings (``search/scheduler.py`` explains each); the defaults are the ones
-    the LCBench benchmark chose (docs/benchmarks.md)."""
-
-    rule: str = "dominated"
-    min_rung: int = 2  # LCBench: the first epoch barely predicts the last (docs/benchmarks.md)
-    rung_factor: float = 1.0
-    margin: float = 0.0
-    eta: float = 3.0
+    unit: str = ""
 
 
 MOASHA = StoppingRule(rule="rank", min_rung=1, rung_factor=3.0, eta=3.0)  # Schmucker et al. 2021
@@ -71,7 +63,7 @@ def make_scheduler(name: str, goal: Objectives, rule: StoppingRule | None = None
     if name in ("pareto", "moasha"):
         r = (rule or StoppingRule()) if name == "pareto" else MOASHA
         return ParetoRungScheduler(
-            goal.quality, goal.cost, goal.rung, r.min_rung, r.margin, r.rung_factor, r.rule, r.eta
+            goal.quality, goal.cost, goal.rung, r.min_rung, r.margin, r.rung_factor, r.rule, r.eta, goal.unit
         )
     if name == "asha":
         from ray.tune.schedulers import ASHAScheduler

@@ -146,12 +146,23 @@ def _restored(path: str, trainable, k: int, ctrl_c) -> list:
         return []
 
 
+def goal_of(cfg: SearchConfig):
+    """The SR search as the engine sees it: PSNR-Y up, the config's cost down, rungs at the
+    validation steps, a trial fully trained at ``training.iterations``."""
+    from search import engine
+
+    t = cfg.training
+    return engine.Objectives(QUALITY, cfg.cost, "step", t.iterations, t.val_every, "dB")
+
+
 def _searcher(cfg: SearchConfig, study_name: str, storage: Path, k: int, known: list[TrialRow]):
     """The round's searcher on its Optuna database; a database that cannot be opened is set aside
     and a new one is seeded with the trials MLflow holds (the searcher's model starts again from
     those)."""
-    from search import loop
-    from search.searcher import make_searcher
+    import functools
+
+    from search import engine, loop
+    from search.space import define_space
 
     db = storage / "optuna.db"
     try:
@@ -166,7 +177,16 @@ def _searcher(cfg: SearchConfig, study_name: str, storage: Path, k: int, known: 
             f"round {k}: the searcher's database {db} cannot be opened ({error_line(exc)}); set aside as "
             f"{aside}. The searcher starts again from the {added} fully trained trial(s) MLflow holds"
         )
-    return make_searcher(cfg, study_name, storage)
+    space = functools.partial(define_space, cfg=cfg)
+    return engine.make_searcher(
+        cfg.searcher,
+        space,
+        goal_of(cfg),
+        cfg.seed,
+        cfg.startup_trials,
+        study_name=study_name,
+        storage_dir=storage,
+    )
 
 
 def _fresh_round(k, cfg, ctx, storage, ray_storage, ray_name, study_name, n, seed, known, ctrl_c) -> list:
@@ -181,10 +201,9 @@ def _fresh_round(k, cfg, ctx, storage, ray_storage, ray_name, study_name, n, see
     if seed:
         added = loop.seed_study(storage, study_name, cfg, _scored(seed))
         print(f"round {k}: the searcher starts from {added} earlier trials, re-scored with the current cost")
-    goal = engine.Objectives(QUALITY, cfg.cost, "step", cfg.training.iterations, cfg.training.val_every)
-    es = cfg.early_stopping
-    rule = engine.StoppingRule(es.rule, es.min_rung, es.rung_factor, es.margin_db, es.eta)
-    scheduler = engine.make_scheduler("pareto" if es.enabled else "none", goal, rule)
+    goal = goal_of(cfg)
+    es = cfg.early_stopping  # a StoppingRule
+    scheduler = engine.make_scheduler("pareto" if es.enabled else "none", goal, es)
     reporter = tune.CLIReporter(
         metric_columns=["step", QUALITY, cfg.cost], parameter_columns=["embed_dim", "rank", "alpha"]
     )

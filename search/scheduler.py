@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-RULES = ("dominated", "rank")
+from search.config import RULES  # the rules, defined beside their settings
 
 
 @dataclass(frozen=True)
@@ -94,23 +94,25 @@ class StopDecision:
     margin: float
     place: tuple[int, int] | None = None  # (its place, points at the rung) (rule "rank")
     eta: float = 3.0
+    unit: str = ""  # the quality's ("dB" for PSNR)
 
     def reason(self, labels: dict[str, str] | None = None) -> str:
         """One sentence for the trial run, e.g. "at step 400, t01 C32 r4 a0.50 reached 28.10 dB at
         cost 0.31 (no more than this trial's 0.35) against this trial's 27.60 dB"."""
+        unit = f" {self.unit}" if self.unit else ""
         if self.peer is None:
             place, n = self.place or (0, 0)
             return (
-                f"at step {self.step}, this trial ({self.stopped.quality:.2f} dB at cost "
+                f"at step {self.step}, this trial ({self.stopped.quality:.2f}{unit} at cost "
                 f"{self.stopped.cost:.4g}) ranked {place} of {n} by non-dominated sorting; only the "
                 f"best {max(1, math.ceil(n / self.eta))} (1/{self.eta:g}) continue"
             )
         peer = (labels or {}).get(self.peer.trial_id, self.peer.trial_id)
-        margin = f" (margin {self.margin:g} dB)" if self.margin else ""
+        margin = f" (margin {self.margin:g}{unit})" if self.margin else ""
         return (
-            f"at step {self.step}, {peer} reached {self.peer.quality:.2f} dB at cost {self.peer.cost:.4g} "
+            f"at step {self.step}, {peer} reached {self.peer.quality:.2f}{unit} at cost {self.peer.cost:.4g} "
             f"(no more than this trial's {self.stopped.cost:.4g}) against this trial's "
-            f"{self.stopped.quality:.2f} dB{margin}"
+            f"{self.stopped.quality:.2f}{unit}{margin}"
         )
 
 
@@ -131,10 +133,11 @@ class ParetoRungScheduler(FIFOScheduler):
         quality, cost: result keys (quality maximised, cost minimised).
         rung_key: result key whose value identifies the rung (the training step, the epoch).
         min_rung: number of validations a trial always gets before it can be stopped.
-        margin: quality (dB for PSNR) a peer must be better by (rule "dominated").
+        margin: quality (in ``unit``) a peer must be better by (rule "dominated").
         rung_factor: spacing of the rungs after the first (1: every validation; see the module).
         rule: "dominated" or "rank".
         eta: the rank rule keeps the best 1/eta at each rung.
+        unit: the quality's unit in the stop reasons ("dB" for PSNR; none by default).
     """
 
     def __init__(
@@ -147,13 +150,14 @@ class ParetoRungScheduler(FIFOScheduler):
         rung_factor: float = 1.0,
         rule: str = "dominated",
         eta: float = 3.0,
+        unit: str = "",
     ):
         super().__init__()
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         self.quality, self.cost, self.rung_key = quality, cost, rung_key
         self.min_rung, self.margin, self.rung_factor = min_rung, margin, rung_factor
-        self.rule, self.eta = rule, eta
+        self.rule, self.eta, self.unit = rule, eta, unit
         self.rungs: dict[int, list[RungPoint]] = defaultdict(list)
         self.rung_index: dict[str, int] = defaultdict(int)
         self.stopped: list[tuple[str, int]] = []  # (trial_id, rung step) of every stop decision
@@ -180,12 +184,12 @@ class ParetoRungScheduler(FIFOScheduler):
     def _decide(self, rung: int, point: RungPoint, peers: list[RungPoint]) -> StopDecision | None:
         if self.rule == "dominated":
             peer = dominating_peer(point, peers, self.margin)
-            return None if peer is None else StopDecision(rung, point, peer, self.margin)
+            return None if peer is None else StopDecision(rung, point, peer, self.margin, unit=self.unit)
         order = rank_order(peers)
         place = order.index(point) + 1
         if place <= max(1, math.ceil(len(peers) / self.eta)):
             return None
-        return StopDecision(rung, point, None, self.margin, (place, len(peers)), self.eta)
+        return StopDecision(rung, point, None, self.margin, (place, len(peers)), self.eta, self.unit)
 
     def reason(self, trial_id: str, labels: dict[str, str] | None = None) -> str | None:
         """Why ``trial_id`` was stopped (peers named by ``labels``), or None if it was not."""

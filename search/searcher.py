@@ -12,7 +12,6 @@ ever, which TPE then treats as a bad point.)
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +23,10 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from search import compat
+from search.config import SEARCHERS as SAMPLERS  # one list: the config checks it too
 from search.study import fully_trained, missing_objectives
 
 log = logging.getLogger(__name__)
-SAMPLERS = ("tpe", "nsga2", "random", "gp")
 
 
 class BudgetAwareOptunaSearch(OptunaSearch):
@@ -125,20 +124,4 @@ def optuna_searcher(
         storage=storage,
         budget=budget,
         rung_key=rung_key,
-    )
-
-
-def make_searcher(cfg, study_name: str, storage_dir: Path) -> BudgetAwareOptunaSearch:
-    """The SR search's searcher (``cfg``: a SearchConfig), its study kept in ``storage_dir``."""
-    from search.space import define_space
-    from search.study import QUALITY
-
-    return optuna_searcher(
-        functools.partial(define_space, cfg=cfg),
-        (QUALITY, cfg.cost),
-        "step",
-        cfg.training.iterations,
-        make_sampler(cfg.searcher, cfg.seed, cfg.startup_trials),
-        study_name,
-        storage_dir,
     )

@@ -544,7 +544,7 @@ def describe_study(cfg) -> str:
     )
     stop = (
         f"dominated trials are stopped at each validation from rung {cfg.early_stopping.min_rung} "
-        f"(margin {cfg.early_stopping.margin_db:g} dB)"
+        f"(margin {cfg.early_stopping.margin:g} dB)"
         if cfg.early_stopping.enabled
         else "no early stopping"
     )

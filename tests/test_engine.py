@@ -40,6 +40,7 @@ def test_rank_rule_lets_only_the_best_third_continue():
     assert s.on_trial_result(None, FakeTrial("b"), r(50, 20)) == "STOP"  # 2nd of 2: ceil(2/3) = 1
     assert s.on_trial_result(None, FakeTrial("c"), r(95, 30)) == "CONTINUE"  # on the front with a
     assert "ranked 2 of 2" in s.reason("b")
+    assert "(50.00 at cost 20)" in s.reason("b") and "dB" not in s.reason("b")  # no unit given: none said
     with pytest.raises(ValueError, match="rule must be one of"):
         ParetoRungScheduler("q", "c", rule="median")
 

@@ -12,7 +12,7 @@ from search import compat, study
 from search.config import ConfigError, IntRange, load_config
 from search.pareto import dominates, hypervolume_2d, pareto_front
 from search.scheduler import ParetoRungScheduler, RungPoint, dominated_at_rung
-from search.searcher import BudgetAwareOptunaSearch, make_searcher
+from search.searcher import BudgetAwareOptunaSearch
 from search.space import define_space, model_config
 from search.study import fully_trained
 
@@ -171,7 +171,7 @@ class FakeTrial:
 
 
 def test_scheduler_stops_only_dominated_trials_after_min_rung():
-    s = ParetoRungScheduler("q", "c", "step", min_rung=2)
+    s = ParetoRungScheduler("q", "c", "step", min_rung=2, unit="dB")  # the SR search's goal
     r = lambda q, c, step: {"q": q, "c": c, "step": step}  # noqa: E731
     assert s.on_trial_result(None, FakeTrial("a"), r(27.0, 1.0, 10)) == "CONTINUE"
     assert s.on_trial_result(None, FakeTrial("b"), r(20.0, 2.0, 10)) == "CONTINUE"  # rung 1 < min_rung
@@ -190,7 +190,18 @@ def test_scheduler_stops_only_dominated_trials_after_min_rung():
 
 def test_searcher_counts_only_fully_trained_trials(tmp_path):
     cfg = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")
-    searcher = make_searcher(cfg, "unit", tmp_path)
+    from search import run
+
+    searcher = run._searcher(cfg, "unit", tmp_path, 1, [])  # the SR search's, through search.engine
+    from search import engine
+
+    goal = engine.Objectives(
+        "val_psnr_y", cfg.cost, "step", cfg.training.iterations, cfg.training.val_every, "dB"
+    )
+    assert run.goal_of(cfg) == goal
+    # one type for the scheduler's settings: the config's early_stopping is the engine's rule, plus enabled
+    assert isinstance(cfg.early_stopping, engine.StoppingRule) and cfg.early_stopping.enabled
+    assert engine.make_scheduler("pareto", goal, cfg.early_stopping).min_rung == cfg.early_stopping.min_rung
     assert isinstance(searcher, BudgetAwareOptunaSearch)
     searcher.set_search_properties(None, None, {})
     for tid in ("full", "stopped", "crashed", "never"):

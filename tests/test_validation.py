@@ -64,7 +64,7 @@ CONFIG_CASES = [
     ("seed", -1),
     ("loop.wait_timeout_s", math.inf),
     ("loop.rounds", 0),
-    ("early_stopping.margin_db", -1.0),
+    ("early_stopping.margin", -1.0),
     ("early_stopping.min_rung", 0),
     ("early_stopping.rule", "median"),
     ("early_stopping.rung_factor", 0.5),
