@@ -66,19 +66,13 @@ def summarize(rows: list[TrialRow]) -> dict[str, float]:
     }
 
 
-def write_report(
-    study: Study, rows: list[TrialRow], cost: str, title: str, out_dir: Path, selection=None
-) -> dict:
-    """The plot, the table (text and JSON) and the summary metrics on the study run; returns the summary.
-
-    Args:
-        selection: the second panel of the plot (``search.pareto.plot_front``'s ``selection``), when
-            a champion was chosen on measured costs.
-    """
+def write_report(study: Study, rows: list[TrialRow], cost: str, title: str, out_dir: Path) -> dict:
+    """The plot, the table (text and JSON) and the summary metrics on the study run; returns the
+    summary. Selection later replaces the plot with one that adds the measured candidates
+    (``search.selection.log_selection_report``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     points = plot_rows(rows)
     if points:
-        kwargs = {"selection": selection} if selection else {}
         plot_front(
             points,
             f"{QUALITY} (dB)",
@@ -86,7 +80,6 @@ def write_report(
             out_dir / "pareto.png",
             out_dir / "pareto.html",
             title=f"{title}: trials (stopped early: hollow)",
-            **kwargs,
         )
     table = format_table(rows, cost)
     (out_dir / "trials.txt").write_text(table + "\n")

@@ -538,7 +538,7 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
     )
 
 
-def write_report(client, selection: Selection, title: str, tracking_uri: str) -> None:
+def log_selection_report(client, selection: Selection, title: str, tracking_uri: str) -> None:
     """The study's one Pareto plot (``pareto/pareto.png`` and ``.html``, replacing the search's):
     its trials against the search's cost on the left, the measured candidates against the cost
     compared here on the right, the champion starred; the table and the choice under ``selection/``."""
@@ -676,7 +676,7 @@ def select_champion(
         client.set_tag(study_run_id, key, value)
     describe_champion(client, selection, model_name, previous)
     if log_report:
-        write_report(client, selection, experiment, tracking_uri)
+        log_selection_report(client, selection, experiment, tracking_uri)
     return selection
 
 
