@@ -78,16 +78,23 @@ def log_round(
     return out
 
 
+ENDED = (contract.DONE, contract.FAILED)  # a version's measurement on a device is over
+
+
+def statuses(c, model_name: str, versions: list[str], device: str) -> dict[str, str]:
+    """version -> its ``edge.<device>.status`` (pending where there is none); no versions, no device
+    needed."""
+    if not versions:
+        return {}
+    tag = contract.status_tag(device)
+    return {v: c.get_model_version(model_name, v).tags.get(tag, contract.PENDING) for v in versions}
+
+
 def unmeasured(tracking_uri: str, model_name: str, versions: list[str], device: str) -> list[str]:
-    """The versions whose ``edge.<device>.status`` is neither done nor failed: those a round still
-    waits for, whether registered now or by an attempt that was killed before its measurements."""
-    c = study.client(tracking_uri)
-    ended = (contract.DONE, contract.FAILED)
-    return [
-        v
-        for v in versions
-        if c.get_model_version(model_name, v).tags.get(contract.status_tag(device)) not in ended
-    ]
+    """The versions whose measurement on ``device`` is not over: those a round still waits for,
+    whether registered now or by an attempt that was killed before its measurements."""
+    status = statuses(study.client(tracking_uri), model_name, versions, device)
+    return [v for v, s in status.items() if s not in ENDED]
 
 
 def wait_for_measurements(
@@ -107,11 +114,8 @@ def wait_for_measurements(
     deadline = time.monotonic() + timeout_s
     shown = None
     while True:
-        status = {
-            v: c.get_model_version(model_name, v).tags.get(contract.status_tag(device), contract.PENDING)
-            for v in versions
-        }
-        waiting = [v for v, s in status.items() if s not in (contract.DONE, contract.FAILED)]
+        status = statuses(c, model_name, versions, device)
+        waiting = [v for v, s in status.items() if s not in ENDED]
         if not waiting:
             return status
         if waiting != shown:
