@@ -8,7 +8,9 @@ pyproject.toml), and an upgrade should start by reading this file and running th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import signal
 from typing import Any
 
@@ -33,6 +35,44 @@ def tolerate_missing_metrics() -> None:
     import os
 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+
+
+# Tune saves its state by writing ``.<uuid4>-tmp-...`` beside the file, then renaming it
+# (ray/tune/utils/util.py ``_atomic_save``); a background copy of the folder that lists the temporary
+# file before the rename fails on it with FileNotFoundError.
+_VANISHED_TEMP = re.compile(r"FileNotFoundError.*\.[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-tmp-", re.S)
+STATE_COPY_RACE = (
+    "Ray Tune: a copy of the experiment state met a temporary file that a save renamed meanwhile; "
+    "the next copy carries the saved state"
+)
+
+
+class _VanishedTempFile(logging.Filter):
+    """Turns Ray's traceback for that race into one INFO line; every other record passes as is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        if _VANISHED_TEMP.search(text):
+            record.msg, record.args, record.exc_info, record.exc_text = STATE_COPY_RACE, None, None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+# the two places Ray 2.60 logs a failed copy of the driver's state folder: the syncer when it starts
+# the next copy, and Tune's experiment state when it waits for one
+STATE_COPY_LOGGERS = ("ray.train._internal.syncer", "ray.tune.execution.experiment_state")
+
+
+def quiet_state_copy_race() -> None:
+    """Say Tune's harmless state-copy race in one line instead of a traceback in the driver's
+    stderr: Ray retries nothing, but its next copy of the folder (at the next save, and at the end
+    of the run) copies the renamed file, so nothing is lost. Idempotent."""
+    for name in STATE_COPY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _VanishedTempFile) for f in logger.filters):
+            logger.addFilter(_VanishedTempFile())
 
 
 def trial_identity() -> tuple[str, str]:

@@ -119,6 +119,7 @@ def tune_run(
     from search import compat
 
     compat.tolerate_missing_metrics()
+    compat.quiet_state_copy_race()
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

@@ -125,6 +125,7 @@ def _restored(path: str, trainable, k: int, ctrl_c) -> list:
     # checkpoint. The cause may be gone (a disk full, a server down); a trial that had
     # trained is reported from MLflow instead (Study.prepare_rerun)
     compat.tolerate_missing_metrics()
+    compat.quiet_state_copy_race()
     try:
         with ctrl_c.during_fit():
             tuner = tune.Tuner.restore(

@@ -613,3 +613,89 @@ def test_selection_and_the_search_config_start_without_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def _state_copy_race_logs(tmp_path: Path) -> list[str]:
+    """What Ray logs when its background copy of Tune's state folder lists a temporary file that
+    Tune's atomic save renames before the copy opens it: the race itself, made on purpose with
+    Ray's own syncer and save function, then reported the two ways Ray 2.60 does (the syncer when
+    it starts the next copy, Tune's experiment state when it waits for one)."""
+    import logging
+    import threading
+    import time
+
+    import pyarrow.fs
+    from ray.train._internal.storage import _FilesystemSyncer
+    from ray.tune.utils.util import _atomic_save
+
+    src = tmp_path / "driver_artifacts"
+    src.mkdir(parents=True)
+    for i in range(50):
+        (src / f"f{i}.json").write_text("x" * 1000)
+    records, done = [], threading.Event()
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+
+    def save_again_and_again():
+        while not done.is_set():
+            _atomic_save({"x": b"0" * 200_000}, str(src), "searcher-state.pkl", "tmp-searcher-state.pkl")
+
+    loggers = [logging.getLogger(name) for name in compat.STATE_COPY_LOGGERS]
+    handler = Keep(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    for logger in loggers:
+        logger.addHandler(handler)
+    threading.Thread(target=save_again_and_again, daemon=True).start()
+    syncer = _FilesystemSyncer(pyarrow.fs.LocalFileSystem(), sync_period=0)
+    deadline = time.monotonic() + 60
+    try:
+        while not records and time.monotonic() < deadline:
+            syncer.sync_up(str(src), str(tmp_path / "storage"))  # logs when the copy before it failed
+            time.sleep(0.001)
+        while time.monotonic() < deadline:
+            syncer.sync_up(str(src), str(tmp_path / "storage"))
+            try:
+                syncer.wait()
+            except Exception:  # as ray/tune/execution/experiment_state.py reports it
+                loggers[1].error("Saving experiment state to storage failed with exception: ", exc_info=True)
+                break
+    finally:
+        done.set()
+        for logger in loggers:
+            logger.removeHandler(handler)
+    return records
+
+
+def test_ray_s_state_copy_race_is_one_line_not_a_traceback(tmp_path):
+    """Unquieted, the race gives two tracebacks naming the vanished temporary file; after
+    quiet_state_copy_race the same race gives one INFO line each, and a record about any other
+    missing file still carries its traceback."""
+    import logging
+
+    for name in compat.STATE_COPY_LOGGERS:  # as Ray leaves them, whatever ran before in this process
+        logging.getLogger(name).filters.clear()
+    loud = _state_copy_race_logs(tmp_path / "loud")
+    assert len(loud) == 2, loud
+    assert all("Traceback" in r and "FileNotFoundError" in r and "-tmp-searcher" in r for r in loud), loud
+
+    compat.quiet_state_copy_race()
+    compat.quiet_state_copy_race()  # idempotent: one filter per logger
+    assert all(len(logging.getLogger(name).filters) == 1 for name in compat.STATE_COPY_LOGGERS)
+    quiet = _state_copy_race_logs(tmp_path / "quiet")
+    assert quiet == [f"INFO {compat.STATE_COPY_RACE}"] * 2, quiet
+
+    records = []
+    logger = logging.getLogger(compat.STATE_COPY_LOGGERS[1])
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(logging.Formatter().format(record))
+    logger.addHandler(handler)
+    try:
+        try:
+            open(tmp_path / "experiment_state.json")
+        except FileNotFoundError:
+            logger.error("Saving experiment state to storage failed with exception: ", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1 and "Traceback" in records[0] and "experiment_state.json" in records[0]
