@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from search import study
+from search import mlflow_util, study
 from search.config import load_config
 
 
@@ -63,7 +63,7 @@ def main() -> None:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         cfg = load_config(overrides={"base_model": "tiny", "experiment": "overhead"})
         exp_id = study.ensure_experiment(uri, cfg.experiment)
-        parent = study.client(uri).create_run(exp_id, tags={"role": "study"}).info.run_id
+        parent = mlflow_util.client(uri).create_run(exp_id, tags={"role": "study"}).info.run_id
         handle = study.Study(uri, exp_id, parent, cfg.experiment, cfg.training.iterations)
         ctx = StudyContext(config=cfg.to_dict(), study=handle, teacher_uri=None)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.errors import UserError
+
 BUDGET = 52  # epochs of a fully trained configuration
 QUALITY, COST, RUNG = "val_accuracy", "time", "epoch"  # accuracy in %, training time in s
 CONT = (
@@ -45,7 +47,7 @@ TASKS = ("3945", "7593", "34539", "126025", "126026")  # the five the docs repor
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "bench" / "yahpo-lcbench"
 
 
-class SurrogateMissing(FileNotFoundError):
+class SurrogateMissing(UserError, FileNotFoundError):
     """The surrogate's files are not where they were looked for; the message says what to do."""
 
 

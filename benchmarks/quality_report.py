@@ -16,10 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from edge_agent.errors import UserError
+
 MISSED = 3  # exit status: the run worked and the target was not reached
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """An input file is missing, not JSON, or not an evaluation of the same sets."""
 
 

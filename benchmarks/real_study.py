@@ -147,10 +147,10 @@ class Run:
 
     def handle(self):
         """The study's ``search.study.Study`` (from OUT/study.json, which the study stage wrote)."""
-        from search import study
+        from search import mlflow_util, study
 
         run_id = json.loads((self.out / "study.json").read_text())["study_run_id"]
-        run = study.client(self.tracking_uri).get_run(run_id)
+        run = mlflow_util.client(self.tracking_uri).get_run(run_id)
         return study.Study(
             self.tracking_uri, run.info.experiment_id, run_id, run.info.run_name, self.cfg.training.iterations
         )
@@ -171,9 +171,9 @@ class Run:
         from mlflow.exceptions import MlflowException
 
         from edge_agent import contract
-        from search import study
+        from search import config, mlflow_util, study
 
-        c = study.client(self.tracking_uri)
+        c = mlflow_util.client(self.tracking_uri)
         try:
             version = c.get_model_version_by_alias(self.cfg.registry.model_name, contract.CHAMPION_ALIAS)
         except MlflowException:
@@ -190,7 +190,7 @@ class Run:
                 "again: it goes on from here."
             ) from None
         trial = c.get_run(version.tags.get(contract.TAG_TRIAL_RUN, version.run_id))
-        knobs = study.knobs_of(trial.data.params)
+        knobs = config.knobs_of(trial.data.params)
         steps = max(int(m.step) for m in c.get_metric_history(trial.info.run_id, study.QUALITY))
         if version.tags.get(study.TAG_WEIGHTS_RUN):
             steps += self.cfg.finalize.iterations
@@ -217,11 +217,11 @@ class Run:
         """The reference's run (an unfinished one of an earlier attempt is continued), and whether it
         finished."""
         from edge_agent import contract
-        from search import study
+        from search import mlflow_util, study
         from search.trainable import SearchRunTracker
 
         tags = {study.PARENT: ctx.study.run_id, study.TAG_REFERENCE: name}
-        found = study.find_run(self.tracking_uri, ctx.study.experiment_id, **tags)
+        found = mlflow_util.find_run(self.tracking_uri, ctx.study.experiment_id, **tags)
         if found is not None:
             tracker = SearchRunTracker(
                 self.tracking_uri, run_id=found.info.run_id, keep=("iterations", "init")
@@ -306,11 +306,13 @@ class Run:
     # ------------------------------------------------------------------- measure, select, evaluate
 
     def reference_versions(self) -> list:
-        from search import selection, study
+        from search import mlflow_util, study
 
-        c = study.client(self.tracking_uri)
+        c = mlflow_util.client(self.tracking_uri)
         handle = self.handle()
-        pairs = selection.study_versions(c, handle.experiment_id, handle.run_id, self.cfg.registry.model_name)
+        pairs = study.registered_versions(
+            c, handle.experiment_id, self.cfg.registry.model_name, handle.run_id
+        )
         return [(v, run) for v, run in pairs if run.data.tags.get(study.TAG_REFERENCE)]
 
     def measure(self) -> None:
@@ -350,10 +352,10 @@ class Run:
         """Every measured registered version of the study (candidates and references), as summary
         entries without the test-set figures."""
         from edge_agent import contract
-        from search import study
+        from search import config, mlflow_util
 
         sel = json.loads((self.out / "selection.json").read_text())
-        c = study.client(self.tracking_uri)
+        c = mlflow_util.client(self.tracking_uri)
         device = self.cfg.loop.device
         out = []
         for row in sel["rows"]:
@@ -364,11 +366,9 @@ class Run:
             if trial_id and trial_id != weights:
                 runs.append(c.get_run(trial_id))  # a finalized candidate: its trial spent compute too
             metrics = runs[0].data.metrics
-            knobs = {"embed_dim": row["embed_dim"], "rank": row["rank"], "alpha": row["alpha"]}
-            if row["reference"] and row["embed_dim"] is None:
-                knobs = None
-            elif row["embed_dim"] is None:  # a finalization run without its knobs (studies before 2026-12)
-                knobs = study.knobs_of(runs[-1].data.params)
+            knobs = row["knobs"] or None
+            if knobs is None and not row["reference"]:  # a finalization run without knobs (before 2026-12)
+                knobs = config.knobs_of(runs[-1].data.params)
             # a candidate by its trial's name without its verdict: "t02 C32 r14 a0.65"
             trial_name = (runs[-1].info.run_name or row["run_name"]).split(" · ")[0]
             out.append(
@@ -394,7 +394,7 @@ class Run:
 
     def evaluate(self) -> None:
         from edge_agent.fileio import atomic_write_bytes
-        from search import study
+        from search import mlflow_util
         from trainers.data import load_pairs
         from trainers.evaluate import evaluate_set, onnx_upscaler
 
@@ -407,7 +407,9 @@ class Run:
                 continue
             onnx = self.out / "onnx" / f"v{e['version']}.onnx"
             onnx.parent.mkdir(exist_ok=True)
-            shutil.copyfile(study.single_file(study.download(e["source"], self.tracking_uri), ".onnx"), onnx)
+            shutil.copyfile(
+                mlflow_util.single_file(mlflow_util.download(e["source"], self.tracking_uri), ".onnx"), onnx
+            )
             upscale, scale = onnx_upscaler(str(onnx))
             t0 = time.monotonic()
             results = {name: evaluate_set(upscale, pairs, scale, name) for name, pairs in sets.items()}
@@ -428,18 +430,18 @@ class Run:
 
     def summary(self, stages: Stages) -> dict:
         from edge_agent import contract
-        from search import study
+        from search import mlflow_util, study
 
         entries = []
         for e in self.entries():
             figures = json.loads((self.out / "eval" / f"v{e['version']}.json").read_text())
             entries.append({**e, **figures})
-        c = study.client(self.tracking_uri)
+        c = mlflow_util.client(self.tracking_uri)
         handle = self.handle()
         spent: dict[str, float] = {}  # per trial: its compute, and its finalization's
         for role in (contract.ROLE_TRIAL, study.ROLE_FINALIZE):  # every trial, stopped ones too
             query = f"tags.`{study.PARENT}` = '{handle.run_id}' and tags.`{contract.ROLE}` = '{role}'"
-            for r in study.all_pages(c.search_runs, [handle.experiment_id], query):
+            for r in mlflow_util.all_pages(c.search_runs, [handle.experiment_id], query):
                 # a finalization resumed after a kill is a second run whose cpu_s counts the first's
                 key = f"{role}:{r.data.tags.get(study.TAG_FINALIZED_FROM, r.info.run_id)}"
                 spent[key] = max(spent.get(key, 0.0), r.data.metrics.get("cpu_s", 0.0))

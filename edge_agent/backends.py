@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_agent.contract import FP32_SCAN_PREFIX
+from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_write_bytes
 from edge_agent.parsers import TrtexecSummary, parse_trtexec
 
@@ -43,7 +44,7 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "trtexec")
 PRECISIONS = ("fp16", "fp32")
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """An engine could not be built or run; the message says why and what to do."""
 
 

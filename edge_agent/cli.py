@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent import argtypes, backends, contract, power, preflight
+from edge_agent import argtypes, backends, contract, errors, power, preflight
 from edge_agent.agent import STATE_DIR, Agent, AgentConfig, measure_file, setup_logging
 from edge_agent.deploy import DEFAULT_REMOTE_DIR, deploy
+from edge_agent.errors import UserError
 from edge_agent.fileio import sha256_file
-from edge_agent.measure import MeasureConfig, MeasurementError
-from edge_agent.mlflow_io import RegistryError
+from edge_agent.measure import MeasureConfig
 from edge_agent.remote_measure import DEFAULT_AGENT_CMD, remote_measure
 from edge_agent.ssh import SYSTEM_KNOWN_HOSTS, USER_KNOWN_HOSTS, SshError
 
@@ -333,8 +333,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             **_connect_kw(args),
         )
     except SshError as e:
-        print(f"edge-agent deploy: {e}", file=sys.stderr)
-        return 1
+        return errors.fail(e, "edge-agent deploy")
     print(f"Installed {report.wheel} on {report.host} in {report.venv}; unit {report.unit}.")
     if args.service_cmds is None:
         print(
@@ -355,8 +354,7 @@ def cmd_remote_measure(args: argparse.Namespace, *, options: argparse.ArgumentPa
             args.target, args.model, measure_args=measure_args, agent_cmd=args.agent_cmd, **_connect_kw(args)
         )
     except SshError as e:
-        print(f"edge-agent remote-measure: {e}", file=sys.stderr)
-        return 1
+        return errors.fail(e, "edge-agent remote-measure")
     print(json.dumps(result))
     return 0
 
@@ -422,9 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (backends.BackendError, MeasurementError, power.PowerReadError, RegistryError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (UserError, ValueError) as exc:
+        return errors.fail(exc)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ import numpy as np
 
 from edge_agent import contract, power
 from edge_agent.backends import Engine, TrtexecRun
+from edge_agent.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class MeasurementError(RuntimeError):
+class MeasurementError(UserError, RuntimeError):
     """The window cannot give a trustworthy figure (sample gaps, too few images, stopped)."""
 
 

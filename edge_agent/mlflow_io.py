@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_agent import contract
+from edge_agent.errors import UserError
 from edge_agent.outbox import Report
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """The tracking server could not be reached or refused a call; the message names the server."""
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from edge_agent.errors import UserError
 
-class ParseError(ValueError):
+
+class ParseError(UserError, ValueError):
     """A tool's output did not hold the fields the parser needs."""
 
 

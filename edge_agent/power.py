@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from edge_agent.errors import UserError
 from edge_agent.parsers import ParseError, parse_tegrastats
 
 log = logging.getLogger("edge_agent.power")
@@ -30,7 +31,7 @@ SOURCES = ("ina3221", "tegrastats", "nvml", "rapl")  # the order discover() trie
 UNAVAILABLE_REASON = "power_unavailable_reason"  # describe()'s key for why there is no source
 
 
-class PowerReadError(RuntimeError):
+class PowerReadError(UserError, RuntimeError):
     """A power source that was found failed to give a reading, or an explicit source is missing."""
 
 

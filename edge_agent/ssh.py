@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_agent.errors import UserError
+
 if TYPE_CHECKING:
     import paramiko
 
@@ -34,7 +36,7 @@ USER_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
 _STDERR_TAIL_LINES = 15
 
 
-class SshError(RuntimeError):
+class SshError(UserError, RuntimeError):
     """A failure reaching, installing on or measuring on a device, worded for the user."""
 
 

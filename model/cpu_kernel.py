@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ INSTALL_HINT = (
 )
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(UserError, RuntimeError):
     """The kernel could not be compiled or loaded; the message says why and what to do."""
 
 

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from edge_agent import argtypes
+from edge_agent import argtypes, errors
+from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_write_bytes, sha256_file
 from model.mambalitesr import build_model, preset
 
@@ -61,7 +62,7 @@ def url_for(name: str = DEFAULT_FILE) -> str:
     return f"https://github.com/nathan66666/DVMSR/raw/{COMMIT}/model_zoo/{name}"
 
 
-class DVMSRError(ValueError):
+class DVMSRError(UserError, ValueError):
     """A DVMSR weights file that cannot be used or fetched; the message says which and what to do."""
 
 
@@ -317,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         src = fetch_published() if args.src == SPEC else Path(args.src)
         out = import_weights(src, args.out, args.key)
     except DVMSRError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return errors.fail(exc)
     except OSError as exc:
         print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 1

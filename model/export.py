@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_agent import argtypes
+from edge_agent import argtypes, errors
 from edge_agent.contract import FP32_SCAN_PREFIX  # nodes a float16 engine must keep in float32
+from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_path, sha256_file
 from model.complexity import count_flops, count_params
 from model.mambalitesr import PRESETS, MambaLiteSR, build_model, load_model
@@ -59,7 +60,7 @@ DEFAULT_QUALITY_DB = 32.0
 log = logging.getLogger(__name__)
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The model could not be exported, or the exported file failed a check."""
 
 
@@ -363,9 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             args.quality_db,
             args.fp16,
         )
-    except (ExportError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (UserError, ValueError) as exc:
+        return errors.fail(exc)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(report.to_json() + "\n")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from edge_agent.errors import UsageError
 from model.mambalitesr import MambaLiteSR, MambaMixer, ModelConfig
 
 CRITERIA = ("weights", "activations")
@@ -49,7 +50,7 @@ def in_teacher_topology(student: ModelConfig, teacher: ModelConfig) -> ModelConf
     return student.replace(**{name: getattr(teacher, name) for name in TOPOLOGY})
 
 
-class InheritError(ValueError):
+class InheritError(UsageError, ValueError):
     """A student that cannot inherit from this teacher; the message names the dimension."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from edge_agent import argtypes, contract
+from edge_agent.errors import UsageError
 from model.config import PRESETS, preset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -24,7 +25,7 @@ RULES = ("dominated", "rank")  # the scheduler's stopping rules (search/schedule
 COSTS = ("flops_g", "params", "edge_energy", "edge_latency", "edge_power")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration that cannot run; the message names the key."""
 
     def __init__(self, message: str, key: str | None = None):
@@ -90,13 +91,88 @@ class FloatRange(Checked):
 
 
 @dataclass(frozen=True)
+class Knob:
+    """One knob the search may draw. The space, the trial's name and typed params, the network a
+    trial trains, the tables and Tune's progress table all read this table (``KNOBS``): adding a
+    knob is a row here and its range in ``SpaceConfig`` (and, if it changes the network, a
+    ``ModelConfig`` field of the same name)."""
+
+    name: str  # the Optuna parameter, the MLflow param, the SpaceConfig field
+    short: str  # its prefix in a trial's name: C32 r4 a0.60
+    column: str  # its column in the tables
+    kind: type  # int or float
+    fmt: str  # how names and tables write its value
+    network: bool  # a ModelConfig field: it changes the network, and so its cost
+    always: bool  # drawn in every space; the others only where the config gives a range
+
+    def value(self, raw: Any) -> Any:
+        """The knob's value typed again (MLflow keeps params as strings)."""
+        return self.kind(float(raw)) if self.kind is int else self.kind(raw)
+
+    def show(self, raw: Any) -> str:
+        return format(self.value(raw), self.fmt)
+
+
+KNOBS = (
+    Knob("embed_dim", "C", "C", int, "d", network=True, always=True),
+    Knob("rank", "r", "r", int, "d", network=True, always=True),  # at most expand * C
+    Knob("alpha", "a", "alpha", float, ".2f", network=False, always=True),  # distillation weight
+    Knob("n_groups", "g", "groups", int, "d", network=True, always=False),
+    Knob("blocks_per_group", "b", "blocks", int, "d", network=True, always=False),
+    Knob("lr", "lr", "lr", float, ".0e", network=False, always=False),
+)
+
+
+def knob(name: str) -> Knob:
+    return next(k for k in KNOBS if k.name == name)
+
+
+def knob_names() -> tuple[str, ...]:
+    return tuple(k.name for k in KNOBS)
+
+
+def knobs_of(params: dict[str, Any]) -> dict[str, Any]:
+    """The knobs among ``params`` (a trial's config, or its run's string params), typed."""
+    return {k.name: k.value(params[k.name]) for k in KNOBS if k.name in params}
+
+
+def knob_columns(knob_sets: list[dict[str, Any]]) -> list[Knob]:
+    """The knobs a table of these trials shows: the three always drawn, and any other one drawn."""
+    return [k for k in KNOBS if k.always or any(k.name in knobs for knobs in knob_sets)]
+
+
+def network_knobs(params: dict[str, Any]) -> dict[str, Any]:
+    """The knobs among ``params`` that are ModelConfig fields, typed."""
+    return {k.name: k.value(params[k.name]) for k in KNOBS if k.network and k.name in params}
+
+
+def knob_label(params: dict[str, Any]) -> str:
+    """A trial's knobs in a few characters: ``C32 r4 a0.60``, then the optional knobs it drew
+    (``g2 b3 lr2e-04``); a missing one of the three that are always drawn shows as ``?``."""
+    parts = []
+    for k in KNOBS:
+        if k.name in params:
+            parts.append(f"{k.short}{k.show(params[k.name])}")
+        elif k.always:
+            parts.append(f"{k.short}?")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
 class SpaceConfig(Checked):
+    """A range per knob of ``KNOBS``, by the same names; an optional knob's None keeps the base
+    model's value (or the training's learning rate)."""
+
     embed_dim: IntRange = IntRange(16, 48, 8)  # C
     rank: IntRange = IntRange(1, 32)  # r, further bounded by expand * C for each trial
     alpha: FloatRange = FloatRange(0.0, 1.0)  # distillation weight
-    n_groups: IntRange | None = None  # optional knobs; None keeps the base model's value
+    n_groups: IntRange | None = None
     blocks_per_group: IntRange | None = None
     lr: FloatRange | None = None
+
+    def ranges(self) -> list[tuple[Knob, IntRange | FloatRange]]:
+        """The knobs this space draws, in the table's order, with their ranges."""
+        return [(k, getattr(self, k.name)) for k in KNOBS if getattr(self, k.name, None) is not None]
 
     def check(self) -> None:
         if not 0.0 <= self.alpha.low <= self.alpha.high <= 1.0:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import contract
-from search import costmodel, study
+from search import costmodel, mlflow_util, study
 from search.config import SearchConfig
 from search.space import model_config
 
@@ -46,9 +46,7 @@ def measured_points(tracking_uri: str, experiment_id: str, cfg: SearchConfig, me
     ]
 
 
-def log_round(
-    tracking_uri: str, experiment_id: str, study_run_id: str, cfg: SearchConfig, k: int
-) -> dict[str, float]:
+def log_round(handle: study.Study, cfg: SearchConfig, k: int) -> dict[str, float]:
     """After round k's measurements: prediction error per trial and per round, and the refit's error.
 
     On each measured trial run that had a prediction: ``pred_abs_err.<device>.<metric>`` beside
@@ -56,15 +54,15 @@ def log_round(
     ``costmodel_round_mae`` (error of the predictions the round's trials were steered by, on the
     round's new measurements: a held-out error), ``costmodel_loo_mae`` and ``costmodel_points``.
     """
-    c = study.client(tracking_uri)
+    c = mlflow_util.client(handle.tracking_uri)
     metric = costmodel.TARGETS[cfg.cost]
-    points = measured_points(tracking_uri, experiment_id, cfg, metric)
+    points = measured_points(handle.tracking_uri, handle.experiment_id, cfg, metric)
     errors = []
     for p in points:
         if p.predicted is None:
             continue
         err = abs(p.measured - p.predicted)
-        c.log_metric(p.run_id, f"pred_abs_err.{cfg.loop.device}.{metric}", err, step=k)
+        handle.log_run_metrics(p.run_id, {f"pred_abs_err.{cfg.loop.device}.{metric}": err}, step=k)
         if c.get_run(p.run_id).data.tags.get(study.TAG_ROUND) == str(k):
             errors.append(err)
     model = costmodel.fit([(p.features, p.measured) for p in points], metric, cfg.loop.device)
@@ -73,8 +71,7 @@ def log_round(
         out["costmodel_round_mae"] = sum(errors) / len(errors)
     if model is not None and math.isfinite(model.loo_mae):
         out["costmodel_loo_mae"] = model.loo_mae
-    for key, value in out.items():
-        c.log_metric(study_run_id, key, value, step=k)
+    handle.log_metrics(out, step=k)
     return out
 
 
@@ -93,7 +90,7 @@ def statuses(c, model_name: str, versions: list[str], device: str) -> dict[str, 
 def unmeasured(tracking_uri: str, model_name: str, versions: list[str], device: str) -> list[str]:
     """The versions whose measurement on ``device`` is not over: those a round still waits for,
     whether registered now or by an attempt that was killed before its measurements."""
-    status = statuses(study.client(tracking_uri), model_name, versions, device)
+    status = statuses(mlflow_util.client(tracking_uri), model_name, versions, device)
     return [v for v, s in status.items() if s not in ENDED]
 
 
@@ -110,7 +107,7 @@ def wait_for_measurements(
 
     Returns version -> status. A timeout is not an error: what is not measured stays pending.
     """
-    c = study.client(tracking_uri)
+    c = mlflow_util.client(tracking_uri)
     deadline = time.monotonic() + timeout_s
     shown = None
     while True:
@@ -252,32 +249,46 @@ def seed_study(
     return added
 
 
-def rescore(
-    rows: list, cfg: SearchConfig, tracking_uri: str, experiment_id: str
-) -> tuple[object | None, int]:
-    """For an edge_* cost, every row's cost as of now: measured > predicted > FLOPs.
+@dataclass(frozen=True)
+class CostRule:
+    """How a round costs its trials for an edge_* cost, fixed once per round: a measured value
+    wins, else the cost model's prediction, else FLOPs (no model before two measurements)."""
 
-    Measured values always win; the others are predicted by the cost model refitted on all the
-    measurements so far; with fewer than two measurements there is no model and FLOPs stand in.
-    Returns (the cost model or None, how many measurements it saw).
-    """
-    from model import count_flops
+    measured: dict[str, float]  # trial run id -> what the device measured
+    model: Any  # costmodel.CostModel, or None
+    n: int  # the measurements it saw
 
+
+def cost_rule(cfg: SearchConfig, tracking_uri: str, experiment_id: str) -> CostRule | None:
+    """The round's rule from the measurements so far (the cost model refitted on all of them); None
+    for a cost the search computes (flops_g, params)."""
     if cfg.cost not in costmodel.TARGETS:
-        return None, 0
+        return None
     metric = costmodel.TARGETS[cfg.cost]
     points = measured_points(tracking_uri, experiment_id, cfg, metric)
     model = costmodel.fit([(p.features, p.measured) for p in points], metric, cfg.loop.device)
-    measured = {p.run_id: p.measured for p in points}
+    return CostRule({p.run_id: p.measured for p in points}, model, len(points))
+
+
+def costed(rows: list, cfg: SearchConfig, rule: CostRule | None) -> list:
+    """The rows with their cost (and its source) under ``rule``; as they are without one."""
+    from dataclasses import replace
+
+    from model import count_flops
+
+    if rule is None:
+        return list(rows)
+    out = []
     for r in rows:
-        arch = model_config(r.config, cfg)
-        if r.run_id in measured:
-            r.cost, r.cost_source = measured[r.run_id], "measured"
-        elif model is not None:
-            r.cost, r.cost_source = model.predict(arch), "predicted"
+        arch = model_config(r.knobs, cfg)
+        if r.run_id in rule.measured:
+            cost, source = rule.measured[r.run_id], "measured"
+        elif rule.model is not None:
+            cost, source = rule.model.predict(arch), "predicted"
         else:
-            r.cost, r.cost_source = count_flops(arch, 64, 64).gflops, "flops"
-    return model, len(points)
+            cost, source = count_flops(arch, 64, 64).gflops, "flops"
+        out.append(replace(r, cost=cost, cost_source=source))
+    return out
 
 
 def cost_model_line(k: int, cfg: SearchConfig, model, n: int) -> str:

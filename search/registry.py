@@ -10,13 +10,13 @@ from edge_agent import contract
 from edge_agent.fileio import sha256_file
 from model.export import export_onnx
 from model.mambalitesr import load_model
-from search import study
+from search import mlflow_util, study
 
 
 def version_of_trial(tracking_uri: str, model_name: str, trial_run_id: str):
     """The version registered for a trial (from its own weights or its finalization's), or None."""
-    c = study.client(tracking_uri)
-    for v in study.all_pages(c.search_model_versions, f"name='{model_name}'", max_results=200):
+    c = mlflow_util.client(tracking_uri)
+    for v in mlflow_util.all_pages(c.search_model_versions, f"name='{model_name}'", max_results=200):
         if v.run_id == trial_run_id or v.tags.get(contract.TAG_TRIAL_RUN) == trial_run_id:
             return v
     return None
@@ -146,7 +146,7 @@ def register_candidate(
     fp32-only.
     A run already registered (a resumed study) is not registered twice: its version is returned.
     """
-    c = study.client(tracking_uri)
+    c = mlflow_util.client(tracking_uri)
     existing = version_of_trial(tracking_uri, model_name, run_id)
     if existing:
         v = existing
@@ -154,7 +154,9 @@ def register_candidate(
             run_id, v.version, v.tags.get(contract.TAG_SHA256, ""), float("nan"), -1, v.description or ""
         )
     weights = weights_run_id or run_id
-    ckpt = study.single_file(study.download(f"runs:/{weights}/{study.CHECKPOINT_DIR}", tracking_uri), ".pt")
+    ckpt = mlflow_util.single_file(
+        mlflow_util.download(f"runs:/{weights}/{study.CHECKPOINT_DIR}", tracking_uri), ".pt"
+    )
     net = load_model(str(ckpt))
     quality = c.get_run(weights).data.metrics.get(study.QUALITY)  # the fp16 gate compares with it
     with tempfile.TemporaryDirectory() as tmp:

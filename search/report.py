@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from search.config import knob_label
 from search.pareto import hypervolume_2d, pareto_front, plot_front
 from search.study import COMPLETE, PARETO_DIR, QUALITY, STOPPED, Study, TrialRow
 
 
-def mark_front(rows: list[TrialRow]) -> list[TrialRow]:
-    """Set ``on_front`` on the fully trained rows no other fully trained row dominates; returns them."""
+def with_front(rows: list[TrialRow]) -> list[TrialRow]:
+    """The rows, ``on_front`` for the fully trained ones no other fully trained row dominates."""
     complete = [r for r in rows if r.status == COMPLETE and math.isfinite(r.val_psnr_y)]
-    for r in rows:
-        r.on_front = False
-    for i in pareto_front([(r.val_psnr_y, r.cost) for r in complete], ("max", "min")):
-        complete[i].on_front = True
-    return [r for r in complete if r.on_front]
+    front = pareto_front([(r.val_psnr_y, r.cost) for r in complete], ("max", "min"))
+    ids = {id(complete[i]) for i in front}
+    return [replace(r, on_front=id(r) in ids) for r in rows]
 
 
 def format_table(rows: list[TrialRow], cost: str) -> str:
@@ -30,7 +30,7 @@ def format_table(rows: list[TrialRow], cost: str) -> str:
     lines = [f"{head} {'PSNR-Y':>7s} {cost:>8s}  front"]
     for r in sorted(rows, key=lambda r: (r.status != COMPLETE, r.cost)):
         mark = f"v{r.version}" if r.version else ("*" if r.on_front else "")
-        name = r.name or f"{r.trial_id[:8]} C{r.embed_dim} r{r.rank} a{r.alpha:.2f}"
+        name = r.name or f"{r.trial_id[:8]} {knob_label(r.knobs)}"
         lines.append(f"{name[:30]:30s} {r.status:9s} {r.step:5d} {r.val_psnr_y:7.2f} {r.cost:8.4f}  {mark}")
     return "\n".join(lines)
 
@@ -43,7 +43,7 @@ def plot_rows(rows: list[TrialRow]) -> list[dict]:
             "cost": r.cost,
             "on_front": r.on_front,
             "stopped": r.status == STOPPED,
-            "label": r.name or f"C{r.embed_dim} r{r.rank} a{r.alpha:.2f}",
+            "label": r.name or knob_label(r.knobs),
         }
         for r in rows
         if r.status in (COMPLETE, STOPPED) and math.isfinite(r.val_psnr_y) and math.isfinite(r.cost)
@@ -67,20 +67,10 @@ def summarize(rows: list[TrialRow]) -> dict[str, float]:
 
 
 def write_report(study: Study, rows: list[TrialRow], cost: str, title: str, out_dir: Path) -> dict:
-    """The plot, the table (text and JSON) and the summary metrics on the study run; returns the
-    summary. Selection later replaces the plot with one that adds the measured candidates
-    (``search.selection.log_selection_report``)."""
+    """The plot (``log_front_plot``), the table (text and JSON) and the summary metrics on the study
+    run; returns the summary."""
+    log_front_plot(study, rows, cost, f"{title}: trials (stopped early: hollow)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    points = plot_rows(rows)
-    if points:
-        plot_front(
-            points,
-            f"{QUALITY} (dB)",
-            cost,
-            out_dir / "pareto.png",
-            out_dir / "pareto.html",
-            title=f"{title}: trials (stopped early: hollow)",
-        )
     table = format_table(rows, cost)
     (out_dir / "trials.txt").write_text(table + "\n")
     (out_dir / "trials.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
@@ -88,6 +78,33 @@ def write_report(study: Study, rows: list[TrialRow], cost: str, title: str, out_
     summary = summarize(rows)
     study.log_metrics({f"search_{k}": v for k, v in summary.items()})
     return summary
+
+
+def log_front_plot(
+    study: Study, rows: list[TrialRow], cost: str, title: str, selection: dict | None = None
+) -> None:
+    """The study's one Pareto plot, ``pareto/pareto.png`` and ``.html``: its trials against the
+    search's ``cost``; with ``selection`` (a second panel, see ``search.pareto.plot_front``) the
+    measured candidates beside them. The search logs it after each round and selection logs it
+    again with its panel, over the same two files. A study without trial verdicts (references
+    only) gets the selection's panel alone; with neither, nothing is logged."""
+    points = plot_rows(rows)
+    if not points and selection is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        png, html = Path(tmp) / "pareto.png", Path(tmp) / "pareto.html"
+        if points:
+            plot_front(points, f"{QUALITY} (dB)", cost, png, html, title=title, selection=selection)
+        else:
+            plot_front(
+                selection["rows"],
+                f"{QUALITY} (dB)",
+                selection["cost"],
+                png,
+                html,
+                f"{title}: {selection['title']}",
+            )
+        study.log_artifacts(tmp, PARETO_DIR)
 
 
 def describe_result(rows: list[TrialRow], summary: dict, cost: str) -> str:

@@ -29,11 +29,13 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars in a log help nobody
 
-from edge_agent import contract  # noqa: E402
+from edge_agent import contract, errors  # noqa: E402
+from edge_agent.errors import UserError  # noqa: E402
 from search import compat, report, stages  # noqa: E402
 from search.cli import config_from_args, parse_args
 from search.config import ConfigError, SearchConfig
-from search.study import QUALITY, Study, StudyError, TrialRow, absolute_tracking_uri, error_line
+from search.mlflow_util import absolute_tracking_uri
+from search.study import QUALITY, Study, StudyError, TrialRow, error_line
 
 log = logging.getLogger("search")
 
@@ -104,7 +106,7 @@ def _trainable(cfg: SearchConfig, ctx):
 
 def _scored(rows: list[TrialRow]) -> list[tuple[dict, float, float]]:
     """(knobs, PSNR, cost) of the fully trained trials among ``rows``: what seeds a searcher."""
-    return [(r.config, r.val_psnr_y, r.cost) for r in rows if r.status == "complete"]
+    return [(r.knobs, r.val_psnr_y, r.cost) for r in rows if r.status == "complete"]
 
 
 def _exists(path: str) -> bool:
@@ -206,7 +208,7 @@ def _fresh_round(k, cfg, ctx, storage, ray_storage, ray_name, study_name, n, see
     es = cfg.early_stopping  # a StoppingRule
     scheduler = engine.make_scheduler("pareto" if es.enabled else "none", goal, es)
     reporter = tune.CLIReporter(
-        metric_columns=["step", QUALITY, cfg.cost], parameter_columns=["embed_dim", "rank", "alpha"]
+        metric_columns=["step", QUALITY, cfg.cost], parameter_columns=[k.name for k, _ in cfg.space.ranges()]
     )
     searcher = _searcher(cfg, study_name, storage, k, known)
     with ctrl_c.during_fit():
@@ -225,7 +227,7 @@ def _fresh_round(k, cfg, ctx, storage, ray_storage, ray_name, study_name, n, see
         )
 
 
-class StudyFailed(RuntimeError):
+class StudyFailed(UserError, RuntimeError):
     """Every trial of a round failed: there is nothing to register, and the exit code says so."""
 
 
@@ -239,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return errors.fail(exc, "config error")
     problem = contract.credential_problem(None)  # the config's URI is checked; here the environment's
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -262,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resumed = Study.find(cfg, tracking_uri) if args.resume else None
     except StudyError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return errors.fail(exc, "config error")
     # Ray first: a request no node can hold fails before a study run or LATEST is written
     ray.init(address=cfg.address, include_dashboard=False)
     local = cfg.address in (None, "local")  # a Ray this process starts cannot grow
@@ -283,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary, champion, timings = run_study(cfg, study, args.resume, stage)
         if args.json:
-            rows = study.trials(cfg.cost, model_name=cfg.registry.model_name)
-            loop.rescore(rows, cfg, study.tracking_uri, study.experiment_id)
-            report.mark_front(rows)
+            rule = loop.cost_rule(cfg, study.tracking_uri, study.experiment_id)
+            rows = report.with_front(
+                loop.costed(study.trials(cfg.cost, model_name=cfg.registry.model_name), cfg, rule)
+            )
             result = {
                 "study": study.name,
                 "study_run_id": study.run_id,
@@ -298,11 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         status = "FINISHED"
         return 0
     except StudyFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return errors.fail(exc)
     except ConfigError as exc:  # found once Ray is up: the teacher cannot be fetched
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return errors.fail(exc, "config error")
     except KeyboardInterrupt:
         status = "KILLED"
         print(f"interrupted: continue with `{resume_hint}` (the same flags, and --resume)", file=sys.stderr)
@@ -381,10 +380,12 @@ def run_study(
     study.describe("Students", f"Start {start}: {why}.")
     ray_storage = f"{cfg.ray_storage.rstrip('/')}/{study.name}" if cfg.ray_storage else str(storage)
     for k in range(study.rounds_done() + 1, cfg.loop.rounds + 1):
-        rows = study.trials(cfg.cost, model_name=cfg.registry.model_name)  # the earlier rounds'
-        model, n = loop.rescore(rows, cfg, study.tracking_uri, study.experiment_id)
+        # the round's cost rule, from the measurements so far; the earlier rounds' trials under it
+        rule = loop.cost_rule(cfg, study.tracking_uri, study.experiment_id)
+        model = rule.model if rule else None
+        rows = loop.costed(study.trials(cfg.cost, model_name=cfg.registry.model_name), cfg, rule)
         if edge_cost:
-            print(loop.cost_model_line(k, cfg, model, n))
+            print(loop.cost_model_line(k, cfg, model, rule.n))
         ctx = StudyContext(
             cfg.to_dict(),
             study,
@@ -400,15 +401,14 @@ def run_study(
             raise KeyboardInterrupt
         timings[f"round{k}_search_s"] = time.monotonic() - t0
         study.settle(results, k, (QUALITY, cfg.cost))
-        rows = study.trials(cfg.cost, model_name=cfg.registry.model_name)
+        rows = loop.costed(study.trials(cfg.cost, model_name=cfg.registry.model_name), cfg, rule)
         if all(r.status == "failed" for r in rows if r.round == k):
             raise StudyFailed(_all_failed_message(results, k, ray_storage))
-        loop.rescore(rows, cfg, study.tracking_uri, study.experiment_id)
         t0 = time.monotonic()
         stage[0] = f"registering and reporting round {k}'s front"
-        report.mark_front(rows)
+        rows = report.with_front(rows)
         if cfg.registry.register:
-            stages.register_front(rows, cfg, study, ctx, storage / "finalize")
+            rows = stages.register_front(rows, cfg, study, ctx, storage / "finalize")
         summary = report.write_report(study, rows, cfg.cost, cfg.experiment, storage / "report")
         study.describe("Result", report.describe_result(rows, summary, cfg.cost))
         print(report.format_table(rows, cfg.cost))
@@ -422,7 +422,7 @@ def run_study(
             loop.measure(study.tracking_uri, cfg, todo, storage / "agent")  # a local agent runs only now
             timings[f"round{k}_measure_s"] = time.monotonic() - t0
         if edge_cost:
-            errors = loop.log_round(study.tracking_uri, study.experiment_id, study.run_id, cfg, k)
+            errors = loop.log_round(study, cfg, k)
             print(f"round {k}: cost model after this round's measurements: {json.dumps(errors)}")
         study.round_done(k)
     if not summary:  # every round was done before this --resume

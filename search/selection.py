@@ -43,16 +43,17 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from edge_agent import argtypes, contract, preflight
-from search import study
-from search.config import SearchConfig
+from edge_agent import argtypes, contract, errors, preflight
+from edge_agent.errors import UserError
+from search import mlflow_util, study
+from search.config import SearchConfig, knob_columns, knob_label, knobs_of
 from search.study import FINAL_QUALITY, QUALITY
 
 RULES = ("knee", "best-psnr")
 ENERGY, LATENCY = contract.ENERGY, contract.LATENCY_MEAN  # the two possible costs
 
 
-class SelectionError(RuntimeError):
+class SelectionError(UserError, RuntimeError):
     """Nothing can be chosen (nothing measured, nothing within the limits); the alias is untouched.
 
     ``selection`` holds the candidates as far as they were evaluated (None before any was read).
@@ -95,9 +96,7 @@ class Row:
     version: str
     run_id: str
     run_name: str
-    embed_dim: int | None
-    rank: int | None
-    alpha: float | None
+    knobs: dict  # the trial's knobs (search.config.KNOBS), typed; empty for a reference model
     psnr: float  # val_psnr_y of the trial run (final_val_psnr_y if it was finalized), dB; nan if none
     status: str  # edge.<device>.status: pending | measuring | done | failed
     latency_ms_mean: float | None = None  # over the agent's windows (its p50 where it reports no mean)
@@ -121,13 +120,13 @@ class Row:
         return done and self.latency_ms_mean is not None and math.isfinite(self.psnr)
 
     @property
-    def knobs(self) -> str:
-        pairs = (("C", self.embed_dim), ("r", self.rank), ("a", self.alpha))
-        return " ".join(f"{k}{v:g}" for k, v in pairs if v is not None)
+    def knob_text(self) -> str:
+        """``C32 r4 a0.60``, as in the trials' names; empty for a reference model."""
+        return knob_label(self.knobs) if self.knobs else ""
 
     @property
     def label(self) -> str:
-        return " ".join(x for x in (f"v{self.version}", self.reference, self.knobs) if x)
+        return " ".join(x for x in (f"v{self.version}", self.reference, self.knob_text) if x)
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,7 @@ def find_study(client, tracking_uri: str, experiment: str, study_run_id: str | N
             f"there is no experiment '{experiment}' at {tracking_uri}; check --experiment and --tracking-uri"
         )
     if study_run_id is None:
-        run = study.find_run(tracking_uri, exp.experiment_id, **{contract.ROLE: contract.ROLE_STUDY})
+        run = mlflow_util.find_run(tracking_uri, exp.experiment_id, **{contract.ROLE: contract.ROLE_STUDY})
         if run is None:
             raise ValueError(
                 f"experiment '{experiment}' has no study run ({contract.ROLE}={contract.ROLE_STUDY}): "
@@ -194,21 +193,6 @@ def find_study(client, tracking_uri: str, experiment: str, study_run_id: str | N
             f"of experiment '{experiment}'"
         )
     return exp.experiment_id, study_run_id
-
-
-def study_versions(
-    client, experiment_id: str, study_run_id: str, model_name: str
-) -> list[tuple[object, object]]:
-    """(model version, trial run) for every version of ``model_name`` registered from the study's trials."""
-    trials = study.all_pages(client.search_runs, [experiment_id], f"tags.`{study.PARENT}` = '{study_run_id}'")
-    by_id = {r.info.run_id: r for r in trials}
-    versions = study.all_pages(client.search_model_versions, f"name='{model_name}'", max_results=200)
-    out = []
-    for v in sorted(versions, key=lambda v: int(v.version)):
-        run_id = v.run_id or v.tags.get(contract.TAG_TRIAL_RUN, "")
-        if run_id in by_id:
-            out.append((v, by_id[run_id]))
-    return out
 
 
 def busiest_device(versions: list) -> str | None:
@@ -238,12 +222,6 @@ def make_row(version, run, device: str) -> Row:
 def _make_row(version, run, device: str) -> Row:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
 
-    def param(name: str, kind):
-        try:
-            return kind(params[name])
-        except (KeyError, ValueError):
-            return None
-
     def edge(name: str) -> float | None:
         return metrics.get(contract.edge_key(device, name))
 
@@ -253,9 +231,7 @@ def _make_row(version, run, device: str) -> Row:
         version=str(version.version),
         run_id=run.info.run_id,
         run_name=run.info.run_name or run.info.run_id[:8],
-        embed_dim=param("embed_dim", lambda x: int(float(x))),
-        rank=param("rank", lambda x: int(float(x))),
-        alpha=param("alpha", float),
+        knobs=knobs_of(params),
         # the registered weights' quality: a finalized candidate ships its retrained weights
         psnr=float(metrics.get(FINAL_QUALITY, metrics.get(QUALITY, math.nan))),
         status=status,
@@ -388,7 +364,7 @@ def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
     champion = next(r for r in rows if r.chosen)
     limited = f" within limits ({limits.describe()})" if limits.checks() else ""
     notes.append(
-        f"champion: v{champion.version} ({champion.run_name}, {champion.knobs}): {QUALITY} "
+        f"champion: v{champion.version} ({champion.run_name}, {champion.knob_text}): {QUALITY} "
         f"{champion.psnr:.3f} dB, {_figures(champion, cost)} on {device}; rule {rule} over the "
         f"{len(front)}-point front of {len(feasible)} measured candidates{limited}."
     )
@@ -435,7 +411,7 @@ def _within_noise(champion: Row, runner_up: Row, cost: str) -> list[str]:
         return []
     what, unit = _what(cost)
     return [
-        f"The runner-up v{runner_up.version} ({runner_up.knobs}, {QUALITY} {runner_up.psnr:.3f} dB) "
+        f"The runner-up v{runner_up.version} ({runner_up.knob_text}, {QUALITY} {runner_up.psnr:.3f} dB) "
         f"differs from the champion by {diff:+.3g} {unit} in {what}, within the measurement noise "
         f"(+/-{noise:.3g} {unit}: the two candidates' standard deviations across the agent's "
         "windows added): on this device the two cannot be told apart by cost."
@@ -498,9 +474,10 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
     def num(value: float | None, fmt: str) -> str:
         return "-" if value is None or not math.isfinite(value) else format(value, fmt)
 
-    head = ["", "version", "run", "C", "r", "alpha", "PSNR-Y", "mean ms", "SD ms", "p50 ms", "p99 ms"]
-    head += ["power mW", "mJ/image"]
-    head += ["status", "front", "limits", "note"]
+    knobs = knob_columns([r.knobs for r in rows])
+    head = ["", "version", "run", *(k.column for k in knobs), "PSNR-Y", "mean ms", "SD ms", "p50 ms"]
+    head += ["p99 ms", "power mW", "mJ/image", "status", "front", "limits", "note"]
+    left = {"version", "run", "status", "front", "limits", "note"}  # the others are numbers
     body = []
     for r in rows:
         limits = "" if r.within_limits is None else ("yes" if r.within_limits else "no")
@@ -509,9 +486,7 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
                 "*" if r.chosen else "",
                 f"v{r.version}",
                 r.run_name[:24],
-                num(r.embed_dim, "d"),
-                num(r.rank, "d"),
-                num(r.alpha, ".2f"),
+                *(k.show(r.knobs[k.name]) if k.name in r.knobs else "-" for k in knobs),
                 num(r.psnr, ".3f"),
                 num(r.latency_ms_mean, ".3f"),
                 num(r.latency_ms_std, ".3f"),
@@ -531,19 +506,17 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
     widths = [max(len(x) for x in column) for column in zip(head, *body)]
     return "\n".join(
         "  ".join(
-            x.ljust(w) if i in (1, 2, 13, 14, 15, 16) else x.rjust(w)
-            for i, (x, w) in enumerate(zip(cells, widths))
+            x.ljust(w) if name in left else x.rjust(w) for name, x, w in zip(head, cells, widths)
         ).rstrip()
         for cells in [head, *body]
     )
 
 
-def log_selection_report(client, selection: Selection, title: str, tracking_uri: str) -> None:
+def log_selection_report(handle: study.Study, selection: Selection, title: str) -> None:
     """The study's one Pareto plot (``pareto/pareto.png`` and ``.html``, replacing the search's):
     its trials against the search's cost on the left, the measured candidates against the cost
     compared here on the right, the champion starred; the table and the choice under ``selection/``."""
     from search import report
-    from search.pareto import plot_front
 
     measured = [r for r in selection.rows if r.within_limits is not None]
     plot_rows = [
@@ -563,34 +536,14 @@ def log_selection_report(client, selection: Selection, title: str, tracking_uri:
         "title": f"chosen: front over {', '.join(_label(f) for f in fields)}"
         + (f"\nwithin {selection.limits.describe()}" if selection.limits.checks() else ""),
     }
-    run = client.get_run(selection.study_run_id)
-    cost = run.data.params.get("cost", "flops_g")
-    iterations = int(run.data.params.get("training.iterations", "0"))
-    handle = study.Study(tracking_uri, run.info.experiment_id, run.info.run_id, run.info.run_name, iterations)
-    trials = handle.trials(cost)
-    report.mark_front(trials)
+    cost = mlflow_util.client(handle.tracking_uri).get_run(handle.run_id).data.params.get("cost", "flops_g")
+    trials = report.with_front(handle.trials(cost))
+    report.log_front_plot(handle, trials, cost, title, selection=panel)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        (out / "pareto").mkdir()
-        png, html = out / "pareto" / "pareto.png", out / "pareto" / "pareto.html"
-        if report.plot_rows(trials):
-            plot_front(report.plot_rows(trials), f"{QUALITY} (dB)", cost, png, html, title, selection=panel)
-        else:  # not a search's study (no trial verdicts): the measured candidates alone
-            plot_front(plot_rows, f"{QUALITY} (dB)", panel["cost"], png, html, f"{title}: {panel['title']}")
-        client.log_artifacts(selection.study_run_id, str(out / "pareto"), study.PARETO_DIR)
-        (out / study.SELECTION_DIR).mkdir()
-        (out / study.SELECTION_DIR / "table.md").write_text(
-            f"{table(selection.rows, markdown=True)}\n\n{selection.message}\n"
-        )
-        (out / study.SELECTION_DIR / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2))
-        client.log_artifacts(selection.study_run_id, str(out / study.SELECTION_DIR), study.SELECTION_DIR)
-
-
-def _alias_version(client, model_name: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(model_name, contract.CHAMPION_ALIAS).version)
-    except Exception:  # MlflowException: no such alias (or no such model)
-        return None
+        (out / "table.md").write_text(f"{table(selection.rows, markdown=True)}\n\n{selection.message}\n")
+        (out / "selection.json").write_text(json.dumps(selection.to_dict(), indent=2))
+        handle.log_artifacts(out, study.SELECTION_DIR)
 
 
 def select_champion(
@@ -620,10 +573,10 @@ def select_champion(
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    tracking_uri = study.absolute_tracking_uri(tracking_uri)
-    client = study.client(tracking_uri)
+    tracking_uri = mlflow_util.absolute_tracking_uri(tracking_uri)
+    client = mlflow_util.client(tracking_uri)
     experiment_id, study_run_id = find_study(client, tracking_uri, experiment, study_run_id)
-    versions = study_versions(client, experiment_id, study_run_id, model_name)
+    versions = study.registered_versions(client, experiment_id, model_name, study_run_id)
     if not versions:
         raise SelectionError(
             f"study run {study_run_id} has no registered versions of '{model_name}': the search registers "
@@ -636,7 +589,8 @@ def select_champion(
         )
     contract.status_tag(device)  # a ValueError naming the rule for device names
     rows = [make_row(v, run, device) for v, run in versions]
-    previous = _alias_version(client, model_name)
+    handle = study.Study.of_run(tracking_uri, study_run_id)
+    previous = handle.alias_version(model_name, contract.CHAMPION_ALIAS)
     kept = f"The '{contract.CHAMPION_ALIAS}' alias stays on " + (
         f"v{previous}." if previous else "no version."
     )
@@ -659,7 +613,7 @@ def select_champion(
         partial = replace(exc.selection, study_run_id=study_run_id) if exc.selection else None
         raise SelectionError(f"{exc} {kept}", partial) from None
     champion = selection.champion
-    client.set_registered_model_alias(model_name, contract.CHAMPION_ALIAS, champion.version)
+    handle.set_alias(model_name, contract.CHAMPION_ALIAS, champion.version)
     moved = (
         f"alias '{contract.CHAMPION_ALIAS}' was already on v{champion.version}."
         if previous == champion.version
@@ -667,23 +621,26 @@ def select_champion(
         + (f" (was v{previous})." if previous else ".")
     )
     selection = replace(selection, message=f"{selection.message} {moved}")
-    for key, value in (
-        (study.TAG_CHAMPION, champion.version),
-        (study.TAG_RULE, rule),
-        (study.TAG_DEVICE, device),
-        (study.TAG_LIMITS, limits.describe()),
-    ):
-        client.set_tag(study_run_id, key, value)
-    describe_champion(client, selection, model_name, previous)
+    handle.set_tags(
+        {
+            study.TAG_CHAMPION: champion.version,
+            study.TAG_RULE: rule,
+            study.TAG_DEVICE: device,
+            study.TAG_LIMITS: limits.describe(),
+        }
+    )
+    describe_champion(handle, selection, model_name, previous)
     if log_report:
-        log_selection_report(client, selection, experiment, tracking_uri)
+        log_selection_report(handle, selection, experiment)
     return selection
 
 
 CHAMPION_NOTE = "**Champion**"  # the paragraph selection adds to the chosen version's description
 
 
-def describe_champion(client, selection: Selection, model_name: str, previous: str | None) -> None:
+def describe_champion(
+    handle: study.Study, selection: Selection, model_name: str, previous: str | None
+) -> None:
     """Why the champion won, where users look: the study run's description ("Champion" section) and
     the version's description, with the URI that loads it; a version that lost the alias loses its
     paragraph."""
@@ -691,19 +648,14 @@ def describe_champion(client, selection: Selection, model_name: str, previous: s
     uri = f"models:/{model_name}@{contract.CHAMPION_ALIAS}"
     # one paragraph: the version's description loses it whole when the alias moves on
     why = f"Load it as `{uri}`. {selection.message}".replace("\n", " ")
-    name = champion.run_name or champion.knobs
-    study.describe_run(
-        client,
-        selection.study_run_id,
-        "Champion",
-        f"**v{champion.version}** (`{name}`) on {selection.device}. {why}",
-    )
+    name = champion.run_name or champion.knob_text
+    handle.describe("Champion", f"**v{champion.version}** (`{name}`) on {selection.device}. {why}")
     for version in {previous, champion.version} - {None}:
-        text = client.get_model_version(model_name, version).description or ""
+        text = handle.version_description(model_name, version)
         kept = [p for p in text.split("\n\n") if p and not p.startswith(CHAMPION_NOTE)]
         if version == champion.version:
             kept.append(f"{CHAMPION_NOTE} of study run {selection.study_run_id} on {selection.device}. {why}")
-        client.update_model_version(model_name, version, description="\n\n".join(kept))
+        handle.set_version_description(model_name, version, "\n\n".join(kept))
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -753,9 +705,8 @@ def main(argv: list[str] | None = None) -> int:
             model_name=args.model_name,
             study_run_id=args.study,
         )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # no such experiment, study run or device: as the flags name them
+        return errors.fail(exc, code=errors.USAGE)
     except SelectionError as exc:
         if args.json:
             out = exc.selection.to_dict() if exc.selection else {"champion_version": None}

@@ -7,9 +7,11 @@ study skips what is done: the teacher's URI is a tag, a registered trial has its
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from edge_agent import contract
+from search import mlflow_util
 from search import study as study_mod
 from search.config import ConfigError, SearchConfig
 from search.study import Study, TrialRow
@@ -56,7 +58,7 @@ def ensure_teacher(cfg: SearchConfig, study: Study, storage: Path) -> str | None
     from mlflow.exceptions import MlflowException
 
     try:
-        checkpoint = study_mod.single_file(study_mod.download(teacher_uri, study.tracking_uri), ".pt")
+        checkpoint = mlflow_util.single_file(mlflow_util.download(teacher_uri, study.tracking_uri), ".pt")
     except (MlflowException, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
         raise ConfigError(
@@ -79,7 +81,6 @@ def student_init(cfg: SearchConfig, study: Study, teacher_uri: str | None) -> tu
     """
     from model.inherit import compatibility_problem
     from model.mambalitesr import load_model
-    from search.space import model_config
 
     asked = cfg.training.init
     if asked == "scratch":
@@ -87,14 +88,9 @@ def student_init(cfg: SearchConfig, study: Study, teacher_uri: str | None) -> tu
     if teacher_uri is None:
         problem = "the study has no teacher (space.alpha allows no distillation)"
     else:
-        checkpoint = study_mod.single_file(study_mod.download(teacher_uri, study.tracking_uri), ".pt")
+        checkpoint = mlflow_util.single_file(mlflow_util.download(teacher_uri, study.tracking_uri), ".pt")
         teacher = load_model(str(checkpoint)).cfg
-        space = cfg.space
-        largest = {"embed_dim": space.embed_dim.high}  # the rank is free (any rank inherits)
-        for knob in ("n_groups", "blocks_per_group"):
-            if getattr(space, knob) is not None:
-                largest[knob] = getattr(space, knob).high
-        widest = model_config(largest, cfg)
+        widest = widest_student(cfg)
         problem = compatibility_problem(teacher, widest)
         if problem is None:
             return "teacher", (
@@ -105,6 +101,16 @@ def student_init(cfg: SearchConfig, study: Study, teacher_uri: str | None) -> tu
     if asked == "teacher":
         raise ConfigError(f"teacher, but {problem}", "training.init")
     return "scratch", problem
+
+
+def widest_student(cfg: SearchConfig):
+    """The largest network the space can draw: every network knob at its highest but the rank (any
+    rank inherits); the teacher must hold it for the students to start from its weights."""
+    from search.space import model_config
+
+    return model_config(
+        {k.name: r.high for k, r in cfg.space.ranges() if k.network and k.name != "rank"}, cfg
+    )
 
 
 def teacher_val_psnr(cfg: SearchConfig, checkpoint: Path, name: str) -> float:
@@ -135,10 +141,11 @@ def teacher_val_psnr(cfg: SearchConfig, checkpoint: Path, name: str) -> float:
     return validate(net, pairs, torch.device("cpu"))[study_mod.QUALITY]
 
 
-def register_front(rows: list[TrialRow], cfg: SearchConfig, study: Study, ctx, root: Path) -> None:
+def register_front(rows: list[TrialRow], cfg: SearchConfig, study: Study, ctx, root: Path) -> list[TrialRow]:
     """Register every front row not registered yet (after its finalization when
-    ``finalize.iterations``); sets ``row.version``. The finalizations run side by side, each with a
-    trial's resources, as many at once as the cluster holds; registration follows in front order."""
+    ``finalize.iterations``); returns the rows, each front row with its ``version``. The
+    finalizations run side by side, each with a trial's resources, as many at once as the cluster
+    holds; registration follows in front order."""
     from search.registry import register_candidate, version_of_trial
 
     front = [r for r in rows if r.on_front and r.run_id is not None]
@@ -149,6 +156,7 @@ def register_front(rows: list[TrialRow], cfg: SearchConfig, study: Study, ctx, r
     if cfg.finalize.iterations:
         finalize = _finalizer(cfg, ctx, root)
         waits = {r.run_id: finalize(r) for r in front if registered[r.run_id] is None}
+    versions = {}
     for r in front:
         weights = waits[r.run_id]() if r.run_id in waits else None
         reg = register_candidate(
@@ -161,7 +169,8 @@ def register_front(rows: list[TrialRow], cfg: SearchConfig, study: Study, ctx, r
             label=r.name,
             fp16=cfg.registry.fp16,
         )
-        r.version = int(reg.version)
+        versions[r.run_id] = int(reg.version)
+    return [dataclasses.replace(r, version=versions[r.run_id]) if r.run_id in versions else r for r in rows]
 
 
 def _finalizer(cfg: SearchConfig, ctx, root: Path):
@@ -177,11 +186,11 @@ def _finalizer(cfg: SearchConfig, ctx, root: Path):
 
     def finalize(row: TrialRow):
         print(f"finalizing {row.name or row.trial_id}: {cfg.finalize.iterations} steps")
-        ref = task.remote(ctx, row.config, row.run_id, str(root / row.trial_id))
+        ref = task.remote(ctx, row.knobs, row.run_id, str(root / row.trial_id))
 
         def wait() -> str:
             run_id = ray.get(ref)
-            final = study_mod.client(ctx.tracking_uri).get_run(row.run_id).data.metrics.get(FINAL_QUALITY)
+            final = mlflow_util.client(ctx.tracking_uri).get_run(row.run_id).data.metrics.get(FINAL_QUALITY)
             print(
                 f"finalized {row.name or row.trial_id}: {FINAL_QUALITY} {final:.2f} dB "
                 f"(the trial reached {row.val_psnr_y:.2f})"

@@ -6,11 +6,17 @@ artifact) and the trial runs back from it, and Ray's own experiment state says w
 have to run. The storage folder keeps Ray's state, the Optuna database and ``LATEST``, a pointer
 naming the newest study.
 
-Who writes what:
+Who writes what: everything a study writes to MLflow goes through a ``Study``'s methods, except
+the two modules it heads for their own runs:
 - the driver creates or resumes the study and writes each trial's verdict, once
-  (``Study.close_trial``: complete, stopped early with the rule's reason, or failed);
-- a trial's worker opens its run, logs knobs, metrics and artifacts, and never closes it;
-- reading (``Study.trials``) writes nothing.
+  (``Study.close_trial``: complete, stopped early with the rule's reason, or failed); the rounds
+  (``search.loop``), the report (``search.report``), the teacher stage (``search.stages``) and
+  selection (``search.selection``: the champion's alias, tags and descriptions) write through it;
+- a trial's worker opens its run, logs knobs, metrics and artifacts, and never closes it
+  (``search.trainable``, through the training's tracker);
+- ``search.registry`` logs a candidate's ONNX on its weights' run and registers the version;
+- reading (``Study.trials``, ``registered_versions``, ``measurements``) writes nothing. Calls that
+  are not about a study (a client, paging, downloads) are in ``search.mlflow_util``.
 
 Every process talks to MLflow through ``MlflowClient`` with the same tracking URI; artifacts move as
 ``runs:/`` URIs, never as paths on the driver's disk. ``Study`` is a frozen dataclass of strings, so
@@ -19,18 +25,17 @@ it travels to Ray workers as it is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_agent import contract
+from edge_agent.errors import UsageError
+from search.config import knob_label, knob_names, knobs_of
+from search.mlflow_util import all_pages, client, download, find_run, single_file
 
 TAG_TRIAL_ID = "ray.trial_id"
 TAG_STUDY = "search.study"
@@ -74,8 +79,6 @@ LATEST = "LATEST"  # file in storage_dir naming the newest study, for --resume
 COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
 QUALITY, QUALITY_MODE = "val_psnr_y", "max"  # the search's first objective, on every trial run
 FINAL_QUALITY = "final_val_psnr_y"  # on a trial run: the PSNR of its finalized (retrained) weights
-KNOBS = ("embed_dim", "rank", "alpha", "n_groups", "blocks_per_group", "lr")  # what a space may draw
-INT_KNOBS = ("embed_dim", "rank", "n_groups", "blocks_per_group")
 STUDY_PARAMS = ("searcher", "num_samples", "seed", "cost", "base_model", "training.iterations")
 
 # May differ between a study and its --resume; everything else is the study's and must not change.
@@ -89,7 +92,7 @@ RESUMABLE = {
 }
 
 
-class StudyError(ValueError):
+class StudyError(UsageError, ValueError):
     """A study that cannot be started or resumed as asked; the message says what to do."""
 
 
@@ -113,31 +116,18 @@ def fully_trained(step: float | None, iterations: int) -> bool:
 def trial_label(number: int | None, params: dict[str, Any], round: int = 1) -> str:
     """A trial's run name: its number in the round and its knobs, e.g. ``t03 C32 r4 a0.60``
     (``R2 t03 ...`` in round 2); without a number (a worker naming its new run), the knobs alone."""
-    knobs = f"C{params.get('embed_dim', '?')} r{params.get('rank', '?')} a{float(params.get('alpha', 0)):.2f}"
-    extra = "".join(
-        f" {short}{params[k]}" for k, short in (("n_groups", "g"), ("blocks_per_group", "b")) if k in params
-    )
-    if "lr" in params:
-        extra += f" lr{float(params['lr']):.0e}"
     number_part = "" if number is None else f"t{number:02d} "
-    return f"{'' if round == 1 else f'R{round} '}{number_part}{knobs}{extra}"
+    return f"{'' if round == 1 else f'R{round} '}{number_part}{knob_label(params)}"
 
 
-def knobs_of(params: dict[str, str]) -> dict[str, Any]:
-    """A trial's drawn knobs, typed again, from its run's params."""
-    return {k: (int(v) if k in INT_KNOBS else float(v)) for k, v in params.items() if k in KNOBS}
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrialRow:
-    """One trial as the study records it (read back from its MLflow run)."""
+    """One trial as the study records it (read back from its MLflow run); a round's cost rule, the
+    front and registration give new rows (``dataclasses.replace``), never change one."""
 
     trial_id: str
     run_id: str | None
     status: str  # COMPLETE, STOPPED (early), FAILED
-    embed_dim: int
-    rank: int
-    alpha: float
     step: int
     val_psnr_y: float
     cost: float
@@ -145,7 +135,7 @@ class TrialRow:
     version: int | None = None
     round: int = 1
     cost_source: str = ""  # for edge_* costs: measured | predicted | flops
-    config: dict = field(default_factory=dict)  # the trial's drawn knobs
+    knobs: dict = field(default_factory=dict)  # the trial's drawn knobs (search.config.KNOBS), typed
     name: str = ""  # its run name, e.g. t03 C32 r4 a0.60
     stop_reason: str = ""
 
@@ -216,6 +206,15 @@ class Study:
             )
         return self
 
+    @classmethod
+    def of_run(cls, tracking_uri: str, run_id: str) -> Study:
+        """The study whose run is ``run_id``, read back from MLflow (nothing written): for tools
+        that are given the run, such as selection."""
+        run = client(tracking_uri).get_run(run_id)
+        iterations = int(float(run.data.params.get("training.iterations", "0")))
+        name = run.data.tags.get(TAG_STUDY) or run.info.run_name or run_id
+        return cls(tracking_uri, run.info.experiment_id, run_id, name, iterations)
+
     def reopen(self) -> int:
         """The study run RUNNING again; the child runs the crash left RUNNING marked KILLED (Ray
         reruns their trials). Returns how many were marked."""
@@ -278,6 +277,30 @@ class Study:
         """Set one ``### section`` of the study run's description (``describe_run``)."""
         describe_run(client(self.tracking_uri), self.run_id, section, text)
 
+    # ------------------------------------------------------------------ its trials' runs and versions
+
+    def log_run_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """Metrics on one of the study's runs (a trial's prediction error after a round, say)."""
+        c = client(self.tracking_uri)
+        for key, value in metrics.items():
+            c.log_metric(run_id, key, float(value), step=step)
+
+    def alias_version(self, model_name: str, alias: str) -> str | None:
+        """The version ``alias`` names, or None (no such alias, or no such model)."""
+        try:
+            return str(client(self.tracking_uri).get_model_version_by_alias(model_name, alias).version)
+        except Exception:  # MlflowException
+            return None
+
+    def set_alias(self, model_name: str, alias: str, version: str) -> None:
+        client(self.tracking_uri).set_registered_model_alias(model_name, alias, version)
+
+    def version_description(self, model_name: str, version: str) -> str:
+        return client(self.tracking_uri).get_model_version(model_name, version).description or ""
+
+    def set_version_description(self, model_name: str, version: str, text: str) -> None:
+        client(self.tracking_uri).update_model_version(model_name, version, description=text)
+
     @property
     def teacher_uri(self) -> str | None:
         return self.tags().get(TAG_TEACHER_URI)
@@ -317,7 +340,7 @@ class Study:
         run_id = c.create_run(self.experiment_id, run_name=trial_label(None, params, round), tags=tags)
         from mlflow.entities import Param
 
-        knobs = [Param(k, str(params[k])) for k in KNOBS if k in params]
+        knobs = [Param(k, str(params[k])) for k in knob_names() if k in params]
         c.log_batch(run_id.info.run_id, params=knobs)
         return run_id.info.run_id
 
@@ -439,7 +462,7 @@ class Study:
         )
         versions = {}
         if model_name:
-            for v in all_pages(c.search_model_versions, f"name='{model_name}'", max_results=200):
+            for v, _ in registered_versions(c, self.experiment_id, model_name, self.run_id):
                 versions[v.tags.get(contract.TAG_TRIAL_RUN) or v.run_id] = int(v.version)
         rows = []
         for run in runs:
@@ -452,9 +475,6 @@ class Study:
                     trial_id=tags[TAG_TRIAL_ID],
                     run_id=run.info.run_id,
                     status=tags[TAG_VERDICT],
-                    embed_dim=int(knobs.get("embed_dim", 0)),
-                    rank=int(knobs.get("rank", 0)),
-                    alpha=float(knobs.get("alpha", 0.0)),
                     step=int(
                         tags.get(TAG_STOP_STEP) or (self.iterations if tags[TAG_VERDICT] == COMPLETE else 0)
                     ),
@@ -462,7 +482,7 @@ class Study:
                     cost=float(metrics.get(cost, math.nan)),
                     version=versions.get(run.info.run_id),
                     round=int(tags.get(TAG_ROUND, "1")),
-                    config=knobs,
+                    knobs=knobs,
                     name=run.info.run_name or "",
                     stop_reason=tags.get(TAG_STOP_REASON, ""),
                 )
@@ -481,6 +501,21 @@ class Measurement:
     predicted: float | None  # what the trial was told when it ran (pred.<device>.<metric>), if any
 
 
+def registered_versions(c, experiment_id: str, model_name: str, study_run_id: str | None = None) -> list:
+    """(model version, its run) for every version of ``model_name`` whose run is in the experiment,
+    oldest first; with ``study_run_id``, only those whose run is a child of that study (its trials,
+    finalizations and references). The one reader of what a study registered."""
+    query = f"tags.`{PARENT}` = '{study_run_id}'" if study_run_id else ""
+    runs = {r.info.run_id: r for r in all_pages(c.search_runs, [experiment_id], query)}
+    versions = all_pages(c.search_model_versions, f"name='{model_name}'", max_results=200)
+    out = []
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        run_id = v.run_id or v.tags.get(contract.TAG_TRIAL_RUN, "")
+        if run_id in runs:
+            out.append((v, runs[run_id]))
+    return out
+
+
 def measurements(
     tracking_uri: str, experiment_id: str, model_name: str, device: str, metric: str
 ) -> list[Measurement]:
@@ -489,13 +524,11 @@ def measurements(
     first."""
     c = client(tracking_uri)
     out = []
-    versions = all_pages(c.search_model_versions, f"name='{model_name}'", max_results=200)
-    for v in sorted(versions, key=lambda v: int(v.version)):
-        if v.tags.get(contract.status_tag(device)) != contract.DONE or not v.run_id:
-            continue
-        run = c.get_run(v.run_id)
+    for v, run in registered_versions(c, experiment_id, model_name):
         value = run.data.metrics.get(contract.edge_key(device, metric))
-        if run.info.experiment_id != experiment_id or value is None or not math.isfinite(value):
+        if v.tags.get(contract.status_tag(device)) != contract.DONE:
+            continue
+        if value is None or not math.isfinite(value):
             continue
         if run.data.tags.get(TAG_REFERENCE):  # not a student of the space: no point of its cost model
             continue
@@ -537,11 +570,7 @@ def error_line(error) -> str:
 
 def describe_study(cfg) -> str:
     """The study run's description: what is searched, how, and where to look."""
-    space = cfg.space
-    knobs = (
-        f"embed_dim C in [{space.embed_dim.low}, {space.embed_dim.high}], rank r in "
-        f"[{space.rank.low}, {space.rank.high}], alpha a in [{space.alpha.low:g}, {space.alpha.high:g}]"
-    )
+    knobs = ", ".join(f"{k.name} {k.short} in [{r.low:g}, {r.high:g}]" for k, r in cfg.space.ranges())
     stop = (
         f"dominated trials are stopped at each validation from rung {cfg.early_stopping.min_rung} "
         f"(margin {cfg.early_stopping.margin:g} dB)"
@@ -598,31 +627,6 @@ def prediction_key(device: str, metric: str) -> str:
     return f"pred.{device}.{metric}"
 
 
-def absolute_tracking_uri(uri: str) -> str:
-    """sqlite:///relative.db made absolute, so Ray workers with another working directory find it."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
-
-
-def client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def all_pages(search, *args, **kwargs) -> list:
-    """Every result of an MLflow ``search_*`` call, following its page tokens."""
-    out, token = [], None
-    while True:
-        page = search(*args, page_token=token, **kwargs)
-        out += list(page)
-        token = page.token
-        if not token:
-            return out
-
-
 EXPERIMENT_NOTE = (
     "Searches for MambaLiteSR x4 super-resolution students (embed_dim, rank, distillation alpha) "
     "against what the device measures. Each study is a parent run (role=study) whose description "
@@ -652,44 +656,3 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | None = 
     if NOTE not in tags:
         c.set_experiment_tag(exp_id, NOTE, EXPERIMENT_NOTE)
     return exp_id
-
-
-def find_run(tracking_uri: str, experiment_id: str, **tags: str):
-    """The newest run of the experiment carrying all ``tags``, or None."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client(tracking_uri).search_runs(
-        [experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
-    )
-    return runs[0] if runs else None
-
-
-def download(uri: str, tracking_uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Download an artifact URI once per node into a cache; concurrent callers see a whole copy."""
-    import mlflow
-
-    cache = Path(cache_dir or Path.home() / ".cache" / "mambalitesr")
-    target = cache / hashlib.sha256(f"{tracking_uri}|{uri}".encode()).hexdigest()[:20]
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".partial-"))
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri)
-        try:
-            os.rename(tmp, target)  # atomic; loses harmlessly to a concurrent identical download
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def single_file(folder: Path, suffix: str) -> Path:
-    """The one file with ``suffix`` under ``folder`` (downloads of runs:/ URIs are folders or files)."""
-    if folder.is_file():
-        return folder
-    found = sorted(folder.rglob(f"*{suffix}"))
-    if not found:
-        raise FileNotFoundError(f"no {suffix} file in downloaded artifact {folder}")
-    return found[0]

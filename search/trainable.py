@@ -19,8 +19,8 @@ import torch
 from edge_agent import contract
 from model.inherit import in_teacher_topology
 from model.mambalitesr import ModelConfig, load_model
-from search import compat, study
-from search.config import SearchConfig, build
+from search import compat, mlflow_util, study
+from search.config import SearchConfig, build, knob_names
 from search.space import model_config
 from search.study import FINAL_QUALITY, QUALITY, Study
 from trainers.tracking import MLflowTracker
@@ -142,7 +142,7 @@ def train_teacher(ctx: StudyContext, out_dir: str) -> str:
 def _teacher_checkpoint(ctx: StudyContext) -> str:
     if not ctx.teacher_uri:
         raise RuntimeError("alpha > 0 or init teacher, but the study has no teacher")
-    return str(study.single_file(study.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
+    return str(mlflow_util.single_file(mlflow_util.download(ctx.teacher_uri, ctx.tracking_uri), ".pt"))
 
 
 def trial_model(ctx: StudyContext, params: dict[str, Any]) -> ModelConfig:
@@ -197,7 +197,7 @@ def _trial_weights(ctx: StudyContext, trial_run_id: str, out_dir: Path) -> tuple
     if not local.exists():
         try:
             uri = f"runs:/{trial_run_id}/{study.CHECKPOINT_DIR}"
-            source = study.single_file(study.download(uri, ctx.tracking_uri), ".pt")
+            source = mlflow_util.single_file(mlflow_util.download(uri, ctx.tracking_uri), ".pt")
         except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
             print(f"finalization of {trial_run_id}: no trial checkpoint ({exc}); it starts again instead")
             return "", None
@@ -231,7 +231,7 @@ def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: 
         study.PARENT: ctx.study.run_id,
         study.TAG_FINALIZED_FROM: trial_run_id,
     }
-    trial = study.client(ctx.tracking_uri).get_run(trial_run_id)
+    trial = mlflow_util.client(ctx.tracking_uri).get_run(trial_run_id)
     # named after its trial ("finalize t02 C32 r14 a0.65"), without the trial's verdict
     name = f"finalize {(trial.info.run_name or trial_run_id[:8]).split(' · ')[0]}"
     tracker = SearchRunTracker(
@@ -241,7 +241,7 @@ def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: 
     try:
         # the knobs as params, as the trial has them: selection and the cost model read them from
         # the version's run, which is this one (the tracker keeps only `keep` as params)
-        knobs = [Param(k, v) for k, v in trial.data.params.items() if k in study.KNOBS]
+        knobs = [Param(k, v) for k, v in trial.data.params.items() if k in knob_names()]
         tracker.client.log_batch(tracker.run_id, params=knobs)
         # the trial's step it went on from: its weights trained that many steps before these
         tracker.client.set_tag(tracker.run_id, study.TAG_FROM_TRIAL_STEP, str(from_step or 0))
@@ -249,7 +249,7 @@ def finalize_candidate(ctx: StudyContext, params: dict[str, Any], trial_run_id: 
         status = "FINISHED"
     finally:
         tracker.close(status)
-    study.client(ctx.tracking_uri).log_metric(trial_run_id, FINAL_QUALITY, result.val_psnr_y)
+    ctx.study.log_run_metrics(trial_run_id, {FINAL_QUALITY: result.val_psnr_y})
     return tracker.run_id
 
 

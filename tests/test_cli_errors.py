@@ -448,3 +448,44 @@ def test_an_unwritable_engine_cache_is_a_sentence(models, caplog):
     with caplog.at_level(logging.WARNING, logger="edge_agent.backends"):
         backends._save_cache(Path("/proc/edge-agent-test/x.engine"), b"plan")  # a warning, not an error
     assert "could not write the cache file /proc/edge-agent-test/x.engine" in caplog.text
+
+
+def test_every_error_class_of_the_project_is_a_user_error_with_one_exit_code():
+    """Each exception class the project defines derives from edge_agent.errors.UserError (usage
+    errors, exit 2, from UsageError), so one mapping gives every command line its exit code; found
+    by reading the source, so a new class that forgets the base fails here."""
+    import ast
+
+    from edge_agent import errors
+
+    builtin = {"Exception", "ValueError", "RuntimeError", "OSError", "FileNotFoundError", "KeyError"}
+    ours = {"UserError", "UsageError"}
+    classes = {}
+    for path in sorted((Path(__file__).parent.parent).glob("*/*.py")):
+        if path.parts[-2] in ("model", "trainers", "search", "edge_agent", "benchmarks"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    classes[node.name] = (
+                        [getattr(b, "id", getattr(b, "attr", "")) for b in node.bases],
+                        path,
+                    )
+    found = {n for n, (bases, _) in classes.items() if set(bases) & (builtin | ours)}
+    while True:  # and the classes derived from those
+        more = {n for n, (bases, _) in classes.items() if set(bases) & found} - found
+        if not more:
+            break
+        found |= more
+    errors_found = {n: classes[n] for n in found}
+
+    def derives(name: str) -> bool:
+        bases = classes[name][0] if name in classes else []
+        return bool(set(bases) & ours) or any(b in classes and b != name and derives(b) for b in bases)
+
+    assert len(errors_found) >= 20, sorted(errors_found)
+    assert [n for n in errors_found if n not in ours and not derives(n)] == [], "missing the base"
+
+    class Broken(errors.UsageError):
+        pass
+
+    assert errors.fail(Broken("x")) == errors.USAGE and errors.fail(errors.UserError("y")) == errors.FAILED
+    assert errors.fail(ValueError("z")) == errors.FAILED and errors.fail(ValueError("z"), code=2) == 2

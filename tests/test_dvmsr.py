@@ -336,7 +336,7 @@ def test_the_acceptance_command_reproduces_it_through_the_cli(published, bench_d
 def test_a_search_takes_dvmsr_as_its_teacher(published, tmp_path):
     """teacher.checkpoint: dvmsr:PATH is logged once on the study run, with where it came from;
     trials then load it by its runs:/ URI like any other teacher."""
-    from search import study
+    from search import mlflow_util, study
     from search.config import load_config
     from search.stages import ensure_teacher
 
@@ -345,15 +345,15 @@ def test_a_search_takes_dvmsr_as_its_teacher(published, tmp_path):
     # one validation image: what is checked is how the teacher is taken, not its PSNR on a set
     cfg = load_config(None, {"teacher.checkpoint": spec, "tracking_uri": uri, "training.val_max_images": 1})
     exp = study.ensure_experiment(uri, "t")
-    run_id = study.client(uri).create_run(exp).info.run_id
+    run_id = mlflow_util.client(uri).create_run(exp).info.run_id
     s = study.Study(uri, exp, run_id, "s", cfg.training.iterations)
     teacher_uri = ensure_teacher(cfg, s, tmp_path / "s")
     assert teacher_uri.startswith(f"runs:/{run_id}/teacher/")
-    data = study.client(uri).get_run(run_id).data
+    data = mlflow_util.client(uri).get_run(run_id).data
     tags = data.tags
     assert data.metrics["teacher_val_psnr_y"] > 25  # a strong teacher on the built-in images
     assert tags[f"{study.TAG_TEACHER}.sha256"] == dvmsr.SHA256["team07_DVMSR.pth"]
-    folder = study.download(teacher_uri, uri, cache_dir=tmp_path / "cache")
-    net = load_model(str(study.single_file(folder, ".pt")))
+    folder = mlflow_util.download(teacher_uri, uri, cache_dir=tmp_path / "cache")
+    net = load_model(str(mlflow_util.single_file(folder, ".pt")))
     assert net.cfg == preset("dvmsr").replace(scan=net.cfg.scan)
     assert tags[study.TAG_TEACHER_URI] == teacher_uri and s.teacher_uri == teacher_uri  # resume takes it

@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from edge_agent import contract
-from search import compat, engine, study
+from search import compat, engine, mlflow_util, study
 from search.scheduler import ParetoRungScheduler, RungPoint, is_rung, rank_order
 from search.searcher import StoppingAwareNSGAIISampler, make_sampler, optuna_searcher
 
@@ -112,7 +112,7 @@ def test_a_missing_objective_is_told_to_optuna_as_fail_not_left_running(last):
 def test_a_missing_objective_is_recorded_as_failed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id = study.ensure_experiment(uri, "m")
-    parent = study.client(uri).create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
+    parent = mlflow_util.client(uri).create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
     s = study.Study(uri, exp_id, parent, "m", iterations=4)
     params = {"embed_dim": 16, "rank": 2, "alpha": 0.5}
     s.open_trial("x1", params)
@@ -128,7 +128,7 @@ def test_a_missing_objective_is_recorded_as_failed(tmp_path):
     )
     runs = {
         r.data.tags[study.TAG_TRIAL_ID]: r
-        for r in study.all_pages(study.client(uri).search_runs, [exp_id])
+        for r in mlflow_util.all_pages(mlflow_util.client(uri).search_runs, [exp_id])
         if study.TAG_TRIAL_ID in r.data.tags
     }
     assert runs["x1"].data.tags[study.TAG_VERDICT] == "failed" and runs["x1"].info.status == "FAILED"
@@ -162,7 +162,7 @@ def test_through_ray_tune_a_trial_without_its_cost_ends_failed_in_optuna_and_in_
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id = study.ensure_experiment(uri, "seam")
-    parent = study.client(uri).create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
+    parent = mlflow_util.client(uri).create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
     s = study.Study(uri, exp_id, parent, "seam", iterations=2)
     goal = engine.Objectives("q", "c", "step", budget=2)
     searcher = engine.make_searcher("random", _x_space, goal, seed=1)
@@ -190,8 +190,8 @@ def test_through_ray_tune_a_trial_without_its_cost_ends_failed_in_optuna_and_in_
     assert any(x > 0.5 for x in xs.values()) and any(x <= 0.5 for x in xs.values())
     optuna_states = {t.params["x"]: t.state for t in compat.optuna_study(searcher).trials}
     assert optuna_states == {x: TrialState.FAIL if x > 0.5 else TrialState.COMPLETE for x in xs.values()}
-    runs = study.all_pages(
-        study.client(uri).search_runs, [exp_id], filter_string=f"tags.`{study.TAG_VERDICT}` != ''"
+    runs = mlflow_util.all_pages(
+        mlflow_util.client(uri).search_runs, [exp_id], filter_string=f"tags.`{study.TAG_VERDICT}` != ''"
     )
     verdicts = {r.data.tags[study.TAG_TRIAL_ID]: r.data.tags[study.TAG_VERDICT] for r in runs}
     assert verdicts == {t: "failed" if x > 0.5 else "complete" for t, x in xs.items()}

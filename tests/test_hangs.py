@@ -14,7 +14,7 @@ import pytest
 
 from edge_agent import contract
 from edge_agent.preflight import tracking_server_problem
-from search import resources, study
+from search import mlflow_util, resources
 from search.selection import main as select_main
 
 from servers import free_port
@@ -109,7 +109,7 @@ def test_a_trial_no_node_can_hold_fails_before_any_trial(tmp_path):
     proc = cli("run.py", [*args, "--gpus-per-trial", "1", "--cpus-per-trial", "64"], tmp_path)
     assert_one_sentence(proc, "64 CPU and 1 GPU", "--gpus-per-trial", "--cpus-per-trial", rc=1)
     # checked before the study starts: no study run, no LATEST for --resume or selection to find
-    assert study.client(uri).get_experiment_by_name("hang") is None
+    assert mlflow_util.client(uri).get_experiment_by_name("hang") is None
     assert not (tmp_path / "s" / "LATEST").exists()
 
 
@@ -175,7 +175,7 @@ def test_a_cluster_gets_time_for_the_autoscaler(fake_cluster, monkeypatch):
 @pytest.mark.e2e
 def test_select_names_unknown_experiment_study_and_model(server, mlflow_fail_fast, capsys):
     # in-process (a traceback would be an exception here); the CLI path is the one above
-    c = study.client(server)
+    c = mlflow_util.client(server)
     exp_id = c.create_experiment("hang-select")
 
     def select(*args: str) -> tuple[int, str]:

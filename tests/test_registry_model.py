@@ -29,7 +29,7 @@ def store(tmp_path, monkeypatch):
     """(tracking URI, experiment id) of a fresh SQLite store; downloads cached under tmp_path."""
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # search.study.download's cache
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # search.mlflow_util.download's cache
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id = MlflowClient(uri).create_experiment("registry-tests", artifact_location=str(tmp_path / "art"))
     return uri, exp_id

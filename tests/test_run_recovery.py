@@ -106,18 +106,15 @@ def test_rays_saved_state_that_cannot_be_read_is_set_aside_and_the_round_goes_on
 
 
 def _row(trial_id, k, status="complete", psnr=25.0, cost=1.0, **knobs):
-    config = {"embed_dim": 12, "rank": 2, "alpha": 0.5, **knobs}
-    knobs = {key: config[key] for key in ("embed_dim", "rank", "alpha")}
     return TrialRow(
         trial_id,
         f"run-{trial_id}",
         status,
-        **knobs,
         step=8,
         val_psnr_y=psnr,
         cost=cost,
         round=k,
-        config=config,
+        knobs={"embed_dim": 12, "rank": 2, "alpha": 0.5, **knobs},
     )
 
 

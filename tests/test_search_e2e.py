@@ -17,6 +17,7 @@ import yaml
 
 from edge_agent import contract
 from search import study
+from search.config import knob_names
 from search.trainable import FINAL_QUALITY
 
 from servers import pid_namespaces
@@ -122,7 +123,7 @@ def test_smoke_search_registers_verified_onnx_versions(smoke_study):
         assert final.data.params["iterations"] == str(steps)
         # its knobs as params (selection and the cost model read them from the version's run)
         trial = client.get_run(v.tags[contract.TAG_TRIAL_RUN])
-        knobs = lambda run: {k: v for k, v in run.data.params.items() if k in study.KNOBS}  # noqa: E731
+        knobs = lambda run: {k: v for k, v in run.data.params.items() if k in knob_names()}  # noqa: E731
         assert knobs(final) == knobs(trial) and {"embed_dim", "rank", "alpha"} <= set(knobs(trial))
         assert final.info.run_name == f"finalize {trial.info.run_name.split(' · ')[0]}"
         # it went on from its trial's last weights (finalize.from_trial, the default)

@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from edge_agent import contract
-from search import compat, study
+from search import compat, mlflow_util, study
 from search.config import ConfigError, IntRange, load_config
 from search.pareto import dominates, hypervolume_2d, pareto_front
 from search.scheduler import ParetoRungScheduler, RungPoint, dominated_at_rung
@@ -221,7 +221,7 @@ def test_searcher_counts_only_fully_trained_trials(tmp_path):
 def _study(tmp_path, name="s") -> study.Study:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id = study.ensure_experiment(uri, name)
-    parent = study.client(uri).create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
+    parent = mlflow_util.client(uri).create_run(exp_id, tags={contract.ROLE: contract.ROLE_STUDY}).info.run_id
     return study.Study(uri, exp_id, parent, name, iterations=8)
 
 
@@ -232,7 +232,7 @@ def test_each_trial_run_gets_one_verdict_from_what_tune_saw(tmp_path):
     from types import SimpleNamespace
 
     s = _study(tmp_path)
-    c = study.client(s.tracking_uri)
+    c = mlflow_util.client(s.tracking_uri)
 
     def result(trial_id, step, error=None):
         metrics = {"trial_id": trial_id, "step": step, "val_psnr_y": 25.0}
@@ -250,7 +250,7 @@ def test_each_trial_run_gets_one_verdict_from_what_tune_saw(tmp_path):
     results.append(result("x_00004", 0, RuntimeError("never opened")))
     assert s.settle(results, 1) == 3  # x_00002 had its verdict
 
-    every = study.all_pages(c.search_runs, [s.experiment_id])
+    every = mlflow_util.all_pages(c.search_runs, [s.experiment_id])
     runs = {r.data.tags[study.TAG_TRIAL_ID]: r for r in every if study.TAG_TRIAL_ID in r.data.tags}
     status = {t: (r.info.status, r.data.tags[study.TAG_VERDICT]) for t, r in runs.items()}
     assert status == {
@@ -275,9 +275,9 @@ def test_each_trial_run_gets_one_verdict_from_what_tune_saw(tmp_path):
     assert (
         rows[1].step == 4
         and rows[0].step == 8
-        and rows[0].config == {"embed_dim": 16, "rank": 2, "alpha": 0.5}
+        and rows[0].knobs == {"embed_dim": 16, "rank": 2, "alpha": 0.5}
     )
-    after = [(r.info.status, r.data.tags) for r in study.all_pages(c.search_runs, [s.experiment_id])]
+    after = [(r.info.status, r.data.tags) for r in mlflow_util.all_pages(c.search_runs, [s.experiment_id])]
     assert sorted(map(str, before)) == sorted(map(str, after))
 
 
@@ -287,7 +287,7 @@ def test_a_trial_done_before_a_crash_is_reported_not_retrained(tmp_path):
     failed trial runs again (its failed verdict goes), unless it had trained fully and logged its
     checkpoint before failing: then its result is reported."""
     s = _study(tmp_path, "rerun")
-    c = study.client(s.tracking_uri)
+    c = mlflow_util.client(s.tracking_uri)
     weights = tmp_path / "last.pt"
     weights.write_bytes(b"weights")
 
@@ -460,9 +460,7 @@ def test_selection_says_when_the_champion_is_within_noise_of_the_runner_up():
             version,
             f"r{version}",
             f"t{version}",
-            16,
-            2,
-            0.5,
+            {"embed_dim": 16, "rank": 2, "alpha": 0.5},
             psnr,
             contract.DONE,
             latency_ms_mean=mean,
@@ -495,10 +493,11 @@ def test_selection_names_a_reference_with_more_psnr_at_a_latency_within_noise_of
 
     from search.selection import Limits, Row, rank
 
-    champ = Row(
-        "1", "r1", "t02", 32, 14, 0.65, 30.73, contract.DONE, latency_ms_mean=227.4, latency_ms_std=8.4
+    knobs = {"embed_dim": 32, "rank": 14, "alpha": 0.65}
+    champ = Row("1", "r1", "t02", knobs, 30.73, contract.DONE, latency_ms_mean=227.4, latency_ms_std=8.4)
+    hand = replace(
+        champ, version="7", run_name="hand", knobs={**knobs, "rank": 2}, psnr=30.89, latency_ms_mean=231.0
     )
-    hand = replace(champ, version="7", run_name="hand", rank=2, psnr=30.89, latency_ms_mean=231.0)
     hand = replace(hand, latency_ms_std=9.6, reference="hand-pick")
     espcn = replace(
         champ, version="9", psnr=30.33, latency_ms_mean=2.7, latency_ms_std=0.3, reference="espcn"
@@ -525,7 +524,7 @@ def test_a_finalization_takes_its_trials_last_checkpoint_or_starts_again_without
     from trainers.checkpoint import save_checkpoint
 
     handle = _study(tmp_path)
-    c = study.client(handle.tracking_uri)
+    c = mlflow_util.client(handle.tracking_uri)
     with_ckpt, without = (c.create_run(handle.experiment_id).info.run_id for _ in range(2))
     ckpt = tmp_path / "trial" / "last.pt"
     ckpt.parent.mkdir()
@@ -699,3 +698,72 @@ def test_ray_s_state_copy_race_is_one_line_not_a_traceback(tmp_path):
     finally:
         logger.removeHandler(handler)
     assert len(records) == 1 and "Traceback" in records[0] and "experiment_state.json" in records[0]
+
+
+def test_a_knob_added_to_the_table_reaches_every_place(monkeypatch):
+    """One row in search.config.KNOBS (and its range in SpaceConfig) is all a new knob needs: the
+    space draws it, the trial's network, typed params, name, description, Tune's columns, the
+    teacher-fit check and both tables carry it. d_state stands in for a new network knob."""
+    import optuna
+
+    from search import config, report, selection, space, stages
+    from search.config import IntRange, Knob, SpaceConfig
+
+    # the table and the config's ranges name the same knobs, in the same order
+    assert [f.name for f in dataclasses.fields(SpaceConfig)] == list(config.knob_names())
+    new = Knob("d_state", "s", "state", int, "d", network=True, always=False)
+    monkeypatch.setattr(config, "KNOBS", (*config.KNOBS, new))
+    Space = dataclasses.make_dataclass(
+        "Space", [("d_state", IntRange | None, None)], bases=(SpaceConfig,), frozen=True
+    )
+    smoke = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")
+    fields = {f.name: getattr(smoke.space, f.name) for f in dataclasses.fields(SpaceConfig)}
+    cfg = dataclasses.replace(smoke, space=Space(**fields, d_state=IntRange(3, 3)))
+
+    trial = optuna.create_study().ask()
+    space.define_space(trial, cfg)
+    assert trial.params["d_state"] == 3  # drawn
+    params = {k: str(v) for k, v in trial.params.items()}  # as MLflow keeps them
+    assert space.model_config(params, cfg).d_state == 3  # the network it trains
+    assert config.knobs_of(params)["d_state"] == 3 and "d_state" in config.knob_names()  # typed, logged
+    assert study.trial_label(1, params).endswith(" s3")  # its name
+    assert "d_state s in [3, 3]" in study.describe_study(cfg)  # the study's description
+    assert "d_state" in [k.name for k, _ in cfg.space.ranges()]  # Tune's progress columns
+    assert stages.widest_student(cfg).d_state == 3  # what the teacher must hold
+
+    knobs = config.knobs_of(params)
+    row = study.TrialRow("t", "r", study.COMPLETE, 8, 25.0, 1.0, knobs=knobs)
+    assert " s3 " in report.format_table([row], "flops_g") + " "  # the search's table
+    assert report.plot_rows([row])[0]["label"].endswith(" s3")  # the plot's label
+    candidate = selection.Row("1", "r", "", knobs, 25.0, contract.DONE)
+    assert candidate.label.endswith(" s3")
+    head, _, line = [
+        [c.strip() for c in x.split("|")] for x in selection.table([candidate], True).splitlines()
+    ]
+    assert head[2:8] == ["version", "run", "C", "r", "alpha", "state"] and line[7] == "3"  # its table
+
+
+def test_a_round_costs_its_rows_by_one_rule_and_changes_none():
+    """Measured, else predicted, else FLOPs; the front and the costs are new rows, the rows read
+    from MLflow stay as they were (they are frozen)."""
+    from search import loop, report
+    from search.study import COMPLETE, TrialRow
+
+    cfg = load_config(load_config.__globals__["CONFIG_DIR"] / "smoke.yaml")
+    knobs = {"embed_dim": 8, "rank": 2, "alpha": 0.5}
+    rows = [TrialRow(t, f"r{t}", COMPLETE, 8, 25.0, math.nan, knobs=knobs) for t in ("a", "b")]
+
+    class Model:
+        def predict(self, arch):
+            return 7.0 + arch.embed_dim
+
+    out = loop.costed(rows, cfg, loop.CostRule({"ra": 3.0}, Model(), 1))
+    assert [(r.cost, r.cost_source) for r in out] == [(3.0, "measured"), (15.0, "predicted")]
+    flops = loop.costed(rows, cfg, loop.CostRule({}, None, 0))
+    assert {r.cost_source for r in flops} == {"flops"} and flops[0].cost > 0
+    assert loop.costed(rows, cfg, None) == rows  # a computed cost (flops_g): the rows as read
+    front = report.with_front(out)
+    assert [r.on_front for r in front] == [True, False]  # same PSNR, more cost: dominated
+    assert all(math.isnan(r.cost) and not r.on_front for r in rows)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rows[0].cost = 1.0

@@ -176,7 +176,7 @@ def test_knee_on_a_constructed_front_sets_alias_tags_and_report(powered):
     assert sorted(rows) == ["a", "b", "c", "d", "e", "f"]  # the older study's candidate is not here
     assert {n for n, r in rows.items() if r.on_front} == {"a", "b", "c"}
     assert [n for n, r in rows.items() if r.chosen] == ["b"]
-    assert rows["b"].embed_dim == 24 and rows["b"].rank == 4 and rows["b"].alpha == 0.5
+    assert rows["b"].knobs == {"embed_dim": 24, "rank": 4, "alpha": 0.5}
     assert rows["b"].power_mw == 3000 and rows["b"].latency_ms_p99 == 4.5 and rows["b"].psnr == 27.0
     # pending and failed: shown with their status, no figures, never judged or chosen
     assert rows["e"].status == contract.PENDING and rows["e"].latency_ms_p50 is None
@@ -332,7 +332,7 @@ def test_unstable_candidates_are_never_ranked_and_a_margin_within_noise_is_said(
     assert (
         u.unstable and not u.measured and not u.on_front and "unstable: its figures varied by 30.0%" in u.note
     )
-    assert f"runner-up v{c['s'][1]} (C16 r2 a0.5, val_psnr_y 26.000 dB)" in sel.message
+    assert f"runner-up v{c['s'][1]} (C16 r2 a0.50, val_psnr_y 26.000 dB)" in sel.message
     assert (
         "differs from the champion by -0.05 ms in mean latency, within the measurement noise (+/-0.1 ms"
         in sel.message
@@ -366,7 +366,7 @@ def test_references_are_compared_never_chosen_and_one_that_dominates_is_named(se
     refs = {r.reference: r for r in sel.rows if r.reference}
     assert set(refs) == {"bicubic", "fsrcnn"} and not any(r.chosen or r.on_front for r in refs.values())
     assert refs["bicubic"].note == "reference (bicubic): compared, never chosen"
-    assert refs["fsrcnn"].label == f"v{c['fsrcnn'][1]} fsrcnn" and refs["fsrcnn"].embed_dim is None
+    assert refs["fsrcnn"].label == f"v{c['fsrcnn'][1]} fsrcnn" and refs["fsrcnn"].knobs == {}
     assert (
         f"The reference fsrcnn (v{c['fsrcnn'][1]}: val_psnr_y 29.500 dB, latency 4.000 ms mean "
         "(SD 0.01 ms across windows))" in sel.message
@@ -416,15 +416,15 @@ def test_nothing_measured_and_bad_input(server, capsys):
 
 
 def test_every_page_is_read(powered):
-    from search import study
+    from search import mlflow_util
 
     c = client(powered["uri"])
     query = f"name='{powered['model']}'"
     assert len(c.search_model_versions(query, max_results=2)) == 2  # one page of seven
-    versions = study.all_pages(c.search_model_versions, query, max_results=2)
+    versions = mlflow_util.all_pages(c.search_model_versions, query, max_results=2)
     assert sorted(int(v.version) for v in versions) == list(range(1, 8))
     exp_id = c.get_experiment_by_name(powered["experiment"]).experiment_id
-    runs = study.all_pages(
+    runs = mlflow_util.all_pages(
         c.search_runs, [exp_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'", max_results=3
     )
     assert len({r.info.run_id for r in runs}) == 7

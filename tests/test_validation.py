@@ -168,20 +168,22 @@ def _study(tmp_path, latest: str | None, run: str | None) -> list[str]:
     """A storage folder whose LATEST is ``latest``; ``run``: "none" (no study run in MLflow), "bare"
     (a study run without its config artifact) or "whole" (started as the search starts one).
     Returns the search's flags for it."""
-    from search import study
+    from search import mlflow_util, study
     from search.run import config_from_args, parse_args
 
     storage = tmp_path / "s"
     flags = ["--smoke-test", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage-dir", str(storage)]
     cfg = config_from_args(parse_args(flags))
-    uri = study.absolute_tracking_uri(cfg.tracking_uri)
+    uri = mlflow_util.absolute_tracking_uri(cfg.tracking_uri)
     if latest is not None:
         study.ensure_experiment(uri, "another study")  # a database, without this study in it
     if run == "whole":
         latest = study.Study.start(cfg, uri).name
     elif run == "bare":
         exp = study.ensure_experiment(uri, cfg.experiment)
-        study.client(uri).create_run(exp, tags={study.TAG_STUDY: latest, contract.ROLE: contract.ROLE_STUDY})
+        mlflow_util.client(uri).create_run(
+            exp, tags={study.TAG_STUDY: latest, contract.ROLE: contract.ROLE_STUDY}
+        )
     storage.mkdir(exist_ok=True)
     if latest is not None:
         (storage / "LATEST").write_text(latest)
@@ -210,7 +212,7 @@ def test_resume_of_a_damaged_study_is_refused(tmp_path, capsys, latest, run, mes
 @pytest.mark.usefixtures("no_work")
 def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
     """The configuration a study started with is its run's config artifact: --resume compares."""
-    from search import study
+    from search import mlflow_util, study
     from search.run import config_from_args, main, parse_args
 
     resume = _study(tmp_path, None, "whole")
@@ -219,7 +221,7 @@ def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
     assert "num_samples (4 -> 9)" in err and "Traceback" not in err
     # what may change on resume passes the check
     cfg = config_from_args(parse_args([*resume, "--rounds", "2"]))
-    found = study.Study.find(cfg, study.absolute_tracking_uri(cfg.tracking_uri))
+    found = study.Study.find(cfg, mlflow_util.absolute_tracking_uri(cfg.tracking_uri))
     assert cfg.loop.rounds == 2 and found.rounds_done() == 0
     # the same study under another tracking server: a sentence, not a traceback
     other = f"sqlite:///{tmp_path}/other.db"
@@ -271,14 +273,14 @@ def test_training_flags_are_refused_up_front(tmp_path, capsys, flags, named):
 def test_a_teacher_uri_that_cannot_be_fetched_is_a_config_error(tmp_path):
     """Found by the driver once Ray is up (it fetches the teacher to validate it): one sentence,
     before any trial, instead of every trial failing on it."""
-    from search import study
+    from search import mlflow_util, study
     from search.config import load_config
     from search.stages import ensure_teacher
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     cfg = load_config(None, {"teacher.checkpoint": "runs:/0123456789abcdef/t.pt", "tracking_uri": uri})
     exp = study.ensure_experiment(uri, "t")
-    run_id = study.client(uri).create_run(exp).info.run_id
+    run_id = mlflow_util.client(uri).create_run(exp).info.run_id
     s = study.Study(uri, exp, run_id, "s", cfg.training.iterations)
     with pytest.raises(
         ConfigError, match="teacher.checkpoint: runs:/0123456789abcdef/t.pt cannot be fetched"
@@ -291,7 +293,7 @@ def test_a_teacher_of_another_scale_is_a_config_error_before_any_trial(tmp_path)
     from dataclasses import asdict
 
     from model import build_model
-    from search import study
+    from search import mlflow_util, study
     from search.config import load_config
     from search.stages import ensure_teacher
 
@@ -301,7 +303,9 @@ def test_a_teacher_of_another_scale_is_a_config_error_before_any_trial(tmp_path)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     cfg = load_config(CONFIG_DIR / "smoke.yaml", {"teacher.checkpoint": str(path), "tracking_uri": uri})
     exp = study.ensure_experiment(uri, "t")
-    s = study.Study(uri, exp, study.client(uri).create_run(exp).info.run_id, "s", cfg.training.iterations)
+    s = study.Study(
+        uri, exp, mlflow_util.client(uri).create_run(exp).info.run_id, "s", cfg.training.iterations
+    )
     with pytest.raises(ConfigError, match=r"teacher.checkpoint: .*x2\.pt is a x2 model but the students"):
         ensure_teacher(cfg, s, tmp_path / "s")
     assert s.teacher_uri is None  # not taken as the study's teacher by a --resume

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_write_bytes
 
 FORMAT = "mambalitesr-checkpoint-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used or written; the message says which file and what to do."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_agent.errors import UserError
 from trainers.degrade import bicubic_degrade, mod_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -48,7 +49,7 @@ MAX_PIXELS = 50_000_000
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data set or image that cannot be used; the message names the file and the fix."""
 
 

@@ -47,6 +47,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from edge_agent.errors import UserError
 from edge_agent.fileio import atomic_write_bytes, sha256_file
 
 CHUNK = 1 << 20
@@ -55,7 +56,7 @@ RETRY_BACKOFF_S = 1.0  # doubles per consecutive failure; tests set it near 0
 TIMEOUT_S = 60.0  # per socket read: a stalled connection counts as a dropped one
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """A download, verification or extraction that failed; the message is one sentence for the user."""
 
 

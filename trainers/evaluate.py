@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_agent import argtypes, preflight
-from edge_agent.backends import BackendError, OrtModel
+from edge_agent import argtypes, errors, preflight
+from edge_agent.backends import OrtModel
 from edge_agent.contract import credential_problem
-from edge_agent.mlflow_io import RegistryError, server_errors
+from edge_agent.errors import UserError
+from edge_agent.mlflow_io import server_errors
 from model.mambalitesr import SCALES
 from model.runtime import keep_freed_memory
 from model.tiling import upscale_tiled
 from trainers.checkpoint import CheckpointError
-from trainers.data import DataError, ImagePair, load_pairs, require_measurable
+from trainers.data import ImagePair, load_pairs, require_measurable
 from trainers.degrade import imresize
 from trainers.inference import resolve_device, super_resolve
 from trainers.metrics import finite_or_none, psnr, ssim, to_uint8
@@ -211,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         for pairs, name in sets:  # every image is checked before the first is upscaled
             require_measurable(pairs, scale, name)
         results = [evaluate_set(upscale, pairs, scale, name) for pairs, name in sets]
-    except (DataError, CheckpointError, BackendError, RegistryError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (UserError, ValueError) as exc:
+        return errors.fail(exc)
     print(format_table(args.model, results))
     if args.json:
         report = {"model": args.model, "scale": scale, "sets": [asdict(r) for r in results]}

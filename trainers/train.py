@@ -26,8 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edge_agent import argtypes, contract, preflight
+from edge_agent import argtypes, contract, errors, preflight
 from edge_agent.contract import credential_problem
+from edge_agent.errors import UserError
 from model import ModelConfig, build_model, count_flops, count_params, preset
 from model.conv import CONV_PRESETS, ConvConfig
 from model.inherit import (
@@ -42,7 +43,7 @@ from model.mambalitesr import PRESETS, SCALES, MambaLiteSR, config_from_dict, lo
 from model.runtime import keep_freed_memory
 from model.scan import SCAN_FORMS, resolve_scan
 from trainers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainers.data import DataError, ImagePair, PatchSampler, load_sets, require_measurable
+from trainers.data import ImagePair, PatchSampler, load_sets, require_measurable
 from trainers.energy import EnergyMeter, EnergyReading
 from trainers.evaluate import evaluate_set
 from trainers.inference import resolve_device, super_resolve
@@ -56,7 +57,7 @@ INIT_TOPOLOGIES = ("teacher", "own")  # with init teacher: the teacher's topolog
 EXPERIMENT = contract.EXPERIMENT  # MLflow experiment of standalone training runs
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -689,12 +690,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except InheritError as exc:  # a student that does not fit inside its teacher: a usage error
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (TrainingDiverged, CheckpointError, DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (UserError, ValueError) as exc:  # a student its teacher cannot hold is a usage error (2)
+        return errors.fail(exc)
     finally:
         tracker.close(status)
     text = json.dumps(finite_or_none(dataclasses.asdict(result)), indent=2, allow_nan=False)
