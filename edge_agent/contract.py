@@ -90,6 +90,53 @@ def status_tag(device: str) -> str:
     return edge_key(device, "status")
 
 
+# A version's description has one line per device type under this heading, which the registration
+# writes (pending, with the command that measures it) and each agent rewrites for its device when it
+# reports (done, with the figures; failed, with the reason), so the page never says pending after
+# a measurement.
+STATUS_HEADING = (
+    "Edge status (each agent updates its device's line; the `edge.<device>.status` tags say the same):"
+)
+
+
+def status_line(device: str, status: str, metrics: dict, tags: dict, error: str = "") -> str:
+    """The description's line for a finished measurement of ``device``."""
+    if status != DONE:
+        return f"- {device}: {status} — {(error or 'no error recorded').splitlines()[0][:300]}"
+    m = metrics
+    mean = m.get(LATENCY_MEAN, m.get(LATENCY_P50))
+    text = f"- {device}: {DONE} — latency {mean:.4g} ms mean" if mean is not None else f"- {device}: {DONE}"
+    if m.get(LATENCY_STD) is not None:
+        text += f" (SD {m[LATENCY_STD]:.2g} ms across windows)"
+    if m.get(LATENCY_P99) is not None:
+        text += f", p99 {m[LATENCY_P99]:.4g} ms"
+    if m.get(POWER) is not None:
+        text += f"; power {m[POWER]:.0f} mW"
+        if m.get(ENERGY) is not None:
+            text += f", {m[ENERGY]:.4g} mJ/image"
+    else:
+        text += f"; no power figure (power source: {tags.get(TAG_POWER_SOURCE) or 'none'})"
+    return text + (f" ({tags[TAG_BACKEND]})" if tags.get(TAG_BACKEND) else "")
+
+
+def with_status_line(description: str, device: str, line: str) -> str:
+    """``description`` with ``device``'s status line replaced by ``line`` (added under the heading,
+    or at the end, when it has none)."""
+    lines = (description or "").split("\n")
+    prefix = f"- {device}: "
+    for i, old in enumerate(lines):
+        if old.startswith(prefix):
+            lines[i] = line
+            return "\n".join(lines)
+    if STATUS_HEADING not in lines:
+        lines += ["", STATUS_HEADING]
+    at = lines.index(STATUS_HEADING) + 1
+    while at < len(lines) and lines[at].startswith("- "):
+        at += 1
+    lines.insert(at, line)
+    return "\n".join(lines).strip("\n")
+
+
 def error_tag(device: str) -> str:
     return edge_key(device, "error")
 

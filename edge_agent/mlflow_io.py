@@ -178,6 +178,17 @@ class Registry:
         self.set_tags(report.version, version_tags)
         self.set_tags(report.version, {contract.status_tag(d): report.status})
         self.release_claim(report.version, d)
+        self.describe_status(report)
+
+    def describe_status(self, report: Report) -> None:
+        """Rewrite the device's line of the version's description with what was measured (or why
+        it failed), so that the page agrees with the status tag; after the status, as a page."""
+        line = contract.status_line(report.device, report.status, report.metrics, report.tags, report.error)
+        with self._calls(f"describe version {report.version}'s {report.device} status"):
+            text = self.client.get_model_version(self.model_name, report.version).description or ""
+            new = contract.with_status_line(text, report.device, line)
+            if new != text:
+                self.client.update_model_version(self.model_name, report.version, description=new)
 
     def _logged(self, run_id: str, metric) -> bool:
         """Whether the run's history holds ``metric``'s key at its timestamp and step (a report's)."""

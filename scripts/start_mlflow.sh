@@ -78,7 +78,7 @@ MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid nohup "$MLFLOW" server --host "$
 echo $! > "$DATA/server.pid"
 for _ in $(seq 60); do
     # any HTTP answer: with basic-auth, an unauthenticated /health may be refused (401)
-    curl -s -o /dev/null "http://$HOST:5000/health" && { echo "MLflow at http://$HOST:5000 (auth: $AUTH)"; exit 0; }
+    curl -s -o /dev/null "http://$HOST:5000/health" && { echo "MLflow at http://$HOST:5000/#/?workflowType=machine_learning (auth: $AUTH; the link's ?workflowType opens the model-training view, not GenAI)"; exit 0; }
     sleep 1
 done
 echo "MLflow did not start; see $DATA/server.log" >&2

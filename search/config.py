@@ -23,6 +23,13 @@ SEARCHERS = ("tpe", "nsga2", "random", "gp")  # Optuna samplers (search/searcher
 RULES = ("dominated", "rank")  # the scheduler's stopping rules (search/scheduler.py)
 # flops_g, params: computed; edge_*: predicted by search/costmodel.py from what the device measured
 COSTS = ("flops_g", "params", "edge_energy", "edge_latency", "edge_power")
+COST_UNITS = {  # what a cost counts, for tables and pages
+    "flops_g": "GFLOPs per image",
+    "params": "parameters",
+    "edge_energy": "mJ per image",
+    "edge_latency": "ms",
+    "edge_power": "mW",
+}
 
 
 class ConfigError(UsageError, ValueError):

@@ -117,7 +117,7 @@ def describe_version(
         # a credential in the URI would be published here: a placeholder instead
         uri = "URI" if contract.uri_credential_problem(tracking_uri) else tracking_uri
         name = "" if model_name == contract.REGISTERED_MODEL else f" --model-name {model_name}"
-        lines += ["", "Edge status when registered (the current one: the `edge.<device>.status` tags):"]
+        lines += ["", contract.STATUS_HEADING]
         lines += [
             f"- {d}: {contract.PENDING} — waiting for an edge agent of this device type "
             f"(`edge-agent run --device {d} --tracking-uri {uri}{name}`)"

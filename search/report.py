@@ -12,9 +12,9 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from search.config import knob_label
+from search.config import COST_UNITS, knob_label
 from search.pareto import hypervolume_2d, pareto_front, plot_front
-from search.study import COMPLETE, PARETO_DIR, QUALITY, STOPPED, Study, TrialRow
+from search.study import COMPLETE, FAILED, PARETO_DIR, QUALITY, STOPPED, Study, TrialRow, run_page
 
 
 def with_front(rows: list[TrialRow]) -> list[TrialRow]:
@@ -107,14 +107,53 @@ def log_front_plot(
         study.log_artifacts(tmp, PARETO_DIR)
 
 
-def describe_result(rows: list[TrialRow], summary: dict, cost: str) -> str:
-    """The "Result" section of the study run's description."""
-    front = sorted((r for r in rows if r.on_front), key=lambda r: r.cost)
+def describe_result(
+    rows: list[TrialRow],
+    summary: dict,
+    cost: str,
+    device: str = "",
+    measured: dict | None = None,
+    experiment_id: str = "",
+) -> str:
+    """The "Result" section of the study run's description: how many trials ended how, the front
+    as a table (knobs, validation PSNR, cost with its unit and, once measured, the device's mean
+    and SD), then each stopped trial with its reason and each failed one with its error.
+
+    ``measured``: version -> selection.Row of ``device`` (after selection); the champion starred.
+    With ``experiment_id``, each trial links to its run's page in the model-training view."""
+    measured = measured or {}
+
+    def trial(r: TrialRow) -> str:
+        name = f"`{r.name or knob_label(r.knobs)}`"
+        return f"[{name}]({run_page(experiment_id, r.run_id)})" if experiment_id and r.run_id else name
+
+    unit = COST_UNITS.get(cost, "")
     lines = [
         f"{summary['trials']} trials: {summary['complete']} fully trained, {summary['stopped_early']} "
-        f"stopped early, {summary['failed']} failed. Pareto front (val_psnr_y against {cost}):"
+        f"stopped early, {summary['failed']} failed; each is a child run named by its knobs.",
+        "",
+        f"Pareto front (val_psnr_y against {cost}):",
+        "",
     ]
-    for r in front:
-        version = f"v{r.version}" if r.version else "not registered"
-        lines.append(f"- `{r.name}`: {r.val_psnr_y:.2f} dB at {cost} {r.cost:.4g} ({version})")
+    head = ["version", "trial", "val PSNR-Y (dB)", f"{cost} ({unit})" if unit else cost]
+    if device:
+        head.append(f"{device} latency (ms, mean ± SD)")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted((r for r in rows if r.on_front), key=lambda r: r.cost):
+        m = measured.get(str(r.version)) if r.version else None
+        version = f"v{r.version}" if r.version else "-"
+        if m is not None and m.chosen:
+            version += " ★ champion"
+        cells = [version, trial(r), f"{r.val_psnr_y:.2f}", f"{r.cost:.4g}"]
+        if device:
+            mean, sd = (m.latency_ms_mean, m.latency_ms_std) if m is not None else (None, None)
+            cells.append("-" if mean is None else f"{mean:.4g}" + ("" if sd is None else f" ± {sd:.2g}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    for title, status in (("Stopped early", STOPPED), ("Failed", FAILED)):
+        ended = [r for r in rows if r.status == status]
+        if ended:
+            lines += ["", f"{title}:"]
+            for r in ended:
+                reason = r.stop_reason if status == STOPPED else r.error
+                lines.append(f"- {trial(r)}: {reason or 'no reason recorded'}")
     return "\n".join(lines)

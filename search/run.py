@@ -32,6 +32,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars i
 from edge_agent import contract, errors  # noqa: E402
 from edge_agent.errors import UserError  # noqa: E402
 from search import compat, report, stages  # noqa: E402
+from search import study as study_mod  # noqa: E402
 from search.cli import config_from_args, parse_args
 from search.config import ConfigError, SearchConfig
 from search.mlflow_util import absolute_tracking_uri
@@ -410,7 +411,9 @@ def run_study(
         if cfg.registry.register:
             rows = stages.register_front(rows, cfg, study, ctx, storage / "finalize")
         summary = report.write_report(study, rows, cfg.cost, cfg.experiment, storage / "report")
-        study.describe("Result", report.describe_result(rows, summary, cfg.cost))
+        study.describe(
+            "Result", report.describe_result(rows, summary, cfg.cost, experiment_id=study.experiment_id)
+        )
         print(report.format_table(rows, cfg.cost))
         timings[f"round{k}_register_s"] = time.monotonic() - t0
         # the front's versions not measured yet: registered now, or before a kill that came first
@@ -436,12 +439,14 @@ def run_study(
         timings["select_s"] = time.monotonic() - t0
     study.log_metrics({f"wall_{key}": value for key, value in timings.items()})
     print("stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    page = f"#/experiments/{study.experiment_id}/runs/{study.run_id}?workflowType=machine_learning"
+    page = study_mod.run_page(study.experiment_id, study.run_id)
     if cfg.tracking_uri.startswith("sqlite:///"):
         print(f"see everything in the MLflow UI: mlflow ui --backend-store-uri {cfg.tracking_uri}, then")
         print(f"  http://127.0.0.1:5000/{page}")
     elif cfg.tracking_uri.startswith("http"):
         print(f"see everything in the MLflow UI: {cfg.tracking_uri.rstrip('/')}/{page}")
+    if cfg.tracking_uri.startswith(("sqlite:///", "http")):
+        print(f"  {study_mod.UI_VIEW_NOTE}")
     return summary, champion, timings
 
 

@@ -125,6 +125,13 @@ class Row:
         return knob_label(self.knobs) if self.knobs else ""
 
     @property
+    def name(self) -> str:
+        """Its trial's run name, which holds the knobs (``t01 C8 r6 a0.60``), else the knobs."""
+        if self.knob_text and self.knob_text not in self.run_name:
+            return f"{self.run_name}, {self.knob_text}" if self.run_name else self.knob_text
+        return self.run_name
+
+    @property
     def label(self) -> str:
         return " ".join(x for x in (f"v{self.version}", self.reference, self.knob_text) if x)
 
@@ -230,7 +237,7 @@ def _make_row(version, run, device: str) -> Row:
     row = Row(
         version=str(version.version),
         run_id=run.info.run_id,
-        run_name=run.info.run_name or run.info.run_id[:8],
+        run_name=(run.info.run_name or run.info.run_id[:8]).replace(study.CHAMPION_SUFFIX, ""),
         knobs=knobs_of(params),
         # the registered weights' quality: a finalized candidate ships its retrained weights
         psnr=float(metrics.get(FINAL_QUALITY, metrics.get(QUALITY, math.nan))),
@@ -364,13 +371,15 @@ def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
     champion = next(r for r in rows if r.chosen)
     limited = f" within limits ({limits.describe()})" if limits.checks() else ""
     notes.append(
-        f"champion: v{champion.version} ({champion.run_name}, {champion.knob_text}): {QUALITY} "
+        f"champion: v{champion.version} ({champion.name}): {QUALITY} "
         f"{champion.psnr:.3f} dB, {_figures(champion, cost)} on {device}; rule {rule} over the "
         f"{len(front)}-point front of {len(feasible)} measured candidates{limited}."
     )
     others = [r for r in feasible if r.version != champion.version]
     if others:
-        notes.extend(_within_noise(champion, _choose(others, cost, rule)[1], cost))
+        runner_up = _choose(others, cost, rule)[1]
+        notes.append(_trade(champion, runner_up, cost))
+        notes.extend(_within_noise(champion, runner_up, cost))
     notes.extend(_references_over(champion, [r for r in rows if r.reference and r.within_limits], cost))
     return Selection(tuple(rows), champion, device, cost, " ".join(notes), rule, limits)
 
@@ -411,11 +420,21 @@ def _within_noise(champion: Row, runner_up: Row, cost: str) -> list[str]:
         return []
     what, unit = _what(cost)
     return [
-        f"The runner-up v{runner_up.version} ({runner_up.knob_text}, {QUALITY} {runner_up.psnr:.3f} dB) "
+        f"The runner-up v{runner_up.version} ({runner_up.name}, {QUALITY} {runner_up.psnr:.3f} dB) "
         f"differs from the champion by {diff:+.3g} {unit} in {what}, within the measurement noise "
         f"(+/-{noise:.3g} {unit}: the two candidates' standard deviations across the agent's "
         "windows added): on this device the two cannot be told apart by cost."
     ]
+
+
+def _trade(champion: Row, runner_up: Row, cost: str) -> str:
+    """What the champion gains and pays against the runner-up (the rule's pick without it)."""
+    what, unit = _what(cost)
+    diff = getattr(champion, cost) - getattr(runner_up, cost)
+    return (
+        f"v{champion.version}: {champion.psnr - runner_up.psnr:+.2f} dB for {diff:+.3g} {unit} ({what}) "
+        f"over the runner-up v{runner_up.version} ({runner_up.name})."
+    )
 
 
 def _what(cost: str) -> tuple[str, str]:
@@ -536,7 +555,7 @@ def log_selection_report(handle: study.Study, selection: Selection, title: str) 
         "title": f"chosen: front over {', '.join(_label(f) for f in fields)}"
         + (f"\nwithin {selection.limits.describe()}" if selection.limits.checks() else ""),
     }
-    cost = mlflow_util.client(handle.tracking_uri).get_run(handle.run_id).data.params.get("cost", "flops_g")
+    cost = handle.params().get("cost", "flops_g")
     trials = report.with_front(handle.trials(cost))
     report.log_front_plot(handle, trials, cost, title, selection=panel)
     with tempfile.TemporaryDirectory() as tmp:
@@ -629,6 +648,10 @@ def select_champion(
             study.TAG_LIMITS: limits.describe(),
         }
     )
+    trial_run = {str(v.version): v.tags.get(contract.TAG_TRIAL_RUN) or v.run_id for v, _ in versions}
+    for version in {previous, champion.version} - {None}:  # the old champion's trial run loses its mark
+        if version in trial_run:
+            handle.mark_champion_run(trial_run[version], version == champion.version)
     describe_champion(handle, selection, model_name, previous)
     if log_report:
         log_selection_report(handle, selection, experiment)
@@ -641,20 +664,32 @@ CHAMPION_NOTE = "**Champion**"  # the paragraph selection adds to the chosen ver
 def describe_champion(
     handle: study.Study, selection: Selection, model_name: str, previous: str | None
 ) -> None:
-    """Why the champion won, where users look: the study run's description ("Champion" section) and
-    the version's description, with the URI that loads it; a version that lost the alias loses its
-    paragraph."""
+    """Why the champion won, where users look: the study run's description says it once ("Champion":
+    the choice, what it trades against the runner-up, how to load it; "Result": the front with the
+    device's figures); the champion version's description points there; a version that lost the
+    alias loses its paragraph."""
+    from search import report
+
     champion = selection.champion
     uri = f"models:/{model_name}@{contract.CHAMPION_ALIAS}"
-    # one paragraph: the version's description loses it whole when the alias moves on
-    why = f"Load it as `{uri}`. {selection.message}".replace("\n", " ")
-    name = champion.run_name or champion.knob_text
-    handle.describe("Champion", f"**v{champion.version}** (`{name}`) on {selection.device}. {why}")
+    load = f'Load it with `mlflow.onnx.load_model("{uri}")` (an ONNX model).'
+    head = f"**v{champion.version}** (`{champion.name}`) on {selection.device}."
+    handle.describe("Champion", f"{head} {selection.message}\n\n{load}")
+    cost = handle.params().get("cost", "flops_g")
+    trials = report.with_front(handle.trials(cost, model_name=model_name))
+    if trials:  # a study the search ran (not references alone): its front, now with the device's figures
+        measured = {r.version: r for r in selection.rows}
+        summary = report.summarize(trials)
+        text = report.describe_result(trials, summary, cost, selection.device, measured, handle.experiment_id)
+        handle.describe("Result", text)
     for version in {previous, champion.version} - {None}:
         text = handle.version_description(model_name, version)
         kept = [p for p in text.split("\n\n") if p and not p.startswith(CHAMPION_NOTE)]
         if version == champion.version:
-            kept.append(f"{CHAMPION_NOTE} of study run {selection.study_run_id} on {selection.device}. {why}")
+            kept.append(
+                f"{CHAMPION_NOTE} of study run `{selection.study_run_id}` on {selection.device} (rule "
+                f"{selection.rule}): why it won is on the study run's page. Load it as `{uri}`."
+            )
         handle.set_version_description(model_name, version, "\n\n".join(kept))
 
 

@@ -70,6 +70,22 @@ TAG_CHAMPION, TAG_RULE, TAG_DEVICE, TAG_LIMITS = (
     "selection.device",
     "selection.limits",
 )
+# MLflow 3.17's UI opens in its GenAI view unless the link says otherwise (a server flag, an
+# environment variable or an experiment tag cannot change that: docs/mlflow.md); these links do
+VIEW = "workflowType=machine_learning"
+UI_VIEW_NOTE = (
+    "(MLflow's UI shows its GenAI view on pages whose link lacks ?workflowType=machine_learning: "
+    'click "Model training" at the top left once, and the browser keeps it)'
+)
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, relative to the server's root, in the model-training view."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{VIEW}"
+
+
+TAG_IS_CHAMPION = "selection.is_champion"  # on the champion's trial run: "true"
+CHAMPION_SUFFIX = " · champion"  # ends the champion's trial run's name
 PARETO_DIR = "pareto"  # artifact folder on the study run: pareto.png/.html, trials.txt/.json
 SELECTION_DIR = "selection"  # artifact folder on the study run: table.md, selection.json
 CONFIG_ARTIFACT = "config/study.json"  # on the study run: SearchConfig.to_dict()
@@ -138,6 +154,7 @@ class TrialRow:
     knobs: dict = field(default_factory=dict)  # the trial's drawn knobs (search.config.KNOBS), typed
     name: str = ""  # its run name, e.g. t03 C32 r4 a0.60
     stop_reason: str = ""
+    error: str = ""  # a failed trial's, in one line
 
 
 @dataclass(frozen=True)
@@ -277,7 +294,22 @@ class Study:
         """Set one ``### section`` of the study run's description (``describe_run``)."""
         describe_run(client(self.tracking_uri), self.run_id, section, text)
 
+    def params(self) -> dict[str, str]:
+        return client(self.tracking_uri).get_run(self.run_id).data.params
+
     # ------------------------------------------------------------------ its trials' runs and versions
+
+    def mark_champion_run(self, run_id: str, on: bool) -> None:
+        """Mark one of the study's runs (the champion's trial) in the runs table, by its name
+        (``... · champion``) and the tag ``selection.is_champion``; or take the mark away."""
+        c = client(self.tracking_uri)
+        run = c.get_run(run_id)
+        name = (run.info.run_name or "").replace(CHAMPION_SUFFIX, "")
+        if on:
+            c.set_tag(run_id, TAG_IS_CHAMPION, "true")
+        elif TAG_IS_CHAMPION in run.data.tags:
+            c.delete_tag(run_id, TAG_IS_CHAMPION)
+        c.update_run(run_id, name=name + (CHAMPION_SUFFIX if on else ""))
 
     def log_run_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         """Metrics on one of the study's runs (a trial's prediction error after a round, say)."""
@@ -485,6 +517,7 @@ class Study:
                     knobs=knobs,
                     name=run.info.run_name or "",
                     stop_reason=tags.get(TAG_STOP_REASON, ""),
+                    error=tags.get(TAG_ERROR, ""),
                 )
             )
         return rows

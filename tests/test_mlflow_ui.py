@@ -16,7 +16,7 @@ from edge_agent import contract
 from search import study
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]  # the smoke study runs Ray
-NAME = re.compile(r"^t\d\d C\d+ r\d+ a\d\.\d\d( · (stopped@\d+|failed))?$")
+NAME = re.compile(r"^t\d\d C\d+ r\d+ a\d\.\d\d( · (stopped@\d+|failed|champion))?$")
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +96,50 @@ def test_one_pareto_plot_with_stopped_trials_and_the_champion_in_the_description
     note = study_run.data.tags[study.NOTE]
     champion = smoke["report"]["champion"]
     model = contract.REGISTERED_MODEL
-    assert "### Result" in note and "### Champion" in note and f"`models:/{model}@champion`" in note
+    assert "### Result" in note and "### Champion" in note and f"models:/{model}@champion" in note
     assert champion["message"] in note
     version = client.get_model_version_by_alias(model, contract.CHAMPION_ALIAS)
     assert version.version == champion["champion_version"]
     assert "**Champion**" in version.description and f"models:/{model}@champion" in version.description
+
+
+def test_the_study_page_answers_what_ran_how_it_ended_the_front_and_why_the_champion_won(smoke):
+    """From the study run's description alone: the front as a table (knobs in each trial's name,
+    validation PSNR, the cost with its unit, the device's mean and SD), each stopped trial with its
+    reason, the champion and what it trades against the runner-up, the line that loads it; each
+    trial a link that keeps the model-training view; the champion's trial marked in the runs table."""
+    (study_run,) = by_role(smoke, contract.ROLE_STUDY)
+    note, exp_id = study_run.data.tags[study.NOTE], smoke["exp"].experiment_id
+    trials = {r.info.run_id: r for r in by_role(smoke, contract.ROLE_TRIAL)}
+    head = "| version | trial | val PSNR-Y (dB) | flops_g (GFLOPs per image) | local-cpu latency (ms, mean ± SD) |"  # noqa: E501
+    assert head in note, note
+    champion = smoke["report"]["champion"]["champion_version"]
+    front = re.findall(
+        r"^\| (v\d+)( ★ champion)? \| \[`([^`]+)`\]\(([^)]+)\) \| ([\d.]+) \| ([\d.e-]+) \| "
+        r"([\d.]+) ± ([\d.e-]+) \|$",
+        note,
+        re.M,
+    )
+    assert len(front) >= 1 and [v for v, star, *_ in front if star] == [f"v{champion}"], note
+    for _, _, name, link, psnr, *_ in front:
+        run_id = link.split("/runs/")[1].split("?")[0]
+        assert link == f"#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
+        assert trials[run_id].info.run_name.startswith(name.split(" · ")[0])
+        assert abs(float(psnr) - trials[run_id].data.metrics["val_psnr_y"]) < 0.006
+    stopped = [r for r in trials.values() if r.data.tags[study.TAG_VERDICT] == "stopped"]
+    assert stopped and "Stopped early:" in note
+    for r in stopped:
+        assert f"`{r.info.run_name}`]" in note and r.data.tags[study.TAG_STOP_REASON] in note
+    champ = note.split("### Champion")[1].split("###")[0]
+    trade = re.search(
+        rf"v{champion}: [+-]\d+\.\d\d dB for [+-][\d.e+-]+ ms \(mean latency\) over the runner-up v\d+", champ
+    )
+    assert trade, champ
+    assert f'`mlflow.onnx.load_model("models:/{contract.REGISTERED_MODEL}@champion")`' in champ
+    marked = [r for r in trials.values() if r.data.tags.get(study.TAG_IS_CHAMPION) == "true"]
+    assert len(marked) == 1 and marked[0].info.run_name.endswith(study.CHAMPION_SUFFIX)
+    version = smoke["client"].get_model_version(contract.REGISTERED_MODEL, champion)
+    assert marked[0].info.run_id in (version.run_id, version.tags.get(contract.TAG_TRIAL_RUN))
 
 
 def test_versions_show_the_onnx_model_the_measurement_and_no_housekeeping_tags(smoke):
@@ -114,6 +153,10 @@ def test_versions_show_the_onnx_model_the_measurement_and_no_housekeeping_tags(s
         assert v.tags[contract.status_tag("orin-nano")] == contract.PENDING
         assert "orin-nano: pending — waiting for an edge agent of this device type" in v.description
         assert v.tags[contract.status_tag("local-cpu")] == contract.DONE
+        # the measured device's line says what was measured, as its tags do: nothing stale
+        mean = float(v.tags[contract.edge_key("local-cpu", contract.LATENCY_MEAN)])
+        assert f"- local-cpu: done — latency {mean:.4g} ms mean (SD " in v.description, v.description
+        assert "local-cpu: pending" not in v.description and "power source: unavailable" in v.description
         assert not [k for k in v.tags if k.endswith(tuple("." + t for t in contract.CLAIM_TAGS))]
         folder = fetch(smoke, v.run_id, contract.ONNX_ARTIFACT_DIR)
         inputs = Model.load(str(folder)).signature.inputs.to_dict()

@@ -471,10 +471,14 @@ def test_selection_says_when_the_champion_is_within_noise_of_the_runner_up():
     close = [row("1", 26.0, 2.0, 0.05), row("2", 27.0, 2.05, 0.05)]
     sel = rank(close, "cpu", Limits(), "knee")
     assert sel.champion.version == "2" and "runner-up v1" in sel.message and "+/-0.1 ms" in sel.message
+    # what the champion trades against the runner-up, said whether or not it is within noise
+    assert "v2: +1.00 dB for +0.05 ms (mean latency) over the runner-up v1 (t1, C16 r2 a0.50)." in sel.message
+    noise = "cannot be told apart by cost"
+    assert noise in sel.message
     apart = [replace(close[0], latency_ms_std=0.01), replace(close[1], latency_ms_std=0.01)]
-    assert "runner-up" not in rank(apart, "cpu", Limits(), "knee").message
+    assert noise not in rank(apart, "cpu", Limits(), "knee").message
     unknown = [replace(close[0], latency_ms_std=None), close[1]]
-    assert "runner-up" not in rank(unknown, "cpu", Limits(), "knee").message
+    assert noise not in rank(unknown, "cpu", Limits(), "knee").message
     # energy: its spread is the coefficient of variation times the figure
     energy = [
         replace(r, energy_mj_per_image=e, energy_cv=0.1, power_mw=3000.0) for r, e in zip(close, (1.0, 1.1))

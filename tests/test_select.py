@@ -197,8 +197,10 @@ def test_knee_on_a_constructed_front_sets_alias_tags_and_report(powered):
     # why it won, where a user looks: the study run's and the version's descriptions
     note = client(powered["uri"]).get_run(powered["study"]).data.tags["mlflow.note.content"]
     assert "### Champion" in note and f"models:/{powered['model']}@champion" in note
+    assert sel.message in note  # said once, on the study's page; the version points there
     described = client(powered["uri"]).get_model_version(powered["model"], c["b"][1]).description
-    assert described.count("**Champion**") == 1 and sel.message in described
+    assert described.count("**Champion**") == 1 and "why it won is on the study run's page" in described
+    assert f"models:/{powered['model']}@champion" in described and sel.message not in described
 
 
 def test_best_psnr_and_limits_move_the_choice(powered):
@@ -332,7 +334,7 @@ def test_unstable_candidates_are_never_ranked_and_a_margin_within_noise_is_said(
     assert (
         u.unstable and not u.measured and not u.on_front and "unstable: its figures varied by 30.0%" in u.note
     )
-    assert f"runner-up v{c['s'][1]} (C16 r2 a0.50, val_psnr_y 26.000 dB)" in sel.message
+    assert f"runner-up v{c['s'][1]} (s, C16 r2 a0.50, val_psnr_y 26.000 dB)" in sel.message
     assert (
         "differs from the champion by -0.05 ms in mean latency, within the measurement noise (+/-0.1 ms"
         in sel.message
