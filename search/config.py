@@ -119,6 +119,12 @@ class Knob:
     def show(self, raw: Any) -> str:
         return format(self.value(raw), self.fmt)
 
+    def param(self, raw: Any) -> str:
+        """Its MLflow param: an int as it is, a float to 4 significant digits, so the runs table
+        reads 0.6028, not 0.6027633760716439 (the trial's config artifact keeps every digit)."""
+        value = self.value(raw)
+        return str(value) if self.kind is int else f"{value:.4g}"
+
 
 KNOBS = (
     Knob("embed_dim", "C", "C", int, "d", network=True, always=True),
@@ -146,6 +152,11 @@ def knobs_of(params: dict[str, Any]) -> dict[str, Any]:
 def knob_columns(knob_sets: list[dict[str, Any]]) -> list[Knob]:
     """The knobs a table of these trials shows: the three always drawn, and any other one drawn."""
     return [k for k in KNOBS if k.always or any(k.name in knobs for knobs in knob_sets)]
+
+
+def knob_params(params: dict[str, Any]) -> dict[str, str]:
+    """The knobs among ``params`` as a trial run's MLflow params (``Knob.param``)."""
+    return {k.name: k.param(params[k.name]) for k in KNOBS if k.name in params}
 
 
 def network_knobs(params: dict[str, Any]) -> dict[str, Any]:

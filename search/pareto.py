@@ -83,9 +83,9 @@ def _draw_panel(ax, rows: list[dict], quality: str, cost: str, title: str) -> No
         ax.plot(*_xy(g["Pareto front"]), "o-", c="tab:red", label="Pareto front")
     if g["chosen"]:
         ax.scatter(*_xy(g["chosen"]), marker="*", s=220, c="gold", edgecolors="k", zorder=3, label="chosen")
-    for r in g["Pareto front"]:
+    for r in [*g["trials"], *g[STOPPED], *g["Pareto front"]]:  # every point has its name beside it
         ax.annotate(
-            r["label"], (r["cost"], r["quality"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            r["label"], (r["cost"], r["quality"]), fontsize=6, xytext=(4, 3), textcoords="offset points"
         )
     ax.set_xlabel(f"{cost} (lower is better)")
     ax.set_ylabel(f"{quality} (higher is better)")
@@ -109,51 +109,46 @@ def front_figure(rows: list[dict], quality: str, cost: str, title: str = "", sel
     return fig
 
 
-def front_html_figure(
+def front_html(
     rows: list[dict], quality: str, cost: str, title: str = "", selection: dict | None = None
-):
-    """The plotly figure ``plot_front`` writes as HTML (arguments as there)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+) -> str:
+    """The page ``plot_front`` writes: the same figure as the PNG, inline as SVG (its text kept as
+    text, so names can be searched), then a table of every point of each panel. Nothing is loaded
+    from elsewhere: it works offline."""
+    import html
+    import io
 
-    panels = _panels(rows, cost, title, selection)
-    html_title = lambda t: t.replace("\n", "<br>")  # noqa: E731
-    # one panel: its title is the figure's; two: each panel has its own
-    titles = [html_title(t) for _, _, t in panels] if selection is not None else None
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=titles)
-    styles = {
-        "trials": {"mode": "markers", "marker": {"color": "grey"}},
-        STOPPED: {"mode": "markers", "marker": {"color": "grey", "symbol": "circle-open", "size": 9}},
-        "Pareto front": {"mode": "lines+markers", "marker": {"color": "red"}, "line": {"color": "red"}},
-        "chosen": {
-            "mode": "markers",
-            "marker": {"symbol": "star", "size": 16, "color": "gold", "line": {"color": "black", "width": 1}},
-        },
-    }
-    shown = set()  # one legend entry per group, which toggles it in both panels
-    for col, (panel_rows, panel_cost, _) in enumerate(panels, start=1):
-        for name, group in _groups(panel_rows).items():
-            if not group:
-                continue
-            fig.add_trace(
-                go.Scatter(
-                    x=_xy(group)[0],
-                    y=_xy(group)[1],
-                    text=[r["label"] for r in group],
-                    name=name,
-                    legendgroup=name,
-                    showlegend=name not in shown,
-                    **styles[name],
-                ),
-                row=1,
-                col=col,
-            )
-            shown.add(name)
-        fig.update_xaxes(title_text=panel_cost, row=1, col=col)
-        fig.update_yaxes(title_text=quality, row=1, col=col)
-    if selection is None:
-        fig.update_layout(title=html_title(title))
-    return fig
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        buf = io.StringIO()
+        front_figure(rows, quality, cost, title, selection).savefig(buf, format="svg")
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg") :]  # the element alone, without the XML prologue
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html><head><meta charset="utf-8"><title>Pareto front</title>',
+        "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:left}</style></head>",
+        f"<body><h3>{esc(title).replace(chr(10), '<br>')}</h3>",
+        svg,
+    ]
+    for panel_rows, panel_cost, panel_title in _panels(rows, cost, title, selection):
+        parts.append(f"<h4>{esc(panel_title).replace(chr(10), '<br>')}</h4>")
+        parts.append(
+            f"<table><tr><th>name</th><th>{esc(quality)}</th><th>{esc(panel_cost)}</th><th></th></tr>"
+        )
+        groups = _groups(panel_rows)
+        chosen = [id(r) for r in groups.pop("chosen")]
+        for group, members in groups.items():
+            for r in members:
+                kind = "chosen" if id(r) in chosen else group
+                parts.append(
+                    f"<tr><td>{esc(r['label'])}</td><td>{r['quality']:.4g}</td><td>{r['cost']:.4g}</td>"
+                    f"<td>{esc(kind)}</td></tr>"
+                )
+        parts.append("</table>")
+    return "\n".join([*parts, "</body></html>"])
 
 
 def plot_front(
@@ -172,9 +167,8 @@ def plot_front(
     beside the first shows the selection's candidates against the cost it compared (e.g. the
     measured latency on a device), so one figure holds the search and the selection.
 
-    The HTML loads plotly.js from its CDN (``include_plotlyjs="cdn"``: a few KB instead of 4.6 MB
-    with the library inlined), so it needs a network connection to render; the PNG is the
-    offline view.
+    Every point is labelled with its name. The HTML page holds the same figure as SVG and a table
+    of every point; it needs nothing from the network (``front_html``).
 
     Args:
         rows: dicts with ``quality``, ``cost``, ``label`` and ``on_front`` keys, and optionally
@@ -186,4 +180,4 @@ def plot_front(
     """
     fig = front_figure(rows, quality, cost, title, selection)
     fig.savefig(out_png)
-    front_html_figure(rows, quality, cost, title, selection).write_html(str(out_html), include_plotlyjs="cdn")
+    Path(out_html).write_text(front_html(rows, quality, cost, title, selection))

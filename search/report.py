@@ -14,7 +14,17 @@ from pathlib import Path
 
 from search.config import COST_UNITS, knob_label
 from search.pareto import hypervolume_2d, pareto_front, plot_front
-from search.study import COMPLETE, FAILED, PARETO_DIR, QUALITY, STOPPED, Study, TrialRow, run_page
+from search.study import (
+    COMPLETE,
+    FAILED,
+    PARETO_DIR,
+    QUALITY,
+    STOPPED,
+    SUMMARY_ARTIFACT,
+    Study,
+    TrialRow,
+    run_page,
+)
 
 
 def with_front(rows: list[TrialRow]) -> list[TrialRow]:
@@ -67,16 +77,16 @@ def summarize(rows: list[TrialRow]) -> dict[str, float]:
 
 
 def write_report(study: Study, rows: list[TrialRow], cost: str, title: str, out_dir: Path) -> dict:
-    """The plot (``log_front_plot``), the table (text and JSON) and the summary metrics on the study
-    run; returns the summary."""
+    """The plot (``log_front_plot``), the table (text and JSON) and the summary (``summary.json``)
+    under ``pareto/`` on the study run; returns the summary."""
     log_front_plot(study, rows, cost, f"{title}: trials (stopped early: hollow)")
     out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(rows, cost)
+    summary = summarize(rows)
     (out_dir / "trials.txt").write_text(table + "\n")
     (out_dir / "trials.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    (out_dir / Path(SUMMARY_ARTIFACT).name).write_text(json.dumps(summary, indent=2))
     study.log_artifacts(out_dir, PARETO_DIR)
-    summary = summarize(rows)
-    study.log_metrics({f"search_{k}": v for k, v in summary.items()})
     return summary
 
 

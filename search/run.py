@@ -429,7 +429,7 @@ def run_study(
             print(f"round {k}: cost model after this round's measurements: {json.dumps(errors)}")
         study.round_done(k)
     if not summary:  # every round was done before this --resume
-        summary = {k[len("search_") :]: v for k, v in study.metrics().items() if k.startswith("search_")}
+        summary = study.read_json(study_mod.SUMMARY_ARTIFACT) or {}
     print(json.dumps(summary))
     champion = None
     if cfg.loop.select:
@@ -437,7 +437,7 @@ def run_study(
         stage[0] = "selecting the champion"
         champion = stages.select(cfg, study)
         timings["select_s"] = time.monotonic() - t0
-    study.log_metrics({f"wall_{key}": value for key, value in timings.items()})
+    study.log_json(timings, study_mod.TIMINGS_ARTIFACT)
     print("stage wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     page = study_mod.run_page(study.experiment_id, study.run_id)
     if cfg.tracking_uri.startswith("sqlite:///"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 
 from edge_agent import contract
 from edge_agent.errors import UsageError
-from search.config import knob_label, knob_names, knobs_of
+from search.config import knob_label, knob_params, knobs_of
 from search.mlflow_util import all_pages, client, download, find_run, single_file
 
 TAG_TRIAL_ID = "ray.trial_id"
@@ -86,6 +87,9 @@ def run_page(experiment_id: str, run_id: str) -> str:
 
 TAG_IS_CHAMPION = "selection.is_champion"  # on the champion's trial run: "true"
 CHAMPION_SUFFIX = " · champion"  # ends the champion's trial run's name
+# on the study run: the last round's trial counts, front size and hypervolume
+SUMMARY_ARTIFACT = "pareto/summary.json"
+TIMINGS_ARTIFACT = "timings.json"  # on the study run: each stage's wall time, s
 PARETO_DIR = "pareto"  # artifact folder on the study run: pareto.png/.html, trials.txt/.json
 SELECTION_DIR = "selection"  # artifact folder on the study run: table.md, selection.json
 CONFIG_ARTIFACT = "config/study.json"  # on the study run: SearchConfig.to_dict()
@@ -277,6 +281,22 @@ class Study:
     def metrics(self) -> dict[str, float]:
         return client(self.tracking_uri).get_run(self.run_id).data.metrics
 
+    def log_json(self, data: dict, artifact_file: str) -> None:
+        """A JSON artifact on the study run: figures that are the study's alone, kept out of the
+        metrics so that the runs table shows no study-only columns beside the trials."""
+        client(self.tracking_uri).log_dict(self.run_id, data, artifact_file)
+
+    def read_json(self, artifact_file: str) -> dict | None:
+        """A JSON artifact of the study run as it is now (not cached), or None when there is none."""
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client(self.tracking_uri).download_artifacts(self.run_id, artifact_file, tmp)
+                return json.loads(Path(path).read_text())
+            except (MlflowException, OSError, json.JSONDecodeError):
+                return None
+
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         c = client(self.tracking_uri)
         for key, value in metrics.items():
@@ -372,7 +392,7 @@ class Study:
         run_id = c.create_run(self.experiment_id, run_name=trial_label(None, params, round), tags=tags)
         from mlflow.entities import Param
 
-        knobs = [Param(k, str(params[k])) for k in knob_names() if k in params]
+        knobs = [Param(k, v) for k, v in knob_params(params).items()]
         c.log_batch(run_id.info.run_id, params=knobs)
         return run_id.info.run_id
 

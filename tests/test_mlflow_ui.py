@@ -63,6 +63,8 @@ def test_trial_runs_carry_their_knobs_once_and_say_how_they_ended(smoke):
         # training.init auto: the smoke space reaches embed dim 12, wider than its tiny teacher's 8
         assert run.data.params["init"] == "scratch"
         assert f"C{run.data.params['embed_dim']} r{run.data.params['rank']} " in name
+        alpha = run.data.params["alpha"]
+        assert alpha == f"{float(alpha):.4g}"  # rounded for the runs table
         config = json.loads(fetch(smoke, run.info.run_id, study.TRIAL_CONFIG_ARTIFACT).read_text())
         assert config["model"]["embed_dim"] == int(run.data.params["embed_dim"])  # the whole config
         verdict = tags[study.TAG_VERDICT]

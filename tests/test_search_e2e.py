@@ -86,11 +86,16 @@ def test_smoke_search_registers_verified_onnx_versions(smoke_study):
     study_run = client.get_run(report["study_run_id"])
     exp = client.get_experiment(study_run.info.experiment_id)
     assert study_run.info.status == "FINISHED" and study_run.data.tags[contract.ROLE] == contract.ROLE_STUDY
-    assert study_run.data.metrics["search_trials"] == smoke["num_samples"]
+    handle = study.Study.of_run(server, study_run.info.run_id)
+    assert handle.read_json(study.SUMMARY_ARTIFACT)["trials"] == smoke["num_samples"]
+    assert set(handle.read_json(study.TIMINGS_ARTIFACT)) >= {"teacher_s", "round1_search_s", "select_s"}
+    # the study's own figures are artifacts, not metrics: no study-only columns beside the trials
+    assert not [k for k in study_run.data.metrics if k.startswith(("search_", "wall_"))]
     assert {a.path for a in client.list_artifacts(study_run.info.run_id, "pareto")} >= {
         "pareto/pareto.png",
         "pareto/pareto.html",
         "pareto/trials.txt",
+        study.SUMMARY_ARTIFACT,
     }
     trials = client.search_runs([exp.experiment_id], f"tags.`{contract.ROLE}` = '{contract.ROLE_TRIAL}'")
     assert len(trials) == smoke["num_samples"] and all(t.info.status == "FINISHED" for t in trials)

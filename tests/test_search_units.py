@@ -729,7 +729,9 @@ def test_a_knob_added_to_the_table_reaches_every_place(monkeypatch):
     assert trial.params["d_state"] == 3  # drawn
     params = {k: str(v) for k, v in trial.params.items()}  # as MLflow keeps them
     assert space.model_config(params, cfg).d_state == 3  # the network it trains
-    assert config.knobs_of(params)["d_state"] == 3 and "d_state" in config.knob_names()  # typed, logged
+    assert config.knobs_of(params)["d_state"] == 3 and config.knob_params(params)["d_state"] == "3"  # logged
+    # the runs table's params: floats to 4 significant digits (the trial's config keeps them all)
+    assert config.knob_params({"alpha": 0.6027633760716439, "rank": 4}) == {"alpha": "0.6028", "rank": "4"}
     assert study.trial_label(1, params).endswith(" s3")  # its name
     assert "d_state s in [3, 3]" in study.describe_study(cfg)  # the study's description
     assert "d_state" in [k.name for k, _ in cfg.space.ranges()]  # Tune's progress columns
