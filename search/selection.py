@@ -146,6 +146,7 @@ class Selection:
     rule: str = "knee"
     limits: Limits = field(default_factory=Limits)
     study_run_id: str = ""
+    trade: str = ""  # what the champion gains and pays against the runner-up, one sentence
 
     def to_dict(self) -> dict:
         return {
@@ -376,12 +377,14 @@ def rank(rows: list[Row], device: str, limits: Limits, rule: str) -> Selection:
         f"{len(front)}-point front of {len(feasible)} measured candidates{limited}."
     )
     others = [r for r in feasible if r.version != champion.version]
+    trade = ""
     if others:
         runner_up = _choose(others, cost, rule)[1]
-        notes.append(_trade(champion, runner_up, cost))
+        trade = _trade(champion, runner_up, cost)
+        notes.append(trade)
         notes.extend(_within_noise(champion, runner_up, cost))
     notes.extend(_references_over(champion, [r for r in rows if r.reference and r.within_limits], cost))
-    return Selection(tuple(rows), champion, device, cost, " ".join(notes), rule, limits)
+    return Selection(tuple(rows), champion, device, cost, " ".join(notes), rule, limits, trade=trade)
 
 
 def _choose(feasible: list[Row], cost: str, rule: str) -> tuple[list[Row], Row]:
@@ -673,8 +676,11 @@ def describe_champion(
     champion = selection.champion
     uri = f"models:/{model_name}@{contract.CHAMPION_ALIAS}"
     load = f'Load it with `mlflow.onnx.load_model("{uri}")` (an ONNX model).'
-    head = f"**v{champion.version}** (`{champion.name}`) on {selection.device}."
-    handle.describe("Champion", f"{head} {selection.message}\n\n{load}")
+    # first and short: the UI shows about 150 px of a description before "Show more"
+    figures = f"{champion.psnr:.2f} dB, {_figures(champion, selection.cost)}"
+    head = f"**v{champion.version}** (`{champion.name}`) on {selection.device}: {figures}."
+    handle.describe("Champion", " ".join(x for x in (head, selection.trade, load) if x))
+    handle.describe("Why", selection.message)
     cost = handle.params().get("cost", "flops_g")
     trials = report.with_front(handle.trials(cost, model_name=model_name))
     if trials:  # a study the search ran (not references alone): its front, now with the device's figures
