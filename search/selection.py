@@ -534,7 +534,9 @@ def table(rows: tuple[Row, ...] | list[Row], markdown: bool = False) -> str:
     )
 
 
-def log_selection_report(handle: study.Study, selection: Selection, title: str) -> None:
+def log_selection_report(
+    handle: study.Study, selection: Selection, title: str, trials: list, cost: str
+) -> None:
     """The study's one Pareto plot (``pareto/pareto.png`` and ``.html``, replacing the search's):
     its trials against the search's cost on the left, the measured candidates against the cost
     compared here on the right, the champion starred; the table and the choice under ``selection/``."""
@@ -558,8 +560,6 @@ def log_selection_report(handle: study.Study, selection: Selection, title: str) 
         "title": f"chosen: front over {', '.join(_label(f) for f in fields)}"
         + (f"\nwithin {selection.limits.describe()}" if selection.limits.checks() else ""),
     }
-    cost = handle.params().get("cost", "flops_g")
-    trials = report.with_front(handle.trials(cost))
     report.log_front_plot(handle, trials, cost, title, selection=panel)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -655,9 +655,14 @@ def select_champion(
     for version in {previous, champion.version} - {None}:  # the old champion's trial run loses its mark
         if version in trial_run:
             handle.mark_champion_run(trial_run[version], version == champion.version)
-    describe_champion(handle, selection, model_name, previous)
+    from search import report
+
+    # the search's trials, read once for the study page and the plot
+    cost = handle.params().get("cost", "flops_g")
+    trials = report.with_front(handle.trials(cost, model_name=model_name))
+    describe_champion(handle, selection, model_name, previous, trials, cost)
     if log_report:
-        log_selection_report(handle, selection, experiment)
+        log_selection_report(handle, selection, experiment, trials, cost)
     return selection
 
 
@@ -665,12 +670,17 @@ CHAMPION_NOTE = "**Champion**"  # the paragraph selection adds to the chosen ver
 
 
 def describe_champion(
-    handle: study.Study, selection: Selection, model_name: str, previous: str | None
+    handle: study.Study,
+    selection: Selection,
+    model_name: str,
+    previous: str | None,
+    trials: list,
+    cost: str,
 ) -> None:
     """Why the champion won, where users look: the study run's description says it once ("Champion":
     the choice, what it trades against the runner-up, how to load it; "Result": the front with the
     device's figures); the champion version's description points there; a version that lost the
-    alias loses its paragraph."""
+    alias loses its paragraph. ``trials``: the search's rows with their front, against ``cost``."""
     from search import report
 
     champion = selection.champion
@@ -681,8 +691,6 @@ def describe_champion(
     head = f"**v{champion.version}** (`{champion.name}`) on {selection.device}: {figures}."
     handle.describe("Champion", " ".join(x for x in (head, selection.trade, load) if x))
     handle.describe("Why", selection.message)
-    cost = handle.params().get("cost", "flops_g")
-    trials = report.with_front(handle.trials(cost, model_name=model_name))
     if trials:  # a study the search ran (not references alone): its front, now with the device's figures
         measured = {r.version: r for r in selection.rows}
         summary = report.summarize(trials)

@@ -298,9 +298,7 @@ class Study:
                 return None
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        c = client(self.tracking_uri)
-        for key, value in metrics.items():
-            c.log_metric(self.run_id, key, float(value), step=step)
+        self.log_run_metrics(self.run_id, metrics, step)
 
     def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
         client(self.tracking_uri).log_artifacts(self.run_id, str(folder), artifact_path)
